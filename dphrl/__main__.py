@@ -1,0 +1,3 @@
+from dphrl.cli import main
+
+main()

@@ -1,0 +1,95 @@
+"""The `dphrl` command: a thin Typer app whose four subcommands are Hydra apps.
+
+Typer only picks the subcommand; every argument after it goes untouched to a `@hydra.main`
+function, so overrides, `--multirun`, `--cfg job`, `--help` and Hydra's run folders all work.
+The command's own logic is imported only after the config has composed and validated, so
+help and config errors answer without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import typer
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+# subcommand -> (Hydra config name, "module:function" that runs it)
+COMMANDS = {
+    "split": ("split", "dphrl.split:run"),
+    "precompute-ref": ("precompute_ref", "dphrl.reference:run"),
+    "train": ("train", "dphrl.trainer:run"),
+    "eval-passk": ("eval_passk", "dphrl.passk:run"),
+}
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="DPH-RL: RL from verifiable rewards that keeps pass@k. "
+    "Each command takes Hydra overrides, e.g. `dphrl train divergence=js task=bird`.",
+)
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+def _job(command: str):
+    """Build the Hydra task function of one command."""
+    from omegaconf import DictConfig, OmegaConf
+
+    def job(cfg: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        from dphrl.config import validate
+        from dphrl.errors import DphrlError
+
+        try:
+            validate(cfg)
+            typed = OmegaConf.to_object(cfg)
+            module, func = COMMANDS[command][1].split(":")
+            run = getattr(importlib.import_module(module), func)
+            run(typed, Path(HydraConfig.get().runtime.output_dir))
+        except DphrlError as err:
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[bold red]dphrl {command}: error:[/] {err}", highlight=False)
+            sys.exit(2)
+
+    return job
+
+
+def run_command(command: str, args: list[str]) -> None:
+    """Run one subcommand as a Hydra app with `args` as its command line."""
+    import hydra
+
+    from dphrl.config import register
+
+    register()
+    config_name = COMMANDS[command][0]
+    sys.argv = [f"dphrl {command}", *args]
+    main_fn = hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")(
+        _job(command)
+    )
+    main_fn()
+
+
+def _add(name: str, summary: str) -> None:
+    def command(ctx: typer.Context) -> None:
+        run_command(name, list(ctx.args))
+
+    command.__doc__ = summary
+    app.command(name, context_settings=_PASS_THROUGH, add_help_option=False, help=summary)(command)
+
+
+_add("split", "Sample k per prompt from the initial policy, verify, write D_pef / D_exp.")
+_add("precompute-ref", "Sample D_pef responses from the initial policy; store tokens + ref log-probs.")
+_add("train", "Hybrid RL: PPO-clip on D_exp rollouts + beta * f-divergence on the ref store.")
+_add("eval-passk", "n samples per prompt, unbiased pass@k for many k, tables and curve plot.")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

