@@ -1,0 +1,58 @@
+"""Shared by every benchmark: write its figures into BENCHMARKS.md and benchmarks/results.json.
+
+Each benchmark owns one section of BENCHMARKS.md, delimited by HTML comments, so benchmarks
+can be rerun one at a time without clobbering each other. Figures are ratios measured side by
+side in one run; the section records the command and the machine it ran on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MARKDOWN = ROOT / "BENCHMARKS.md"
+RESULTS = ROOT / "benchmarks" / "results.json"
+HEADER = "# Benchmarks\n\nFigures are ratios measured side by side in one run. Rerun with `python benchmarks/run.py` (or one file).\n"
+
+
+def machine() -> str:
+    """One line naming the machine the figures came from."""
+    try:
+        import torch
+
+        dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+        tv = torch.__version__
+    except ImportError:
+        dev, tv = "no torch", "-"
+    return f"{platform.machine()}, {os.cpu_count()} cores, {dev}, Python {platform.python_version()}, torch {tv}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def update_section(name: str, title: str, body: str) -> None:
+    """Replace (or append) the section `name` of BENCHMARKS.md with `body`."""
+    text = MARKDOWN.read_text() if MARKDOWN.exists() else HEADER
+    command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+    section = (
+        f"<!-- bench:{name} -->\n## {title}\n\n"
+        f"Command: `{command}`  \nMachine: {machine()}\n\n{body.strip()}\n<!-- /bench:{name} -->\n"
+    )
+    pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->\n", re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
+    _atomic_write(MARKDOWN, text)
+
+
+def record(results: dict[str, float]) -> None:
+    """Merge {name: ratio} into benchmarks/results.json."""
+    current = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    current.update(results)
+    _atomic_write(RESULTS, json.dumps(current, indent=2, sort_keys=True) + "\n")
