@@ -46,8 +46,14 @@ def update_section(name: str, title: str, body: str) -> None:
         f"<!-- bench:{name} -->\n## {title}\n\n"
         f"Command: `{command}`  \nMachine: {machine()}\n\n{body.strip()}\n<!-- /bench:{name} -->\n"
     )
-    pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->\n", re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
+    pattern = re.compile(
+        rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->\n", re.S
+    )
+    text = (
+        pattern.sub(lambda _: section, text)
+        if pattern.search(text)
+        else text.rstrip("\n") + "\n\n" + section
+    )
     _atomic_write(MARKDOWN, text)
 
 

@@ -46,16 +46,37 @@ def _job(command: str):
         try:
             validate(cfg)
             typed = OmegaConf.to_object(cfg)
+            run_dir = Path(HydraConfig.get().runtime.output_dir)
+            if typed.dry_run:
+                _dry_run(command, typed, run_dir)
+                return
             module, func = COMMANDS[command][1].split(":")
-            run = getattr(importlib.import_module(module), func)
-            run(typed, Path(HydraConfig.get().runtime.output_dir))
+            getattr(importlib.import_module(module), func)(typed, run_dir)
         except DphrlError as err:
             from rich.console import Console
 
-            Console(stderr=True).print(f"[bold red]dphrl {command}: error:[/] {err}", highlight=False)
+            Console(stderr=True).print(
+                f"[bold red]dphrl {command}: error:[/] {err}", highlight=False
+            )
             sys.exit(2)
 
     return job
+
+
+def _dry_run(command: str, cfg, run_dir: Path) -> None:
+    """`dry_run=true`: prove the config, the model and the data resolve; write nothing more.
+
+    Useful before launching a sweep: each job of a `--multirun` gets its folder and its
+    composed `.hydra/config.yaml`, and a bad path fails here rather than after a rollout.
+    """
+    from dphrl.models import resolve_model_path
+    from dphrl.tasks import get_task
+
+    rows = get_task(cfg.task.name).load(cfg.task, "train")
+    model = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
+    print(
+        f"dphrl {command} (dry run): task {cfg.task.name}: {len(rows)} prompts; model {model}; run folder {run_dir}"
+    )
 
 
 def run_command(command: str, args: list[str]) -> None:
@@ -81,10 +102,10 @@ def _add(name: str, summary: str) -> None:
     app.command(name, context_settings=_PASS_THROUGH, add_help_option=False, help=summary)(command)
 
 
-_add("split", "Sample k per prompt from the initial policy, verify, write D_pef / D_exp.")
-_add("precompute-ref", "Sample D_pef responses from the initial policy; store tokens + ref log-probs.")
-_add("train", "Hybrid RL: PPO-clip on D_exp rollouts + beta * f-divergence on the ref store.")
-_add("eval-passk", "n samples per prompt, unbiased pass@k for many k, tables and curve plot.")
+_add("split", "Split prompts into D_pef / D_exp by k samples of the policy.")
+_add("precompute-ref", "Store D_pef responses and their reference log-probs.")
+_add("train", "Hybrid RL: PPO-clip on D_exp + beta * f-divergence on D_pef.")
+_add("eval-passk", "Unbiased pass@k (and diversity) of models on datasets.")
 
 
 def main() -> None:

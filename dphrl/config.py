@@ -37,7 +37,9 @@ class TaskConfig:
     """A dataset plus its verifier; `name` is the key into `dphrl.tasks.TASKS`."""
 
     name: str = "arith"
-    path: str | None = None  # training rows: official jsonl/parquet, raw BIRD/Spider json, math json
+    path: str | None = (
+        None  # training rows: official jsonl/parquet, raw BIRD/Spider json, math json
+    )
     eval_path: str | None = None  # held-out rows for eval-passk and eval.every
     db_root: str | None = None  # SQL tasks: folder that resolves db_id
     limit: int | None = None  # use only the first N prompts (smoke runs, tests)
@@ -172,6 +174,7 @@ class DphrlConfig:
     """Everything one command sees; each command reads only its own sections."""
 
     seed: int = 0
+    dry_run: bool = False  # compose, validate, resolve model and data, then stop before any work
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -228,7 +231,15 @@ def validate(cfg: Any) -> None:
     Paths are checked here only where they are given explicitly (`task.path`, `task.db_root`,
     `task.eval_path`); files a command writes are not required to exist.
     """
-    d, t, m, e, lay, a, tr = cfg.divergence, cfg.task, cfg.model, cfg.engine, cfg.layout, cfg.algo, cfg.trainer
+    d, t, m, e, lay, a, tr = (
+        cfg.divergence,
+        cfg.task,
+        cfg.model,
+        cfg.engine,
+        cfg.layout,
+        cfg.algo,
+        cfg.trainer,
+    )
     _one_of("divergence.name", d.name, DIVERGENCE_NAMES)
     _at_least("divergence.beta", d.beta, 0.0)
     _one_of("divergence.estimator", d.estimator, ESTIMATORS)

@@ -87,7 +87,9 @@ def read_jsonl(path: str | os.PathLike, *, tolerate_torn_tail: bool = False) -> 
         except json.JSONDecodeError as err:
             if tolerate_torn_tail and number == len(lines) and not line.endswith("\n"):
                 break
-            raise DataError(f"{path}:{number}: not valid JSON ({err.msg}); fix or remove the line") from None
+            raise DataError(
+                f"{path}:{number}: not valid JSON ({err.msg}); fix or remove the line"
+            ) from None
     return rows
 
 
@@ -144,8 +146,12 @@ def check_rows(rows: Sequence[dict], source: str) -> list[dict]:
         prompt = row["prompt"]
         if isinstance(prompt, str):
             row["prompt"] = [{"role": "user", "content": prompt}]
-        elif not (isinstance(prompt, list) and all(isinstance(m, dict) and "content" in m for m in prompt)):
-            raise DataError(f"{source}:{number}: `prompt` must be a list of chat messages or a string")
+        elif not (
+            isinstance(prompt, list) and all(isinstance(m, dict) and "content" in m for m in prompt)
+        ):
+            raise DataError(
+                f"{source}:{number}: `prompt` must be a list of chat messages or a string"
+            )
         if not isinstance(row["reward_model"], dict) or "ground_truth" not in row["reward_model"]:
             raise DataError(f"{source}:{number}: `reward_model` must hold a `ground_truth`")
         row.setdefault("id", number - 1)
@@ -157,7 +163,9 @@ def limit_rows(rows: list[dict], limit: int | None) -> list[dict]:
     return rows if limit is None else rows[:limit]
 
 
-def render_prompts(tokenizer: Any, messages: Sequence[list[dict]], max_len: int) -> tuple[list[list[int]], list[int]]:
+def render_prompts(
+    tokenizer: Any, messages: Sequence[list[dict]], max_len: int
+) -> tuple[list[list[int]], list[int]]:
     """Chat-template each prompt into token ids; drop (never truncate) those over `max_len`.
 
     Returns the token ids of the kept prompts and their indices into `messages`; the caller
@@ -166,7 +174,9 @@ def render_prompts(tokenizer: Any, messages: Sequence[list[dict]], max_len: int)
     kept_ids, kept_index = [], []
     for i, msgs in enumerate(messages):
         if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(list(msgs), tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(
+                list(msgs), tokenize=False, add_generation_prompt=True
+            )
         else:
             text = "\n\n".join(m["content"] for m in msgs) + "\n\n"
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]

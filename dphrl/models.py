@@ -45,7 +45,9 @@ def resolve_model_path(path: str, cache_dir: str | None = None) -> str:
     local = Path(path).expanduser()
     if local.is_dir():
         if not (local / "config.json").exists():
-            raise ConfigError(f"model.path={path}: the folder has no config.json; give an HF model folder")
+            raise ConfigError(
+                f"model.path={path}: the folder has no config.json; give an HF model folder"
+            )
         return str(local)
     if local.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise ConfigError(
@@ -69,7 +71,8 @@ def _gguf_location(name: str) -> Path:
 def provision_embedded(name: str, cache_dir: str | None = None) -> Path:
     """Convert the embedded GGUF model to a safetensors folder in the cache, once."""
     if name not in EMBEDDED:
-        raise ConfigError(f"model.path=embedded:{name} is not known; embedded: {', '.join(EMBEDDED)}")
+        known = ", ".join(f"embedded:{n}" for n in EMBEDDED)
+        raise ConfigError(f"model.path=embedded:{name} is not known; embedded models: {known}")
     target = cache_root(cache_dir) / "models" / name
     if (target / _READY).exists():
         return target
@@ -101,7 +104,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

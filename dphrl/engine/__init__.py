@@ -45,7 +45,9 @@ class Completion:
 class Engine(Protocol):
     name: str
 
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling) -> list[list[Completion]]:
+    def generate(
+        self, prompt_ids: list[list[int]], n: int, sampling: Sampling
+    ) -> list[list[Completion]]:
         """For each prompt, `n` completions."""
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:

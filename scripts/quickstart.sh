@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set-up, then the main job on the embedded default (SmolLM2-135M-Instruct, task arith, CPU):
+# split -> precompute-ref -> train -> eval-passk of the base model vs the trained one.
+# Every step prints the command it runs. Extra arguments are Hydra overrides for every step.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export VLLM_ENABLE_V1_MULTIPROCESSING=0 TOKENIZERS_PARALLELISM=false
+RUN=${RUN:-runs/quickstart}
+step() { echo "+ $*"; "$@"; }
+step .venv/bin/dphrl split "hydra.run.dir=$RUN/split" "$@"
+step .venv/bin/dphrl precompute-ref "hydra.run.dir=$RUN/precompute-ref" "$@"
+step .venv/bin/dphrl train "hydra.run.dir=$RUN/train" "$@"
+step .venv/bin/dphrl eval-passk "hydra.run.dir=$RUN/eval" \
+  "eval.models=[embedded:smollm2-135m,$RUN/train/model]" task.limit=32 "$@"
+echo "quickstart: done; pass@k of base vs trained is in $RUN/eval/passk.md"
