@@ -114,3 +114,39 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model.load_state_dict(loaded.state_dict())
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def load_tokenizer(model_path: str):
+    """The tokenizer of a resolved model folder, with a pad token (EOS when it has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(model_path: str, dtype: str = "float32", device: str = "cpu"):
+    """The trainable causal LM, in the training dtype, on `device`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+    return model.to(device)
+
+
+def weights_hash(model_path: str) -> str:
+    """SHA-256 over a model folder's weight files, so a ref store can name the model it came from."""
+    import hashlib
+
+    folder = Path(model_path)
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not files:
+        return f"unhashed:{model_path}"
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()

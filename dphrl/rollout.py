@@ -1,0 +1,54 @@
+"""Rows -> prompt token ids -> engine -> verifier: the one path every command samples through.
+
+`split`, `precompute-ref`, `train` and `eval-passk` all need "render these rows' prompts,
+sample n completions each, score them"; keeping it here means the chat template, the
+over-long-prompt rule and the verifier call are the same everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from dphrl.data import render_prompts
+from dphrl.engine import Completion, Engine, Sampling
+from dphrl.tasks import Task, Verdict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Scored:
+    """One completion and its verdict."""
+
+    completion: Completion
+    verdict: Verdict
+
+
+def render_rows(tokenizer: Any, rows: list[dict], max_prompt_len: int, what: str) -> tuple[list[list[int]], list[dict]]:
+    """Chat-template the rows' prompts; drop and count those over `max_prompt_len` tokens."""
+    ids, kept = render_prompts(tokenizer, [row["prompt"] for row in rows], max_prompt_len)
+    dropped = len(rows) - len(kept)
+    if dropped:
+        log.warning("%s: dropped %d of %d prompts longer than model.max_prompt_len=%d tokens", what, dropped, len(rows), max_prompt_len)
+    return ids, [rows[i] for i in kept]
+
+
+def sample_and_score(
+    engine: Engine,
+    task: Task,
+    task_cfg: Any,
+    prompt_ids: list[list[int]],
+    rows: list[dict],
+    n: int,
+    sampling: Sampling,
+) -> list[list[Scored]]:
+    """`n` completions for each prompt, each with its verdict: result[i][j] is prompt i, sample j."""
+    if not prompt_ids:
+        return []
+    outputs = engine.generate(prompt_ids, n, sampling)
+    texts = [c.text for outs in outputs for c in outs]
+    truths = [row["reward_model"]["ground_truth"] for row, outs in zip(rows, outputs) for _ in outs]
+    verdicts = iter(task.verify(texts, truths, task_cfg))
+    return [[Scored(c, next(verdicts)) for c in outs] for outs in outputs]
