@@ -1,0 +1,126 @@
+"""GRPO advantages, PPO-clip and the DAPO filters against hand-derived numbers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dphrl import rl
+from dphrl.config import LOSS_AGGS
+
+REWARDS = torch.tensor([1.0, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 1])  # three groups of G = 4
+
+
+def test_advantages_with_std():
+    # Group 1: mean 1/4, unbiased std sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5 -> 1.5, -0.5.
+    # Group 2: mean 1/2, std sqrt(4 * 0.25 / 3) = 1/sqrt(3) -> +-0.5 sqrt(3).
+    # Group 3: all equal -> 0.
+    h = 0.5 * math.sqrt(3)
+    expected = torch.tensor([1.5, -0.5, -0.5, -0.5, h, h, -h, -h, 0, 0, 0, 0])
+    adv = rl.group_advantages(REWARDS, 4, norm_std=True, eps=1e-12)
+    torch.testing.assert_close(adv, expected)
+
+
+def test_advantages_without_std():
+    expected = torch.tensor([0.75, -0.25, -0.25, -0.25, 0.5, 0.5, -0.5, -0.5, 0, 0, 0, 0])
+    torch.testing.assert_close(rl.group_advantages(REWARDS, 4, norm_std=False), expected)
+
+
+@pytest.mark.parametrize("norm_std", [True, False])
+def test_all_equal_group_has_zero_advantage(norm_std):
+    rewards = torch.tensor([0.8, 0.8, 0.8, 0.0, 0.0, 0.0])
+    assert torch.equal(rl.group_advantages(rewards, 3, norm_std=norm_std), torch.zeros(6))
+
+
+def test_advantages_reject_a_ragged_group():
+    with pytest.raises(ValueError, match="G=4"):
+        rl.group_advantages(torch.zeros(6), 4)
+
+
+def _ppo_case():
+    """Row 0 has A = +1, row 1 has A = -1; ratios chosen to hit each side of the clip."""
+    ratios = torch.tensor([[1.5, 0.5, 1.1], [0.5, 1.5, 0.9]], dtype=torch.float64)
+    logp = ratios.log().requires_grad_(True)
+    old = torch.zeros_like(ratios)
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]], dtype=torch.float64)
+    return logp, old, adv, mask
+
+
+def test_ppo_clip_both_sides_with_clip_higher():
+    logp, old, adv, mask = _ppo_case()
+    loss, clip_frac = rl.ppo_clip_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.28)
+    # A>0: rho 1.5 clipped to 1.28 -> -1.28; rho 0.5 keeps -0.5 (pessimistic min); 1.1 in range.
+    # A<0: rho 0.5 clipped to 0.8 -> 0.8; rho 1.5 keeps 1.5; the last token is masked.
+    expected = torch.tensor([[-1.28, -0.5, -1.1], [0.8, 1.5, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(loss, expected)
+    assert clip_frac.item() == pytest.approx(2 / 5)
+    loss.sum().backward()
+    # d/dlogp of -rho A is -rho A where the unclipped term is active; clipped tokens get 0.
+    grad = torch.tensor([[0.0, -0.5, -1.1], [0.0, 1.5, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(logp.grad, grad)
+
+
+def test_ppo_symmetric_clip_and_per_token_advantages():
+    logp, old, adv, mask = _ppo_case()
+    loss, clip_frac = rl.ppo_clip_loss(logp, old, adv[:, None].expand(2, 3), mask)
+    assert loss[0, 0].item() == pytest.approx(-1.2)  # 1 + clip_high(0.2)
+    assert clip_frac.item() == pytest.approx(2 / 5)
+
+
+def test_ppo_loss_at_ratio_one_is_minus_advantage():
+    logp = torch.zeros(2, 4, requires_grad=True)
+    adv = torch.tensor([0.5, -2.0])
+    loss, clip_frac = rl.ppo_clip_loss(logp, logp.detach(), adv, torch.ones(2, 4))
+    torch.testing.assert_close(loss, -adv[:, None].expand(2, 4))
+    assert clip_frac.item() == 0.0
+
+
+def test_aggregation_modes_on_the_ppo_case():
+    logp, old, adv, mask = _ppo_case()
+    loss, _ = rl.ppo_clip_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.28)
+    # Row sums -2.88 (3 tokens) and 2.3 (2 tokens).
+    assert rl.aggregate(loss, mask, "token-mean").item() == pytest.approx(-0.58 / 5)
+    assert rl.aggregate(loss, mask, "seq-mean-token-sum").item() == pytest.approx(-0.29)
+    assert rl.aggregate(loss, mask, "seq-mean-token-mean").item() == pytest.approx(0.095)
+
+
+def test_aggregation_on_ragged_masks():
+    values = torch.arange(1.0, 13.0).view(3, 4)
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]])  # last row fully masked
+    assert rl.aggregate(values, mask).item() == pytest.approx(21 / 6)  # (10 + 11) / 6 tokens
+    assert rl.aggregate(values, mask, "seq-mean-token-sum").item() == pytest.approx(10.5)
+    assert rl.aggregate(values, mask, "seq-mean-token-mean").item() == pytest.approx(4.0)
+    assert rl.aggregate(values, mask, "token-mean", denom=12).item() == pytest.approx(21 / 12)
+    assert rl.aggregate(values, torch.zeros_like(mask)).item() == 0.0
+    with pytest.raises(KeyError, match="unknown loss aggregation"):
+        rl.aggregate(values, mask, "sum")
+
+
+def test_aggregation_registry_matches_config():
+    assert tuple(rl.AGGREGATIONS) == LOSS_AGGS
+
+
+def test_micro_batches_with_global_denominator_add_up_to_the_full_batch():
+    values, mask = torch.rand(6, 5), (torch.rand(6, 5) > 0.3).float()
+    full = rl.aggregate(values, mask, "token-mean")
+    parts = sum(
+        rl.aggregate(values[i : i + 2], mask[i : i + 2], "token-mean", denom=mask.sum().item())
+        for i in range(0, 6, 2)
+    )
+    torch.testing.assert_close(parts, full)
+
+
+def test_dynamic_sampling_keeps_groups_with_different_rewards():
+    assert rl.informative_groups(REWARDS, 4).tolist() == [True, True, False]
+    assert rl.informative_groups(torch.tensor([0.8, 0.8, 0.0, 0.8]), 2).tolist() == [False, True]
+
+
+def test_overlong_filter_masks_only_truncated_responses():
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]])
+    finished = torch.tensor([True, False, False])
+    out = rl.overlong_filter(mask, finished, max_len=4)
+    # Row 0 finished exactly at the limit; row 1 is short; row 2 hit 4 tokens unfinished.
+    assert out.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]]
