@@ -1,0 +1,133 @@
+"""Chunked log-probs equal the naive log_softmax().gather(), in value and gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from dphrl.logprobs import hidden_logprobs, response_logprobs, token_logprobs
+
+V = 96
+
+
+def _naive(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    return (logits.float() / temperature).log_softmax(-1).gather(-1, ids[..., None])[..., 0]
+
+
+def _naive_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    logp = (logits.float() / temperature).log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=V,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).float().eval()
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1024])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_match_naive(chunk, temperature):
+    logits = torch.randn(3, 7, V, requires_grad=True)
+    ids = torch.randint(0, V, (3, 7))
+    ours, entropy = token_logprobs(
+        logits, ids, temperature=temperature, chunk=chunk, with_entropy=True
+    )
+    naive = _naive(logits, ids, temperature)
+    torch.testing.assert_close(ours, naive, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, _naive_entropy(logits, temperature), atol=1e-5, rtol=1e-5)
+    weights = torch.randn(3, 7)  # a non-uniform upstream gradient
+    (grad_ours,) = torch.autograd.grad((ours * weights).sum(), logits)
+    (grad_naive,) = torch.autograd.grad((naive * weights).sum(), logits)
+    torch.testing.assert_close(grad_ours, grad_naive, atol=1e-5, rtol=1e-5)
+
+
+def test_token_logprobs_half_precision_logits_are_upcast():
+    logits = torch.randn(2, 4, V).bfloat16()
+    ids = torch.randint(0, V, (2, 4))
+    ours, entropy = token_logprobs(logits, ids, chunk=3)
+    assert ours.dtype == torch.float32 and entropy is None
+    torch.testing.assert_close(ours, _naive(logits, ids), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_hidden_logprobs_match_naive(softcap):
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    weight = torch.randn(V, 16, requires_grad=True)
+    bias = torch.randn(V, requires_grad=True)
+    ids = torch.randint(0, V, (2, 9))
+    ours, entropy = hidden_logprobs(
+        hidden, weight, ids, bias=bias, temperature=0.8, softcap=softcap, chunk=4, with_entropy=True
+    )
+    logits = hidden @ weight.T + bias
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    naive = _naive(logits, ids, 0.8)
+    torch.testing.assert_close(ours, naive, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, _naive_entropy(logits, 0.8), atol=1e-5, rtol=1e-5)
+    grads_ours = torch.autograd.grad(ours.sum(), (hidden, weight, bias))
+    grads_naive = torch.autograd.grad(naive.sum(), (hidden, weight, bias))
+    for a, b in zip(grads_ours, grads_naive, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _batch():
+    """Two rows: prompts left-padded to 4, responses right-padded to 5 (pad id 0)."""
+    input_ids = torch.tensor([[0, 5, 6, 7, 11, 12, 13, 0, 0], [21, 22, 23, 24, 31, 32, 33, 34, 35]])
+    attention_mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 0, 0], [1] * 9])
+    response_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    return input_ids, attention_mask, response_mask
+
+
+def _naive_response_logprobs(model, input_ids, attention_mask, response_mask, temperature):
+    T, L = response_mask.shape[1], input_ids.shape[1]
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    ).logits
+    logp = _naive(logits[:, L - T - 1 : L - 1], input_ids[:, L - T :], temperature)
+    return logp * response_mask
+
+
+@pytest.mark.parametrize("from_hidden", [True, False])
+def test_response_logprobs_match_naive_on_tiny_llama(tiny_llama, from_hidden):
+    input_ids, attention_mask, response_mask = _batch()
+    ours, entropy = response_logprobs(
+        tiny_llama, input_ids, attention_mask, response_mask, temperature=0.9, chunk=3,
+        with_entropy=True, from_hidden=from_hidden,
+    )  # fmt: skip
+    naive = _naive_response_logprobs(tiny_llama, input_ids, attention_mask, response_mask, 0.9)
+    assert ours.shape == (2, 5) and entropy.shape == (2, 5)
+    torch.testing.assert_close(ours, naive, atol=1e-5, rtol=1e-5)
+    assert (ours[0, 3:] == 0).all() and (ours[:, :3] < 0).all()
+    params = [p for p in tiny_llama.parameters() if p.requires_grad]
+    grads_ours = torch.autograd.grad(ours.sum(), params, allow_unused=True)
+    grads_naive = torch.autograd.grad(naive.sum(), params, allow_unused=True)
+    for a, b in zip(grads_ours, grads_naive, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_response_logprobs_without_grad(tiny_llama):
+    input_ids, attention_mask, response_mask = _batch()
+    with torch.no_grad():
+        ours, entropy = response_logprobs(tiny_llama, input_ids, attention_mask, response_mask)
+        naive = _naive_response_logprobs(tiny_llama, input_ids, attention_mask, response_mask, 1.0)
+    assert entropy is None and not ours.requires_grad
+    torch.testing.assert_close(ours, naive, atol=1e-5, rtol=1e-5)
+
+
+def test_response_must_be_shorter_than_sequence(tiny_llama):
+    ids = torch.ones(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="shorter"):
+        response_logprobs(tiny_llama, ids, torch.ones_like(ids), torch.ones_like(ids))
