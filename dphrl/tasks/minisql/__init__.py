@@ -71,3 +71,28 @@ def questions_path(split: str, fmt: str) -> Path:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     return HERE / f"{SPLITS[split]}.{fmt}"
+
+
+def render_rows(split: str, cache_dir: str | None = None) -> list[dict]:
+    """The official rows of a split, rendered from its raw BIRD questions and the databases.
+
+    The shipped `<split>.jsonl` files are this function's output; regenerate them after editing
+    the questions or the scripts with
+    `python -c "from dphrl.tasks import minisql; minisql.write_rows()"`.
+    """
+    from dphrl.tasks.sqldata import load_sql_rows
+
+    return load_sql_rows(
+        questions_path(split, "json"),
+        db_root=db_root(cache_dir),
+        data_source="minisql",
+        default_cmp="bird",
+    )
+
+
+def write_rows() -> None:
+    """Rewrite the shipped `train.jsonl` and `dev.jsonl` from `train.json` and `dev.json`."""
+    from dphrl.data import write_jsonl
+
+    for split in SPLITS:
+        write_jsonl(questions_path(split, "jsonl"), render_rows(split))

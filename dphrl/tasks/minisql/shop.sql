@@ -110,7 +110,7 @@ INSERT INTO orders
 WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 2000)
 SELECT x,
        1 + (x * 53) % 380,
-       date('2023-01-01', '+' || ((x * 17) % 731) || ' days'),
+       date('2023-01-01', '+' || ((x * 19) % 731) || ' days'),
        CASE WHEN x % 20 = 0 THEN 'cancelled'
             WHEN x % 20 = 1 THEN 'returned'
             WHEN x % 20 IN (2, 3) THEN 'pending'
