@@ -4,83 +4,149 @@ At Llama-3's vocabulary (128k) and a 4k response, one float32 copy of the logits
 sequence, and the naive `logits.float().log_softmax(-1).gather(...)` holds several such copies
 (upcast, log-softmax, and their gradients). Only two numbers per token are needed:
 
-    log pi(y_t) = z_t[y_t] / tau - logsumexp(z_t / tau)      (tau = sampling temperature)
+    log pi(y_t) = z_t[y_t] - logsumexp(z_t),   z_t = logits_t / tau   (tau: sampling temperature)
 
-so the rows are processed in chunks of `chunk` tokens, each computing its logsumexp and gathered
-logit, under activation checkpointing: the backward pass recomputes a chunk's logits instead of
-keeping them. From hidden states (`hidden_logprobs`) the logits themselves are made chunk by
-chunk from the lm_head weight, so neither full logits nor their float32 copy ever exist.
-Dividing by the rollout temperature makes the log-probs those of the distribution that sampled.
+and the gradient has a closed form, d log pi(y_t) / d z_t = onehot(y_t) - softmax(z_t). So rows
+are processed in chunks of `chunk` tokens with a hand-written backward: the forward pass keeps
+only the logsumexp per token, the backward pass remakes a chunk's logits and turns them into
+their gradient in place. From hidden states (`hidden_logprobs`) the logits are made chunk by
+chunk from the lm_head weight, so neither full logits nor their float32 copy ever exist; peak
+extra memory is about one `# (chunk, V)` float32 buffer. Dividing by the rollout temperature
+makes the log-probs those of the distribution that sampled the tokens.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 
-def _chunk_stats(z: Tensor, ids: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor]:
-    """Log-prob of `ids` under logits `z` `# (n, V)` (float32), and the entropy when asked."""
-    lse = torch.logsumexp(z, dim=-1)  # (n,)
-    logp = z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse
-    if not with_entropy:
-        return logp, logp.new_zeros(())
-    with torch.no_grad():  # a metric: H = logsumexp(z) - sum_v softmax(z)_v z_v
-        entropy = lse - (torch.softmax(z, dim=-1) * z).sum(dim=-1)
-    return logp, entropy
+def _forward_stats(z: Tensor, ids: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-prob of ids, logsumexp and entropy (or an empty tensor) from scaled logits z `# (n, V)`.
 
-
-def _from_logits(
-    logits: Tensor, ids: Tensor, with_entropy: bool, temperature: float
-) -> tuple[Tensor, Tensor]:
-    return _chunk_stats(logits.float() / temperature, ids, with_entropy)
-
-
-def _from_hidden(
-    hidden: Tensor,
-    ids: Tensor,
-    with_entropy: bool,
-    weight: Tensor,
-    bias: Tensor | None,
-    temperature: float,
-    softcap: float | None,
-) -> tuple[Tensor, Tensor]:
-    z = torch.nn.functional.linear(hidden, weight, bias).float()  # (n, V), as lm_head then .float()
-    if softcap is not None:
-        z = torch.tanh(z / softcap) * softcap
-    return _chunk_stats(z / temperature, ids, with_entropy)
-
-
-def _chunked(
-    fn: Callable[..., tuple[Tensor, Tensor]],
-    rows: Tensor,
-    ids: Tensor,
-    chunk: int,
-    with_entropy: bool,
-    *params: object,
-) -> tuple[Tensor, Tensor | None]:
-    """Apply fn(rows, ids, with_entropy, *params) chunk by chunk over rows `# (N, ...)`, ids `# (N,)`.
-
-    Checkpointing keeps only each chunk's inputs for the backward pass, so at most one chunk's
-    `# (chunk, V)` float32 logits are alive at a time, forward or backward.
+    z is a float32 scratch buffer and is overwritten. Entropy, with e = exp(z - max), s = sum e:
+    H = -sum p log p = log s - sum(e (z - max)) / s.
     """
-    tensors = [rows, *(p for p in params if isinstance(p, Tensor))]
-    use_ckpt = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    logps, entropies = [], []
-    for start in range(0, rows.shape[0], chunk):
-        part = (rows[start : start + chunk], ids[start : start + chunk], with_entropy, *params)
-        if use_ckpt:
-            logp, ent = checkpoint(fn, *part, use_reentrant=False)
-        else:
-            logp, ent = fn(*part)
-        logps.append(logp)
-        entropies.append(ent)
-    logp = torch.cat(logps) if logps else rows.new_zeros(0, dtype=torch.float32)
-    entropy = torch.cat(entropies) if with_entropy and entropies else None
-    return logp, entropy
+    picked = z.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # (n,)
+    top = z.amax(dim=-1, keepdim=True)  # (n, 1)
+    z.sub_(top)
+    if with_entropy:
+        e = torch.exp(z)
+        total = e.sum(dim=-1)
+        entropy = total.log() - e.mul_(z).sum(dim=-1) / total
+    else:
+        total = z.exp_().sum(dim=-1)
+        entropy = z.new_empty(0)
+    lse = top.squeeze(-1) + total.log()
+    return picked - lse, lse, entropy
+
+
+def _concat(outs: list[tuple[Tensor, Tensor, Tensor]], like: Tensor) -> tuple[Tensor, ...]:
+    """Join the per-chunk (logp, lse, entropy); no chunks (no tokens) gives empty tensors."""
+    if not outs:
+        return tuple(like.new_empty(0, dtype=torch.float32) for _ in range(3))
+    return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
+
+
+def _grad_scaled_logits(z: Tensor, lse: Tensor, ids: Tensor, grad: Tensor) -> Tensor:
+    """d(sum grad * logp) / dz = grad (onehot(ids) - softmax(z)), computed in place in z `# (n, V)`."""
+    z.sub_(lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))
+    return z.scatter_add_(-1, ids.unsqueeze(-1), grad.unsqueeze(-1))
+
+
+class _LogitsLogprobs(torch.autograd.Function):
+    """Chunked log-softmax-gather over given logits `# (N, V)`; keeps only logsumexp `# (N,)`."""
+
+    @staticmethod
+    def forward(ctx, logits, ids, temperature, chunk, with_entropy):
+        outs = []
+        for s in range(0, logits.shape[0], chunk):
+            z = logits[s : s + chunk].to(torch.float32, copy=True).div_(temperature)
+            outs.append(_forward_stats(z, ids[s : s + chunk], with_entropy))
+        logp, lse, entropy = _concat(outs, logits)
+        ctx.save_for_backward(logits, ids, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logp, _grad_entropy):
+        logits, ids, lse = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], ctx.chunk):
+            e = s + ctx.chunk
+            z = logits[s:e].to(torch.float32, copy=True).div_(ctx.temperature)
+            gz = _grad_scaled_logits(z, lse[s:e], ids[s:e], grad_logp[s:e])
+            grad_logits[s:e] = gz.div_(ctx.temperature)
+        return grad_logits, None, None, None, None
+
+
+def _scaled_logits(h, weight, bias, temperature, softcap) -> tuple[Tensor, Tensor | None]:
+    """z = cap(h W^T + b) / tau as a fresh float32 `# (n, V)`, and tanh(raw / c) when soft-capped."""
+    raw = F.linear(h, weight, bias).float()  # as lm_head, then .float(), in the model
+    if softcap is None:
+        return raw.div_(temperature), None
+    t = raw.div_(softcap).tanh_()
+    return t * (softcap / temperature), t
+
+
+class _HiddenLogprobs(torch.autograd.Function):
+    """Chunked lm_head + log-softmax-gather from hidden `# (N, H)`; logits never exist in full."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, temperature, softcap, chunk, with_entropy):
+        outs = []
+        for s in range(0, hidden.shape[0], chunk):
+            z, _ = _scaled_logits(hidden[s : s + chunk], weight, bias, temperature, softcap)
+            outs.append(_forward_stats(z, ids[s : s + chunk], with_entropy))
+        logp, lse, entropy = _concat(outs, hidden)
+        ctx.save_for_backward(hidden, weight, bias, ids, lse)
+        ctx.args = (temperature, softcap, chunk)
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logp, _grad_entropy):
+        hidden, weight, bias, ids, lse = ctx.saved_tensors
+        temperature, softcap, chunk = ctx.args
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        # Accumulate over chunks in float32 even for bf16 weights, then cast once.
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        )
+        grad_b = (
+            torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+            if need_b
+            else None
+        )
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s : s + chunk]
+            z, t = _scaled_logits(h, weight, bias, temperature, softcap)
+            g = _grad_scaled_logits(
+                z, lse[s : s + chunk], ids[s : s + chunk], grad_logp[s : s + chunk]
+            )
+            if t is not None:  # z = c tanh(raw / c) / tau  =>  dz/draw = (1 - tanh^2) / tau
+                g.mul_(t.square_().neg_().add_(1))
+            g.div_(temperature)  # (n, V): gradient w.r.t. the raw logits h W^T + b
+            if need_h:
+                grad_h[s : s + chunk] = g.to(weight.dtype) @ weight
+            if need_w:
+                grad_w.addmm_(g.T, h.float())
+            if need_b:
+                grad_b += g.sum(dim=0)
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def _check_chunk(chunk: int) -> None:
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} must be >= 1 token")
 
 
 def token_logprobs(
@@ -96,18 +162,13 @@ def token_logprobs(
     logits `# (..., V)` (any float dtype), ids `# (...)` -> log-probs `# (...)` float32, and the
     per-token entropy `# (...)` (detached, for metrics) when `with_entropy`, else None.
     Equal to `(logits.float() / temperature).log_softmax(-1).gather(-1, ids[..., None])[..., 0]`
-    in value and gradient.
+    in value and gradient; the logits and their gradient exist in full, but no float32
+    log-softmax copy does.
     """
-    shape = ids.shape
-    logp, entropy = _chunked(
-        _from_logits,
-        logits.reshape(-1, logits.shape[-1]),
-        ids.reshape(-1),
-        chunk,
-        with_entropy,
-        temperature,
-    )
-    return logp.view(shape), None if entropy is None else entropy.view(shape)
+    _check_chunk(chunk)
+    flat = logits.reshape(-1, logits.shape[-1])
+    logp, entropy = _LogitsLogprobs.apply(flat, ids.reshape(-1), temperature, chunk, with_entropy)
+    return logp.view(ids.shape), entropy.view(ids.shape) if with_entropy else None
 
 
 def hidden_logprobs(
@@ -125,22 +186,15 @@ def hidden_logprobs(
 
     hidden `# (..., H)`, weight `# (V, H)` (lm_head), ids `# (...)` -> `# (...)` float32.
     logits = hidden @ weight.T + bias, optionally soft-capped (tanh(z / c) c, as Gemma-2),
-    then divided by `temperature`. Peak extra memory is about `chunk x V` float32 values
-    rather than the `N x V` of full logits; gradients reach hidden, weight and bias.
+    then divided by `temperature`. Peak extra memory is about one `# (chunk, V)` float32 buffer
+    rather than several `# (N, V)` ones; gradients reach hidden, weight and bias.
     """
-    shape = ids.shape
-    logp, entropy = _chunked(
-        _from_hidden,
-        hidden.reshape(-1, hidden.shape[-1]),
-        ids.reshape(-1),
-        chunk,
-        with_entropy,
-        weight,
-        bias,
-        temperature,
-        softcap,
+    _check_chunk(chunk)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    logp, entropy = _HiddenLogprobs.apply(
+        flat, weight, bias, ids.reshape(-1), temperature, softcap, chunk, with_entropy
     )
-    return logp.view(shape), None if entropy is None else entropy.view(shape)
+    return logp.view(ids.shape), entropy.view(ids.shape) if with_entropy else None
 
 
 def response_logprobs(

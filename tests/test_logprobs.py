@@ -131,3 +131,27 @@ def test_response_must_be_shorter_than_sequence(tiny_llama):
     ids = torch.ones(1, 3, dtype=torch.long)
     with pytest.raises(ValueError, match="shorter"):
         response_logprobs(tiny_llama, ids, torch.ones_like(ids), torch.ones_like(ids))
+
+
+def test_bfloat16_hidden_and_weight_match_the_model_computation():
+    """lm_head in bf16, then .float(), as the model does; gradients come back in bf16."""
+    hidden = torch.randn(6, 16).bfloat16().requires_grad_(True)
+    weight = torch.randn(V, 16).bfloat16().requires_grad_(True)
+    ids = torch.randint(0, V, (6,))
+    ours, _ = hidden_logprobs(hidden, weight, ids, chunk=4)
+    naive = _naive(hidden @ weight.T, ids)
+    torch.testing.assert_close(ours, naive, atol=1e-5, rtol=1e-5)
+    grads_ours = torch.autograd.grad(ours.sum(), (hidden, weight))
+    grads_naive = torch.autograd.grad(naive.sum(), (hidden, weight))
+    for a, b in zip(grads_ours, grads_naive, strict=True):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_no_tokens_gives_empty_log_probs():
+    logp, entropy = hidden_logprobs(
+        torch.zeros(0, 16), torch.randn(V, 16), torch.zeros(0, dtype=torch.long), with_entropy=True
+    )
+    assert logp.shape == (0,) and entropy.shape == (0,)
+    with pytest.raises(ValueError, match="chunk"):
+        token_logprobs(torch.zeros(1, V), torch.zeros(1, dtype=torch.long), chunk=0)
