@@ -178,7 +178,7 @@ def parse_ground_truth(truth: Any, where: str, default_cmp: str) -> dict:
 
 def _shape(row: Any) -> str:
     if isinstance(row, dict):
-        if "reward_model" in row:
+        if "reward_model" in row or "prompt" in row:
             return "official"
         if "SQL" in row:
             return "bird"
