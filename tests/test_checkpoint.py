@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,9 +33,13 @@ def _parts(model):
 
 
 def _train(model, optimizer, scheduler, steps: int) -> None:
+    _train_on(model, optimizer, scheduler, steps, "cpu")
+
+
+def _train_on(model, optimizer, scheduler, steps: int, device: str) -> None:
     model.train()
     for _ in range(steps):
-        ids = torch.randint(0, 128, (2, 6))
+        ids = torch.randint(0, 128, (2, 6), device=device)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
@@ -173,6 +178,45 @@ def test_save_hf_model_round_trips_through_from_pretrained(tiny_model, tmp_path)
     assert not list(tmp_path.glob(".tmp_*"))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_resume_on_cuda_restores_device_state_and_cuda_rng(tiny_model, tmp_path):
+    model = tiny_model.to("cuda", torch.bfloat16)
+    optimizer, scheduler = _parts(model)
+    _train_on(model, optimizer, scheduler, 2, "cuda")
+    path = save_checkpoint(tmp_path, 2, model, optimizer, scheduler, {"step": 2}, keep=1)
+    cuda_draw = torch.rand(4, device="cuda")
+    _train_on(model, optimizer, scheduler, 2, "cuda")
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+
+    load_checkpoint(path, model, optimizer, scheduler)
+    assert torch.equal(torch.rand(4, device="cuda"), cuda_draw)
+    assert all(
+        v.is_cuda for state in optimizer.state.values() for k, v in state.items() if k != "step"
+    )
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    _train_on(model, optimizer, scheduler, 2, "cuda")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+    from transformers import AutoModelForCausalLM
+
+    out = save_hf_model(model, None, tmp_path / "final")
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).to("cuda").eval()
+    saved = loaded.state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    # Logits only close: `.to(bfloat16)` also cast the rotary buffer, which loading keeps fp32.
+    ids = torch.randint(0, 128, (1, 8), device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits, atol=2e-2, rtol=0)
+
+
+def _pythonpath() -> str:
+    """This checkout first, so the torchrun script imports this dphrl, installed or not."""
+    root = str(Path(__file__).resolve().parent.parent)
+    return os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+
+
 _FSDP_SCRIPT = """
 import sys, torch, torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -229,7 +273,13 @@ def test_fsdp2_save_and_resume_over_gloo(tmp_path):
         str(script),
         str(run),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # CPU ranks even where there is a GPU: two ranks would ask for two devices.
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": _pythonpath(),
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("resumed exactly") == 2

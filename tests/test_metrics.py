@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -128,6 +129,12 @@ def test_reduce_is_identity_without_distributed():
     assert reduce_metrics(metrics) == metrics
 
 
+def _pythonpath() -> str:
+    """This checkout first, so the torchrun script imports this dphrl, installed or not."""
+    root = str(Path(__file__).resolve().parent.parent)
+    return os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+
+
 _REDUCE_SCRIPT = """
 import torch.distributed as dist
 from dphrl.metrics import reduce_metrics
@@ -145,7 +152,7 @@ def test_reduce_averages_across_gloo_ranks(tmp_path):
     script = tmp_path / "reduce.py"
     script.write_text(_REDUCE_SCRIPT)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": _pythonpath()}
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("reduced") == 2
