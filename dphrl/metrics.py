@@ -1,9 +1,9 @@
 """Per-step metrics: one rich console line, `metrics.jsonl`, tensorboard, and wandb when asked.
 
-The trainer computes a flat dict of floats each step under the names below (`reward/mean`,
-`loss/pg`, `time/rollout`, ...), averages it across ranks with `reduce_metrics`, and hands it
+The trainer computes a flat dict of floats each step under the names below (`reward_mean`,
+`pg_loss`, `time_rollout`, ...), averages it across ranks with `reduce_metrics`, and hands it
 to `MetricsLogger.log` on every rank; only rank 0's logger (`enabled=True`) writes. The jsonl
-file is the record other tools read (one object per step, `{"step": 3, "reward/mean": ...}`);
+file is the record other tools read (one object per step, `{"step": 3, "reward_mean": ...}`);
 a resumed run first calls `truncate_after(step)` so steps redone after the checkpoint appear
 once, in the jsonl and in tensorboard alike.
 
@@ -32,23 +32,23 @@ TENSORBOARD_DIR = "tensorboard"
 # What the console line shows, in order, when the step logged it: (key, label, format).
 # The full set goes to the jsonl file, tensorboard and wandb.
 CONSOLE_FIELDS = (
-    ("reward/mean", "reward", "{:.3f}"),
-    ("reward/pass_rate", "pass", "{:.2f}"),
-    ("loss/pg", "pg", "{:+.4f}"),
-    ("loss/clip_frac", "clip", "{:.3f}"),
-    ("loss/div", "div", "{:.4f}"),
-    ("kl/ref", "kl", "{:.4f}"),
+    ("reward_mean", "reward", "{:.3f}"),
+    ("pass_rate", "pass", "{:.2f}"),
+    ("pg_loss", "pg", "{:+.4f}"),
+    ("clip_frac", "clip", "{:.3f}"),
+    ("div_loss", "div", "{:.4f}"),
+    ("kl_ref", "kl", "{:.4f}"),
     ("entropy", "ent", "{:.3f}"),
-    ("response/length", "len", "{:.1f}"),
+    ("response_len", "len", "{:.1f}"),
     ("grad_norm", "gnorm", "{:.3f}"),
     ("lr", "lr", "{:.2e}"),
-    ("perf/tokens_per_s", "tok/s", "{:.0f}"),
+    ("tokens_per_s", "tok/s", "{:.0f}"),
 )
-TIME_PREFIX = "time/"
+TIME_PREFIX = "time_"
 
 
 def format_line(step: int, metrics: Mapping[str, float]) -> str:
-    """The compact console line: key metrics, then the time split (`time/*` keys) in seconds."""
+    """The compact console line: key metrics, then the time split (`time_*` keys) in seconds."""
     parts = [f"[bold]step {step}[/bold]"]
     for key, label, fmt in CONSOLE_FIELDS:
         if key in metrics:
@@ -206,7 +206,7 @@ def _require_wandb() -> None:
 
 
 class Timer:
-    """Accumulates wall time per phase: `with timer("rollout"): ...`, then `timer.pop()`.
+    """Accumulates wall time per phase: `with timer("rollout"): ...`, then `timer.totals()`.
 
     With `cuda_sync`, CUDA work is waited for at each edge, so a phase is charged for the
     kernels it launched rather than the next phase that happens to wait for them.
@@ -226,10 +226,18 @@ class Timer:
             self._sync()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
-    def pop(self) -> dict[str, float]:
-        """This step's split as `time/<phase>` metrics; the timer starts over."""
-        split = {TIME_PREFIX + name: value for name, value in self.seconds.items()}
+    def totals(self) -> dict[str, float]:
+        """Seconds per phase since the last `reset`."""
+        return dict(self.seconds)
+
+    def reset(self) -> None:
+        """Start a new step's split."""
         self.seconds = {}
+
+    def pop(self) -> dict[str, float]:
+        """This step's split as `time_<phase>` metrics; the timer starts over."""
+        split = {TIME_PREFIX + name: value for name, value in self.seconds.items()}
+        self.reset()
         return split
 
     def _sync(self) -> None:

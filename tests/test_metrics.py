@@ -30,12 +30,12 @@ def _rows(run_dir) -> list[dict]:
 def test_jsonl_has_one_line_per_step(tmp_path):
     logger, out = _logger(tmp_path, tensorboard=False)
     with logger:
-        logger.log(1, {"reward/mean": 0.5, "loss/pg": -0.25})
-        logger.log(2, {"reward/mean": 0.75, "loss/pg": float("nan")})
+        logger.log(1, {"reward_mean": 0.5, "pg_loss": -0.25})
+        logger.log(2, {"reward_mean": 0.75, "pg_loss": float("nan")})
         assert len(_rows(tmp_path)) == 2  # flushed per step, readable while the run goes on
     assert _rows(tmp_path) == [
-        {"step": 1, "reward/mean": 0.5, "loss/pg": -0.25},
-        {"step": 2, "reward/mean": 0.75, "loss/pg": None},  # strict JSON: no NaN literal
+        {"step": 1, "reward_mean": 0.5, "pg_loss": -0.25},
+        {"step": 2, "reward_mean": 0.75, "pg_loss": None},  # strict JSON: no NaN literal
     ]
     assert "step 2 | reward 0.750" in out.getvalue()
 
@@ -43,7 +43,7 @@ def test_jsonl_has_one_line_per_step(tmp_path):
 def test_truncate_after_drops_redone_steps_and_torn_tail(tmp_path):
     logger, _ = _logger(tmp_path, tensorboard=False)
     for step in range(1, 6):
-        logger.log(step, {"reward/mean": step / 10})
+        logger.log(step, {"reward_mean": step / 10})
     logger.close()
     with open(tmp_path / METRICS_FILE, "a") as f:
         f.write('{"step": 6, "rew')  # a write cut by a kill
@@ -51,10 +51,10 @@ def test_truncate_after_drops_redone_steps_and_torn_tail(tmp_path):
     resumed, _ = _logger(tmp_path, tensorboard=False)
     resumed.truncate_after(3)
     assert [row["step"] for row in _rows(tmp_path)] == [1, 2, 3]
-    resumed.log(4, {"reward/mean": 0.9})
+    resumed.log(4, {"reward_mean": 0.9})
     resumed.close()
     assert [row["step"] for row in _rows(tmp_path)] == [1, 2, 3, 4]
-    assert _rows(tmp_path)[-1]["reward/mean"] == 0.9
+    assert _rows(tmp_path)[-1]["reward_mean"] == 0.9
 
 
 def test_tensorboard_event_file_holds_the_scalars(tmp_path):
@@ -63,12 +63,12 @@ def test_tensorboard_event_file_holds_the_scalars(tmp_path):
     logger, _ = _logger(tmp_path, tensorboard=True)
     with logger:
         for step in (1, 2, 3):
-            logger.log(step, {"reward/mean": step / 4, "time/rollout": 0.1})
+            logger.log(step, {"reward_mean": step / 4, "time_rollout": 0.1})
     events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert events
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
-    assert [(e.step, e.value) for e in acc.Scalars("reward/mean")] == [
+    assert [(e.step, e.value) for e in acc.Scalars("reward_mean")] == [
         (1, 0.25),
         (2, 0.5),
         (3, 0.75),
@@ -77,7 +77,7 @@ def test_tensorboard_event_file_holds_the_scalars(tmp_path):
 
 def test_disabled_logger_writes_nothing(tmp_path):
     logger, out = _logger(tmp_path / "run", tensorboard=True, enabled=False)
-    logger.log(1, {"reward/mean": 1.0})
+    logger.log(1, {"reward_mean": 1.0})
     logger.truncate_after(0)
     logger.close()
     assert not (tmp_path / "run").exists() and out.getvalue() == ""
@@ -96,7 +96,7 @@ def test_wandb_missing_is_a_clear_error(tmp_path):
 
 def test_console_line_formats_key_metrics_and_time_split():
     line = format_line(
-        7, {"reward/mean": 0.5, "lr": 1e-6, "time/rollout": 1.234, "time/train": 0.5, "other": 3}
+        7, {"reward_mean": 0.5, "lr": 1e-6, "time_rollout": 1.234, "time_train": 0.5, "other": 3}
     )
     assert (
         line
@@ -112,20 +112,25 @@ def test_timer_accumulates_per_phase_and_pops():
     with timer("verify"):
         pass
     split = timer.pop()
-    assert set(split) == {"time/rollout", "time/verify"}
-    assert split["time/rollout"] >= 0.02 and split["time/verify"] < split["time/rollout"]
+    assert set(split) == {"time_rollout", "time_verify"}
+    assert split["time_rollout"] >= 0.02 and split["time_verify"] < split["time_rollout"]
     assert timer.pop() == {}
+    with timer("train"):
+        pass
+    assert set(timer.totals()) == {"train"}
+    timer.reset()
+    assert timer.totals() == {}
 
 
 def test_timer_counts_a_phase_that_raises():
     timer = Timer()
     with pytest.raises(RuntimeError), timer("train"):
         raise RuntimeError("boom")
-    assert "time/train" in timer.pop()
+    assert "time_train" in timer.pop()
 
 
 def test_reduce_is_identity_without_distributed():
-    metrics = {"reward/mean": 0.5, "loss/pg": -1.0}
+    metrics = {"reward_mean": 0.5, "pg_loss": -1.0}
     assert reduce_metrics(metrics) == metrics
 
 
@@ -140,8 +145,8 @@ import torch.distributed as dist
 from dphrl.metrics import reduce_metrics
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-out = reduce_metrics({"reward/mean": float(rank), "tokens": 10.0 * (rank + 1)}, sum_keys=["tokens"])
-assert out == {"reward/mean": 0.5, "tokens": 30.0}, out
+out = reduce_metrics({"reward_mean": float(rank), "tokens": 10.0 * (rank + 1)}, sum_keys=["tokens"])
+assert out == {"reward_mean": 0.5, "tokens": 30.0}, out
 print("reduced", flush=True)
 dist.destroy_process_group()
 """
@@ -164,15 +169,15 @@ def test_tensorboard_forgets_redone_steps_on_resume(tmp_path):
     first, _ = _logger(tmp_path, tensorboard=True)
     with first:
         for step in range(1, 6):
-            first.log(step, {"reward/mean": float(step)})
+            first.log(step, {"reward_mean": float(step)})
     time.sleep(1.1)  # event file names carry the second they were opened in
     resumed, _ = _logger(tmp_path, tensorboard=True)
     resumed.truncate_after(3)
     with resumed:
-        resumed.log(4, {"reward/mean": 40.0})
+        resumed.log(4, {"reward_mean": 40.0})
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
-    assert [(e.step, e.value) for e in acc.Scalars("reward/mean")] == [
+    assert [(e.step, e.value) for e in acc.Scalars("reward_mean")] == [
         (1, 1),
         (2, 2),
         (3, 3),
