@@ -77,7 +77,11 @@ def save_checkpoint(
     json.dumps(trainer_state)  # fail before writing anything if the loop's state is not JSON
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_sd = get_model_state_dict(model, options=options)
-    optim_sd = get_optimizer_state_dict(model, optimizer, options=options) if optimizer else None
+    optim_sd = (
+        get_optimizer_state_dict(model, optimizer, options=options)
+        if optimizer is not None
+        else None
+    )
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(_TMP + final.name)
     rank, world = _rank(), _world_size()
