@@ -46,6 +46,7 @@ from dphrl.tasks.sqlexec import (
     execute,
     run_batch,
 )
+from dphrl.tasks.workerpool import WorkerPool
 
 __all__ = ["SQLExecutionError", "SqlTask", "execute", "extract_sql", "score", "verify_batch"]
 
@@ -176,8 +177,10 @@ def verify_batch(
     cmp_method: str | None = None,
     partial_credit: bool = False,
     default_cmp: str = "bird",
+    pool: WorkerPool | None = None,
 ) -> list[Verdict]:
-    """One `Verdict` per completion, the queries run across `workers` processes (0 = all cores).
+    """One `Verdict` per completion, the queries run across `workers` processes (0 = all cores),
+    or on `pool` when one is given.
 
     Raises `VerifyError` only when verification cannot run (a malformed ground truth, a
     missing database); a bad completion scores 0 with its error named.
@@ -212,7 +215,7 @@ def verify_batch(
     sqls = [extract_sql(c) for c in completions]
     asked = [i for i, sql in enumerate(sqls) if sql is not None]
     preds = [Query(paths[truths[i]["db_id"]], sqls[i], timeout_s, max_rows) for i in asked]
-    gold_results, pred_results = run_batch(golds, preds, workers)
+    gold_results, pred_results = run_batch(golds, preds, workers, pool)
     by_completion = dict(zip(asked, pred_results, strict=True))
 
     verdicts, gold_failures = [], 0
