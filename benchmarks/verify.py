@@ -16,6 +16,7 @@ Usage: python benchmarks/verify.py [--rounds 5] [--limit 5]
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import re
 import statistics
@@ -23,8 +24,8 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
-from dphrl.config import TaskConfig
 from dphrl.tasks import get_task
 from dphrl.tasks.sql import verify_batch
 from dphrl.tasks.sqlexec import run_query
@@ -106,7 +107,9 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks.report import record, update_section
 
-    task, cfg = get_task("minisql"), TaskConfig(name="minisql")
+    # The task's fields that load() reads (TaskConfig's defaults), without importing Hydra.
+    cfg = SimpleNamespace(name="minisql", path=None, eval_path=None, db_root=None, limit=None)
+    task = get_task("minisql")
     rows = task.load(cfg, "train") + task.load(cfg, "eval")
     texts, truths = completions(rows, random.Random(0))
     root = task.db_root(cfg)
@@ -130,9 +133,14 @@ def main() -> None:
 
     outcomes = Counter(v.error or ("correct" if v.reward == 1.0 else "wrong") for v in verdicts)
     mix = ", ".join(f"{name} {n}" for name, n in outcomes.most_common())
+    pinned = (
+        f" (the run was pinned to {cpu_count()} of {os.cpu_count()} cores)"
+        if cpu_count() < (os.cpu_count() or 1)
+        else ""
+    )
     body = f"""
 {N} minisql completions ({mix}), verified by `verify_batch`: on the warm pool of
-{cpu_count()} worker processes vs the same code with every query run in the calling process (same
+{cpu_count()} worker processes{pinned} vs the same code with every query run in the calling process (same
 sandbox). Best of {args.rounds} alternating rounds each (median in brackets); gold results cached.
 
 | mode | seconds per batch | completions / s |

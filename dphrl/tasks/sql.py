@@ -42,6 +42,7 @@ from dphrl.tasks.sqlexec import (
     DEFAULT_MAX_ROWS,
     DEFAULT_TIMEOUT_S,
     Query,
+    Result,
     SQLExecutionError,
     execute,
     run_batch,
@@ -166,6 +167,42 @@ def result_key(rows: Rows, cmp_method: str, gold_sql: str = "") -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def _resolve(ground_truths: Sequence[Any], db_root: str | Path, default_cmp: str) -> list[dict]:
+    """Parsed ground truths, each with `path`: its database file. `VerifyError` when one is
+    malformed or its database is missing: then no completion can be judged."""
+    truths, paths = [], {}
+    for i, raw in enumerate(ground_truths):
+        try:
+            truth = parse_ground_truth(raw, f"ground truth {i}", default_cmp)
+        except DataError as err:
+            raise VerifyError(str(err)) from None
+        if truth["db_id"] not in paths:
+            path = resolve_db(db_root, truth["db_id"])
+            if path is None:
+                raise VerifyError(
+                    f"db_id={truth['db_id']!r}: no database under task.db_root={db_root}"
+                )
+            paths[truth["db_id"]] = str(path)
+        truths.append({**truth, "path": paths[truth["db_id"]]})
+    return truths
+
+
+def _judge(
+    pred: Result | None, gold: Result, truth: dict, method: str, partial_credit: bool
+) -> Verdict:
+    """The verdict on one completion's result against its gold result."""
+    if pred is None:
+        return Verdict(0.0, None, "no_sql")
+    if pred.error is not None:
+        return Verdict(0.0, None, pred.error)
+    key = result_key(pred.rows, method, truth["gold_sql"])
+    if gold.error is not None:
+        return Verdict(0.0, key, "gold_error")
+    if COMPARATORS[method](pred.rows, gold.rows, truth["gold_sql"]):
+        return Verdict(1.0, key, None)
+    return Verdict(column_credit(pred.rows, gold.rows) if partial_credit else 0.0, key, None)
+
+
 def verify_batch(
     completions: Sequence[str],
     ground_truths: Sequence[Any],
@@ -191,65 +228,40 @@ def verify_batch(
         raise ConfigError(
             f"task.cmp_method={cmp_method!r} is not known; allowed: {', '.join(COMPARATORS)}"
         )
-    truths, paths = [], {}
-    for i, raw in enumerate(ground_truths):
-        try:
-            truth = parse_ground_truth(raw, f"ground truth {i}", default_cmp)
-        except DataError as err:
-            raise VerifyError(str(err)) from None
-        if truth["db_id"] not in paths:
-            path = resolve_db(db_root, truth["db_id"])
-            if path is None:
-                raise VerifyError(
-                    f"db_id={truth['db_id']!r}: no database under task.db_root={db_root}"
-                )
-            paths[truth["db_id"]] = str(path)
-        truths.append(truth)
+    truths = _resolve(ground_truths, db_root, default_cmp)
 
+    # Each distinct (database, gold SQL) once, then every extracted query, as one batch.
     gold_index: dict[tuple[str, str], int] = {}
     for t in truths:
-        gold_index.setdefault((paths[t["db_id"]], t["gold_sql"]), len(gold_index))
+        gold_index.setdefault((t["path"], t["gold_sql"]), len(gold_index))
     golds = [
         Query(path, sql, timeout_s * GOLD_TIMEOUT_FACTOR, max_rows) for path, sql in gold_index
     ]
     sqls = [extract_sql(c) for c in completions]
     asked = [i for i, sql in enumerate(sqls) if sql is not None]
-    preds = [Query(paths[truths[i]["db_id"]], sqls[i], timeout_s, max_rows) for i in asked]
+    preds = [Query(truths[i]["path"], sqls[i], timeout_s, max_rows) for i in asked]
     gold_results, pred_results = run_batch(golds, preds, workers, pool)
     by_completion = dict(zip(asked, pred_results, strict=True))
 
-    verdicts, gold_failures = [], 0
-    for i, truth in enumerate(truths):
-        gold = gold_results[gold_index[(paths[truth["db_id"]], truth["gold_sql"])]]
-        method = cmp_method or truth["cmp_method"]
-        if i not in by_completion:
-            verdicts.append(Verdict(0.0, None, "no_sql"))
-        elif by_completion[i].error is not None:
-            verdicts.append(Verdict(0.0, None, by_completion[i].error))
-        elif gold.error is not None:
-            gold_failures += 1
-            verdicts.append(
-                Verdict(
-                    0.0, result_key(by_completion[i].rows, method, truth["gold_sql"]), "gold_error"
-                )
-            )
-        else:
-            pred_rows = by_completion[i].rows
-            equal = COMPARATORS[method](pred_rows, gold.rows, truth["gold_sql"])
-            reward = (
-                1.0 if equal else column_credit(pred_rows, gold.rows) if partial_credit else 0.0
-            )
-            verdicts.append(Verdict(reward, result_key(pred_rows, method, truth["gold_sql"]), None))
-    if gold_failures:
-        failed = [
-            (path, sql, gold_results[k].message)
-            for (path, sql), k in gold_index.items()
-            if gold_results[k].error
-        ]
+    verdicts = [
+        _judge(
+            by_completion.get(i),
+            gold_results[gold_index[(t["path"], t["gold_sql"])]],
+            t,
+            cmp_method or t["cmp_method"],
+            partial_credit,
+        )
+        for i, t in enumerate(truths)
+    ]
+    failed = [
+        (sql, r.message) for (_, sql), k in gold_index.items() if (r := gold_results[k]).error
+    ]
+    if failed:
+        unscored = sum(v.error == "gold_error" for v in verdicts)
         log.warning(
-            "%d completion(s) unscored: %d gold query(ies) failed, e.g. %s: %s (%s)",
-            gold_failures,
+            "%d gold query(ies) failed, %d completion(s) unscored; e.g. %s: %s",
             len(failed),
+            unscored,
             *failed[0],
         )
     return verdicts
