@@ -115,10 +115,9 @@ class _HiddenLogprobs(torch.autograd.Function):
         temperature, softcap, chunk = ctx.args
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
-        # Accumulate over chunks in float32 even for bf16 weights, then cast once.
-        grad_w = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        )
+        # The weight's gradient accumulates in its own dtype, as autograd would: a float32
+        # accumulator for a bf16 lm_head would cost more than a chunk (128k x 4096 x 4 B = 2 GiB).
+        grad_w = torch.zeros_like(weight) if need_w else None
         grad_b = (
             torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
             if need_b
@@ -132,14 +131,14 @@ class _HiddenLogprobs(torch.autograd.Function):
             )
             if t is not None:  # z = c tanh(raw / c) / tau  =>  dz/draw = (1 - tanh^2) / tau
                 g.mul_(t.square_().neg_().add_(1))
-            g.div_(temperature)  # (n, V): gradient w.r.t. the raw logits h W^T + b
-            if need_h:
-                grad_h[s : s + chunk] = g.to(weight.dtype) @ weight
-            if need_w:
-                grad_w.addmm_(g.T, h.float())
+            g.div_(temperature)  # (n, V) float32: gradient w.r.t. the raw logits h W^T + b
             if need_b:
                 grad_b += g.sum(dim=0)
-        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+            g = g.to(weight.dtype)  # matmuls in the model's dtype (tensor cores for bf16)
+            if need_h:
+                grad_h[s : s + chunk] = g @ weight
+            if need_w:
+                grad_w.addmm_(g.T, h.to(weight.dtype))
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
         return grad_h, grad_w, grad_b, None, None, None, None, None
 
