@@ -65,6 +65,13 @@ def test_a_crash_costs_only_its_own_task(pool_factory) -> None:
     assert pool.crashed == 1
 
 
+def test_an_interrupted_map_leaves_no_stale_results(pool_factory) -> None:
+    pool = pool_factory(square_or_die)
+    with pytest.raises(IndexError):
+        pool.map([5, 6, 7, 8], [])  # no limits: fails after the tasks went out
+    assert [d.value for d in pool.map([3], [5.0])] == [9]  # no late result of 6, 7 or 8
+
+
 def test_workers_are_recycled(pool_factory) -> None:
     pool = pool_factory(sleep_then_pid, workers=1, recycle_after=3, max_chunk=1)
     pids = [d.value for d in pool.map([0.0] * 10, [5.0] * 10)]

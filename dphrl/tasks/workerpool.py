@@ -153,9 +153,15 @@ class WorkerPool:
         function is expected to enforce `limits[i]` on its own and return.
         """
         with self._lock:
-            if not self._workers:
-                self._workers = [self._spawn() for _ in range(self.size)]
-            return self._map(items, limits)
+            try:
+                while len(self._workers) < self.size:
+                    self._workers.append(self._spawn())
+                return self._map(items, limits)
+            except BaseException:
+                # Interrupted (Ctrl-C, a worker that cannot start): workers may still hold tasks
+                # of this call, whose late results must never land in the next one.
+                self._reset()
+                raise
 
     def _spawn(self) -> _Worker:
         return _Worker(self._ctx, self.fn, self.initializer)
@@ -218,11 +224,16 @@ class WorkerPool:
         worker.stop(kill=kill)
         self._workers[slot] = self._spawn()
 
+    def _reset(self) -> None:
+        for worker in self._workers:
+            worker.stop(kill=True)
+        self._workers = []
+
     def close(self) -> None:
         """Stop every worker (politely: each finishes nothing new and exits)."""
         with self._lock:
             for worker in self._workers:
-                worker.stop(kill=False)
+                worker.stop(kill=bool(worker.tasks))
             self._workers = []
 
 
