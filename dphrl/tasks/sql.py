@@ -10,7 +10,9 @@ Comparison (`cmp_method`, from the row's ground truth unless `task.cmp_method` o
   order and duplicate rows are ignored; column order matters.
 - `spider`: execution match as in Spider's evaluation: the rows as a multiset (duplicates
   count), allowing any permutation of the columns; when the gold SQL contains ORDER BY
-  (anywhere, as Spider's check reads it) the rows must also come in the gold order.
+  (anywhere, as Spider's check reads it) the rows must also come in the gold order. (The
+  official DPH-RL code meant to apply this order check but its condition never fires; dphrl
+  applies it.)
 So `bird` and `spider` disagree on duplicates (`[(1,), (1,)]` vs `[(1,)]`: bird 1, spider 0),
 on column order (`[(a, 1)]` vs `[(1, a)]`: bird 0, spider 1) and on row order under ORDER BY
 (bird 1, spider 0).
