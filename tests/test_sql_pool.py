@@ -51,7 +51,7 @@ def test_a_hung_task_is_killed_and_its_worker_replaced(pool_factory) -> None:
     elapsed = time.monotonic() - start
     assert done[0].status == "killed"
     assert [d.status for d in done[1:]] == ["ok"] * 9
-    assert elapsed < 0.3 + 0.2 + 1.5
+    assert elapsed < 5.0  # killed at 0.5 s, replaced, its chunk-mate rerun: far from 60 s
     assert pool.killed == 1
     assert [d.status for d in pool.map([0.01] * 4, [1.0] * 4)] == ["ok"] * 4  # still serving
 

@@ -7,8 +7,10 @@ kill at all; neither says which task a dead worker was running. This pool keeps 
 (processes from a `multiprocessing` context, pickled calls of a module-level function,
 recycling after N tasks) and adds exactly that:
 
-- each worker gets a short chunk of tasks and sends one result per task as it finishes, so the
-  parent always knows which task a worker is on and since when;
+- each worker gets a short chunk of tasks and answers once per chunk (few wake-ups of the
+  parent, which matters on a busy machine), while it keeps the index and start time of the
+  task it is running in shared memory, so the parent always knows which task is running and
+  since when;
 - a task still running `grace_s` after its own limit is the *last resort* case: its worker is
   killed (SIGKILL) and replaced, the task reports `killed`, the rest of its chunk goes back to
   the queue;
@@ -56,8 +58,11 @@ def _start_method() -> str:
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
-def _serve(conn: Any, fn: Callable[[Any], Any], initializer: Callable[[], None] | None) -> None:
-    """Worker loop: receive chunks of (index, item), send back (index, (status, value)) per item."""
+def _serve(
+    conn: Any, progress: Any, fn: Callable[[Any], Any], initializer: Callable[[], None] | None
+) -> None:
+    """Worker loop: receive a chunk of (index, item), record each task in `progress` as it
+    starts, send back [(index, (status, value)), ...] for the whole chunk."""
     if initializer is not None:
         initializer()
     conn.send("ready")
@@ -68,20 +73,27 @@ def _serve(conn: Any, fn: Callable[[Any], Any], initializer: Callable[[], None] 
             return
         if chunk is None:
             return
+        replies = []
         for index, item in chunk:
+            with progress.get_lock():
+                progress[0], progress[1] = index, time.monotonic()
             try:
-                reply = ("ok", fn(item))
+                replies.append((index, ("ok", fn(item))))
             except Exception as err:  # reported to the parent as this task's outcome
-                reply = ("error", f"{type(err).__name__}: {err}")
-            conn.send((index, reply))
+                replies.append((index, ("error", f"{type(err).__name__}: {err}")))
+        conn.send(replies)
 
 
 class _Worker:
-    """One process, the parent's end of its pipe, and the indices it is working through."""
+    """One process, the parent's end of its pipe, the chunk it is working through, and the
+    shared record (task index, start time) of the task it is running."""
 
     def __init__(self, ctx: Any, fn: Callable, initializer: Callable | None) -> None:
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child, fn, initializer), daemon=True)
+        self.progress = ctx.Array("d", [-1.0, 0.0])
+        self.process = ctx.Process(
+            target=_serve, args=(child, self.progress, fn, initializer), daemon=True
+        )
         self.process.start()
         child.close()
         if not (self.conn.poll(START_TIMEOUT_S) and self._ready()):
@@ -91,8 +103,8 @@ class _Worker:
                 f"a worker process for {getattr(fn, '__qualname__', fn)} did not start within "
                 f"{START_TIMEOUT_S:.0f}s (exit code {code}); see its traceback above"
             )
-        self.tasks: deque[int] = deque()
-        self.since = 0.0  # when the task at the head of `tasks` started (at the latest)
+        self.tasks: list[int] = []  # the chunk in hand, in order
+        self.sent = 0.0  # when it was sent
         self.done = 0
 
     def _ready(self) -> bool:
@@ -102,9 +114,17 @@ class _Worker:
             return False
 
     def send(self, chunk: list[tuple[int, Any]]) -> None:
-        self.tasks.extend(index for index, _ in chunk)
-        self.since = time.monotonic()
+        self.tasks = [index for index, _ in chunk]
+        self.sent = time.monotonic()
         self.conn.send(chunk)
+
+    def current(self) -> tuple[int, float]:
+        """(index, start time) of the task running now; the chunk's first if none started yet."""
+        with self.progress.get_lock():
+            index, started = int(self.progress[0]), self.progress[1]
+        if index in self.tasks and started >= self.sent:
+            return index, started
+        return self.tasks[0], self.sent
 
     def stop(self, kill: bool) -> None:
         if kill:
@@ -143,6 +163,11 @@ class WorkerPool:
         self.recycle_after, self.grace_s, self.max_chunk = recycle_after, grace_s, max_chunk
         self.killed = self.crashed = self.recycled = 0  # counters, for logs and tests
         self._ctx = multiprocessing.get_context(_start_method())
+        if _start_method() == "forkserver":
+            # Import the work function's module once in the fork server, not in every worker:
+            # a (re)started worker is then a bare fork. Takes effect if this pool starts the
+            # server, which is a process-wide singleton.
+            self._ctx.set_forkserver_preload(["__main__", fn.__module__])
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
 
@@ -172,16 +197,22 @@ class WorkerPool:
         while queue or any(w.tasks for w in self._workers):
             self._feed(queue, items)
             busy = [w for w in self._workers if w.tasks]
-            now = time.monotonic()
-            next_deadline = min(w.since + limits[w.tasks[0]] + self.grace_s for w in busy)
-            for conn in wait([w.conn for w in busy], timeout=max(0.0, next_deadline - now)):
+            deadlines = {
+                id(w): started + limits[index] + self.grace_s
+                for w in busy
+                for index, started in [w.current()]
+            }
+            timeout = max(0.0, min(deadlines.values()) - time.monotonic())
+            for conn in wait([w.conn for w in busy], timeout=timeout):
                 worker = next(w for w in busy if w.conn is conn)
                 self._collect(worker, results, queue)
             now = time.monotonic()
             for slot, worker in enumerate(self._workers):
-                if worker.tasks and now > worker.since + limits[worker.tasks[0]] + self.grace_s:
-                    self.killed += 1
-                    self._replace(slot, Done("killed", None), results, queue, kill=True)
+                if worker.tasks and now > deadlines.get(id(worker), now) and not worker.conn.poll():
+                    index, started = worker.current()
+                    if now > started + limits[index] + self.grace_s:
+                        self.killed += 1
+                        self._replace(slot, index, Done("killed", None), results, queue)
         return results  # type: ignore[return-value]
 
     def _feed(self, queue: deque[int], items: Sequence[Any]) -> None:
@@ -200,28 +231,29 @@ class WorkerPool:
             worker.send([(index, items[index]) for index in chunk])
 
     def _collect(self, worker: _Worker, results: list, queue: deque[int]) -> None:
-        """Read every result the worker has sent; a closed pipe means the worker died."""
+        """Read a worker's answer to its chunk; a closed pipe means the worker died."""
         try:
-            while worker.tasks and worker.conn.poll():
-                index, (status, value) = worker.conn.recv()
-                worker.tasks.popleft()
-                worker.since = time.monotonic()
-                worker.done += 1
-                results[index] = Done(status, value)
+            replies = worker.conn.recv()
         except (EOFError, OSError):
             self.crashed += 1
-            slot = self._workers.index(worker)
-            self._replace(slot, Done("crashed", None), results, queue, kill=True)
+            index, _ = worker.current()
+            self._replace(self._workers.index(worker), index, Done("crashed", None), results, queue)
+            return
+        for index, (status, value) in replies:
+            results[index] = Done(status, value)
+        worker.done += len(replies)
+        worker.tasks = []
 
     def _replace(
-        self, slot: int, outcome: Done, results: list, queue: deque[int], *, kill: bool
+        self, slot: int, index: int, outcome: Done, results: list, queue: deque[int]
     ) -> None:
-        """End the worker in `slot`: its current task gets `outcome`, the rest are requeued."""
+        """Kill the worker in `slot`: task `index` gets `outcome`, the rest of its chunk is
+        requeued (finished or not: their answers went down with the worker)."""
         worker = self._workers[slot]
-        results[worker.tasks.popleft()] = outcome
-        queue.extendleft(reversed(worker.tasks))
-        worker.tasks.clear()
-        worker.stop(kill=kill)
+        results[index] = outcome
+        queue.extendleft(reversed([i for i in worker.tasks if i != index]))
+        worker.tasks = []
+        worker.stop(kill=True)
         self._workers[slot] = self._spawn()
 
     def _reset(self) -> None:
