@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from dphrl.config import TaskConfig
+from dphrl.errors import VerifyError
+from dphrl.tasks import get_task
 from dphrl.tasks.sql import (
     bird_equal,
     column_credit,
@@ -158,3 +161,16 @@ def test_gold_results_are_cached_and_a_broken_gold_is_named(people_root: Path) -
         [block(gold_sql)], [truth("SELECT nope FROM person", "bird")], db_root=people_root
     )[0]
     assert (broken.reward, broken.error) == (0.0, "gold_error")
+
+
+def test_verification_that_cannot_run_raises(people_root: Path) -> None:
+    with pytest.raises(VerifyError, match="db_id='nowhere'"):
+        verify_batch(
+            [block("SELECT 1")], [{"db_id": "nowhere", "gold_sql": "SELECT 1"}], db_root=people_root
+        )
+    with pytest.raises(VerifyError, match="lacks gold_sql"):
+        verify_batch([block("SELECT 1")], [{"db_id": "people"}], db_root=people_root)
+    with pytest.raises(VerifyError, match="task.db_root is not set"):
+        get_task("bird").verify(
+            [block("SELECT 1")], [truth("SELECT 1", "bird")], TaskConfig(name="bird")
+        )
