@@ -149,8 +149,7 @@ class RefConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     out: str = "dphrl_data/${task.name}/${model.name}/ref"
-    chunk_size: int = 64
-    shard_rows: int = 1024
+    chunk_size: int = 64  # D_pef prompts per engine call; each chunk is one parquet shard
 
 
 @dataclass
@@ -307,7 +306,6 @@ def validate(cfg: Any) -> None:
     _at_least("ref.samples_per_prompt", r.samples_per_prompt, 1)
     _one_of("ref.keep", r.keep, ("correct", "all"))
     _at_least("ref.chunk_size", r.chunk_size, 1)
-    _at_least("ref.shard_rows", r.shard_rows, 1)
     _at_least("eval.n", ev.n, 1)
     if not ev.k:
         raise ConfigError("eval.k=[] is empty: give the k values to report, e.g. eval.k=[1,2,4,8]")

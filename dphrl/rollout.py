@@ -26,12 +26,20 @@ class Scored:
     verdict: Verdict
 
 
-def render_rows(tokenizer: Any, rows: list[dict], max_prompt_len: int, what: str) -> tuple[list[list[int]], list[dict]]:
+def render_rows(
+    tokenizer: Any, rows: list[dict], max_prompt_len: int, what: str
+) -> tuple[list[list[int]], list[dict]]:
     """Chat-template the rows' prompts; drop and count those over `max_prompt_len` tokens."""
     ids, kept = render_prompts(tokenizer, [row["prompt"] for row in rows], max_prompt_len)
     dropped = len(rows) - len(kept)
     if dropped:
-        log.warning("%s: dropped %d of %d prompts longer than model.max_prompt_len=%d tokens", what, dropped, len(rows), max_prompt_len)
+        log.warning(
+            "%s: dropped %d of %d prompts longer than model.max_prompt_len=%d tokens",
+            what,
+            dropped,
+            len(rows),
+            max_prompt_len,
+        )
     return ids, [rows[i] for i in kept]
 
 
@@ -47,7 +55,13 @@ def sample_and_score(
     """`n` completions for each prompt, each with its verdict: result[i][j] is prompt i, sample j."""
     if not prompt_ids:
         return []
-    outputs = engine.generate(prompt_ids, n, sampling)
+    return score_outputs(task, task_cfg, rows, engine.generate(prompt_ids, n, sampling))
+
+
+def score_outputs(
+    task: Task, task_cfg: Any, rows: list[dict], outputs: list[list[Completion]]
+) -> list[list[Scored]]:
+    """Verify every completion of every prompt in one batched verifier call."""
     texts = [c.text for outs in outputs for c in outs]
     truths = [row["reward_model"]["ground_truth"] for row, outs in zip(rows, outputs) for _ in outs]
     verdicts = iter(task.verify(texts, truths, task_cfg))

@@ -54,7 +54,9 @@ def check_identity(path: Path, expected: dict, what: str) -> None:
         found = json.loads(path.read_text())
         diff = {k: (found.get(k), v) for k, v in expected.items() if found.get(k) != v}
         if diff:
-            detail = "; ".join(f"{k}: folder has {a!r}, config has {b!r}" for k, (a, b) in diff.items())
+            detail = "; ".join(
+                f"{k}: folder has {a!r}, config has {b!r}" for k, (a, b) in diff.items()
+            )
             raise ConfigError(
                 f"{path.parent} holds a {what} made with other settings ({detail}). "
                 f"Use another {what} folder or delete this one."
@@ -114,7 +116,8 @@ def run(cfg: Any, run_dir: Path) -> dict:
         if all(row["id"] in done_ids for row in kept):
             continue
         engine = engine or engine_from_config(cfg.engine, cfg.model, model_path, seed=cfg.seed)
-        sampling = Sampling(cfg.split.temperature, cfg.split.top_p, cfg.model.max_new_tokens, cfg.seed + j * size)
+        base = Sampling(cfg.split.temperature, cfg.split.top_p, cfg.model.max_new_tokens, cfg.seed)
+        sampling = base.shifted(j * size, cfg.split.k)  # seeds follow the global prompt index
         scored = sample_and_score(engine, task, cfg.task, ids, kept, cfg.split.k, sampling)
         new = [
             {
@@ -155,7 +158,9 @@ def write_split(out: Path, rows: list[dict], samples: list[dict], cfg: Any, seco
         "pef": len(pef),
         "exp": len(exp),
         "never_solved": sum(1 for c, _ in rates.values() if c == 0),
-        "pass_rate_histogram": dict(sorted(histogram.items(), key=lambda kv: int(kv[0].split("/")[0]))),
+        "pass_rate_histogram": dict(
+            sorted(histogram.items(), key=lambda kv: int(kv[0].split("/")[0]))
+        ),
         "mean_pass_rate": sum(c / t for c, t in rates.values()) / max(len(rates), 1),
         "threshold": cfg.split.threshold,
         "seconds": round(seconds, 2),

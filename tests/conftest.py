@@ -40,3 +40,49 @@ def tiny_model():
         tie_word_embeddings=True,
     )
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, real_model_path) -> str:
+    """A tiny random Llama with the real SmolLM2 tokenizer, saved as an HF folder.
+
+    Rollouts and training steps on it take milliseconds, and the chat template, EOS and pad
+    tokens are the real ones, so every code path but the model's skill is exercised.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(real_model_path)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def compose_config(overrides: list[str], command: str = "train"):
+    """The typed, validated config a command would get from these overrides."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from dphrl import config
+    from dphrl.cli import COMMANDS, CONF_DIR
+
+    config.register()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name=COMMANDS[command][0], overrides=overrides)
+    config.validate(cfg)
+    return OmegaConf.to_object(cfg)

@@ -1,0 +1,122 @@
+"""torch.distributed and FSDP2: the layout resolved to processes, devices and shards.
+
+One process (`layout=cpu` or `gpu1`) or many under `torchrun` (`gpu8`, `multinode`, or
+`cpu` with `--nproc_per_node 2` over gloo, which is how the tests see it). Every rank rolls
+out its share of the prompts and trains on it; FSDP2 (`fully_shard`) shards the policy, and
+gradients are averaged across ranks by FSDP (or by an all-reduce when not sharded). Rank 0
+alone writes files.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    device: str  # "cpu" or "cuda:<local rank>"
+    backend: str
+    fsdp: bool
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_layout(cfg: Any) -> Layout:
+    """Turn `layout.*` into a concrete layout; `auto` is gpu1 with CUDA, else cpu."""
+    cuda = torch.cuda.is_available()
+    name = cfg.name if cfg.name != "auto" else ("gpu1" if cuda else "cpu")
+    device = cfg.device if cfg.device != "auto" else ("cuda" if name != "cpu" and cuda else "cpu")
+    if device == "cuda" and not cuda:
+        from dphrl.errors import ConfigError
+
+        raise ConfigError(f"layout={name} needs CUDA, and torch sees no GPU here; use layout=cpu")
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device == "cuda" else "gloo")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        device = f"cuda:{local}"
+    return Layout(name, device, backend, bool(cfg.fsdp) and world > 1, rank, world, local)
+
+
+def init(layout: Layout) -> None:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1)."""
+    if layout.world_size > 1 and not dist.is_initialized():
+        if layout.device.startswith("cuda"):
+            torch.cuda.set_device(layout.local_rank)
+        dist.init_process_group(backend=layout.backend)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shard(model: torch.nn.Module, layout: Layout) -> torch.nn.Module:
+    """FSDP2: shard each decoder layer, then the root, over a 1-D mesh of all ranks."""
+    if not layout.fsdp:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(
+        "cuda" if layout.device.startswith("cuda") else "cpu", (layout.world_size,)
+    )
+    for layer in _decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    return list(layers) if layers is not None else []
+
+
+def average_gradients(model: torch.nn.Module, layout: Layout) -> None:
+    """Without FSDP, average gradients across ranks (FSDP2 reduce-scatters them itself)."""
+    if layout.world_size == 1 or layout.fsdp:
+        return
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+
+
+def full_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Named full parameters, gathered one at a time (never the whole model at once).
+
+    A DTensor shard (FSDP2) is all-gathered into a full tensor, yielded, and dropped before
+    the next, so weight sync to the engine peaks at one parameter beyond the shards.
+    """
+    for name, param in model.named_parameters():
+        tensor = param.detach()
+        if hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor()
+        yield name, tensor
+
+
+def all_reduce_sum(values: list[float], device: str) -> list[float]:
+    """Sum floats across ranks (identity in one process)."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()

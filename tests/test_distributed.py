@@ -1,0 +1,76 @@
+"""torchrun --nproc_per_node 2 over gloo gives the losses of one process on the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+HERE = Path(__file__).resolve().parent
+
+COMMON = [
+    "task.name=coin",
+    "engine=hf",
+    "layout=cpu",
+    "model.max_new_tokens=10",
+    "algo.group_size=4",
+    "algo.prompts_per_step=4",
+    "split.k=2",
+    "ref.keep=all",
+    "trainer.ref_batch_size=4",
+    "trainer.max_steps=2",
+    "trainer.lr=1e-2",
+    "trainer.tensorboard=false",
+    "task.limit=12",
+    "divergence=js",
+]
+
+
+def _train(nproc: int, run: Path, data: Path, model: str, *extra: str) -> list[dict]:
+    args = [
+        *COMMON,
+        f"model.path={model}",
+        f"split.out={data}/split",
+        f"ref.out={data}/ref",
+        f"hydra.run.dir={run}",
+        *extra,
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    if nproc == 1:
+        cmd = [sys.executable, str(HERE / "run_train.py"), *args]
+    else:
+        torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+        cmd = [
+            torchrun,
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            "29533",
+            str(HERE / "run_train.py"),
+            *args,
+        ]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp-style", "fsdp2"])
+def test_two_processes_match_one(tmp_path, tiny_model_dir, fsdp):
+    data = tmp_path / "data"
+    one = _train(1, tmp_path / "one", data, tiny_model_dir)
+    two = _train(2, tmp_path / "two", data, tiny_model_dir, f"layout.fsdp={str(fsdp).lower()}")
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        for key in ("reward_mean", "pg_loss", "div_loss", "kl_ref", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
+    assert (tmp_path / "two" / "model" / "config.json").exists()

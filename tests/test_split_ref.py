@@ -1,0 +1,150 @@
+"""`dphrl split` and `dphrl precompute-ref` on the embedded model and task (issue: pre-sampling)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from conftest import compose_config
+
+from dphrl import reference, split
+from dphrl.data import read_jsonl
+from dphrl.errors import ConfigError, DataError
+
+pytestmark = pytest.mark.slow
+
+SMALL = [
+    "engine=hf",
+    "model.max_new_tokens=24",
+    "split.k=4",
+    "split.chunk_size=2",
+    "ref.chunk_size=2",
+]
+
+
+def _split(tmp: Path, name: str, limit: int, *extra: str) -> Path:
+    out = tmp / name
+    cfg = compose_config([*SMALL, f"task.limit={limit}", f"split.out={out}", *extra], "split")
+    split.run(cfg, tmp)
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_split(tmp_path_factory) -> Path:
+    return _split(tmp_path_factory.mktemp("split"), "full", 6)
+
+
+def test_pef_and_exp_are_disjoint_and_cover_every_prompt(full_split):
+    pef, exp = read_jsonl(full_split / "pef.jsonl"), read_jsonl(full_split / "exp.jsonl")
+    ids = [r["id"] for r in pef] + [r["id"] for r in exp]
+    assert sorted(ids) == list(range(6))
+    assert all(r["pass_rate"] == 1.0 for r in pef) and all(r["pass_rate"] < 1.0 for r in exp)
+    samples = read_jsonl(full_split / "samples.jsonl")
+    assert len(samples) == 6 * 4 and {s["reward"] for s in samples} <= {0.0, 1.0}
+    stats = json.loads((full_split / "split_stats.json").read_text())
+    assert stats["pef"] + stats["exp"] == 6 and sum(stats["pass_rate_histogram"].values()) == 6
+
+
+def test_threshold_semantics(full_split, tmp_path):
+    rows = read_jsonl(full_split / "pef.jsonl") + read_jsonl(full_split / "exp.jsonl")
+    samples = read_jsonl(full_split / "samples.jsonl")
+    for threshold in (0.5, 1.0):
+        cfg = compose_config([*SMALL, f"split.threshold={threshold}"], "split")
+        split.write_split(tmp_path, rows, samples, cfg, 1.0)
+        for row in read_jsonl(tmp_path / "pef.jsonl"):
+            assert row["pass_rate"] >= threshold
+        for row in read_jsonl(tmp_path / "exp.jsonl"):
+            assert row["pass_rate"] < threshold
+    half = compose_config([*SMALL, "split.threshold=0.5"], "split")
+    split.write_split(tmp_path, rows, samples, half, 1.0)
+    at_half = {r["id"] for r in read_jsonl(tmp_path / "pef.jsonl")}
+    assert at_half == {r["id"] for r in rows if r["pass_rate"] >= 0.5}
+
+
+def test_interrupted_split_resumes_to_the_same_files(full_split, tmp_path):
+    _split(tmp_path, "resumed", 4)  # stopped after 4 prompts
+    samples = tmp_path / "resumed" / "samples.jsonl"
+    with open(samples, "a") as f:
+        f.write('{"id": 4, "sample": 0, "compl')  # a write cut by a kill
+    _split(tmp_path, "resumed", 6)
+    for name in ("pef.jsonl", "exp.jsonl", "samples.jsonl"):
+        assert (tmp_path / "resumed" / name).read_text() == (full_split / name).read_text(), name
+
+
+def test_rerun_with_other_settings_is_refused(full_split, tmp_path):
+    cfg = compose_config([*SMALL, "split.k=8", f"split.out={full_split}"], "split")
+    with pytest.raises(ConfigError, match="k: folder has 4, config has 8"):
+        split.run(cfg, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def ref_store(full_split, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "store"
+    cfg = compose_config(
+        [*SMALL, "task.limit=6", f"split.out={full_split}", f"ref.out={out}", "ref.keep=all"],
+        "precompute-ref",
+    )
+    reference.run(cfg, out.parent)
+    return out
+
+
+def test_ref_store_logprobs_equal_the_training_forward_at_step_0(ref_store, real_model_path):
+    import torch
+
+    from dphrl.batching import pack, unpad
+    from dphrl.logprobs import response_logprobs
+    from dphrl.models import load_policy, load_tokenizer, weights_hash
+
+    rows = reference.load_ref_store(ref_store, real_model_path, weights_hash(real_model_path))
+    pef = read_jsonl(
+        Path(json.loads((ref_store / "manifest.json").read_text())["split"]) / "pef.jsonl"
+    )
+    assert len(rows) == len(pef)  # keep=all, one sample per prompt
+    if not rows:
+        pytest.skip("the model fully solved no prompt in this tiny split")
+    tok = load_tokenizer(real_model_path)
+    model = load_policy(real_model_path).eval()
+    packed = pack(
+        [r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows], tok.pad_token_id
+    )
+    with torch.no_grad():
+        logp, _ = response_logprobs(
+            model, packed.input_ids, packed.attention_mask, packed.response_mask
+        )
+    for row, again in zip(rows, unpad(logp, packed.response_mask)):
+        assert len(row["ref_logprobs"]) == len(row["response_ids"]) == len(again)
+        assert all(math.isfinite(v) for v in row["ref_logprobs"])
+        assert max(abs(a - b) for a, b in zip(row["ref_logprobs"], again)) < 1e-5
+        assert tok.decode(row["response_ids"]) == row["response_text"]
+
+
+def test_tampered_manifest_is_refused(ref_store, real_model_path, tmp_path):
+    import shutil
+
+    from dphrl.models import weights_hash
+
+    copy = tmp_path / "store"
+    shutil.copytree(ref_store, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["weights_sha256"] = "0" * 64
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="rerun precompute-ref for this model"):
+        reference.load_ref_store(copy, real_model_path, weights_hash(real_model_path))
+    manifest = json.loads((ref_store / "manifest.json").read_text())
+    manifest["counts"]["kept"] += 1
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="the store was changed"):
+        reference.load_ref_store(copy, real_model_path, weights_hash(real_model_path))
+
+
+def test_empty_pef_is_a_message_not_a_crash(tmp_path, capsys):
+    split_dir = tmp_path / "split"
+    split_dir.mkdir()
+    (split_dir / "pef.jsonl").write_text("")
+    out = tmp_path / "ref"
+    cfg = compose_config([*SMALL, f"split.out={split_dir}", f"ref.out={out}"], "precompute-ref")
+    manifest = reference.run(cfg, tmp_path)
+    assert manifest["counts"] == {"prompts": 0, "sampled": 0, "kept": 0}
+    assert "0 responses from 0 D_pef prompts" in capsys.readouterr().out

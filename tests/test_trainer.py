@@ -1,0 +1,226 @@
+"""`dphrl train` on a tiny random model and the toy `coin` task: every divergence and algo,
+the ref batch at step 0, dynamic sampling, bad configs, exact resume and the final model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import toytask
+from conftest import compose_config
+
+from dphrl import trainer
+from dphrl.errors import ConfigError
+
+FAST = [
+    "task=arith",  # replaced by coin below; arith composes the task group
+    "engine=hf",
+    "model.max_new_tokens=12",
+    "algo.group_size=4",
+    "algo.prompts_per_step=2",
+    "split.k=2",
+    "trainer.ref_batch_size=4",
+    "trainer.lr=1e-2",
+    "trainer.tensorboard=false",
+    "task.limit=12",
+]
+
+
+@pytest.fixture(autouse=True)
+def coin(monkeypatch):
+    toytask.register(monkeypatch)
+
+
+def _cfg(tmp: Path, model: str, *extra: str, data: Path | None = None):
+    data = data or tmp
+    return compose_config(
+        [
+            *FAST,
+            "task.name=coin",
+            f"model.path={model}",
+            f"split.out={data}/split",
+            f"ref.out={data}/ref",
+            f"trainer.run_dir={tmp}/run",
+            *extra,
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """Split and ref store for the tiny model, made once by the pipeline train runs itself."""
+    import pytest as _pytest
+
+    mp = _pytest.MonkeyPatch()
+    toytask.register(mp)
+    tmp = tmp_path_factory.mktemp("data")
+    trainer.run(_cfg(tmp, tiny_model_dir, "trainer.max_steps=1", "ref.keep=all"), tmp)
+    mp.undo()
+    return tmp
+
+
+def _weights(path: Path):
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["divergence=forward_kl"],
+        ["divergence=js"],
+        ["divergence=js_full"],
+        ["divergence=alpha"],
+        ["divergence=reverse_kl"],
+        ["divergence=none"],
+        # every tiny-model response hits max_new_tokens, so overlong filtering would mask them all
+        ["divergence=js", "algo=dapo", "algo.overlong_filter=false"],
+    ],
+    ids=lambda o: "+".join(o),
+)
+def test_one_step_runs_and_moves_the_weights(overrides, data_dir, tiny_model_dir, tmp_path):
+    cfg = _cfg(
+        tmp_path, tiny_model_dir, "trainer.max_steps=1", "ref.keep=all", *overrides, data=data_dir
+    )
+    out = trainer.run(cfg, tmp_path)
+    before, after = _weights(Path(tiny_model_dir)), _weights(out)
+    moved = sum(float((before[k] - after[k]).abs().max()) for k in before)
+    assert moved > 0
+    metrics = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert len(metrics) == 1 and metrics[0]["grad_norm"] > 0
+    if overrides[0] in (
+        "divergence=forward_kl",
+        "divergence=js",
+        "divergence=alpha",
+        "divergence=js_full",
+    ):
+        assert metrics[0]["kl_ref"] == pytest.approx(0.0, abs=1e-6)  # log r = 0 at step 0
+        assert metrics[0]["div_loss"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_ref_batch_has_log_r_zero_at_step_0(data_dir, tiny_model_dir, tmp_path):
+    from dphrl import dist
+
+    cfg = _cfg(tmp_path, tiny_model_dir, "ref.keep=all", data=data_dir)
+    prompts, ref_rows = trainer.training_data(
+        cfg, tmp_path, dist.resolve_layout(cfg.layout), tiny_model_dir
+    )
+    t = trainer.Trainer(
+        cfg, tmp_path / "run", dist.resolve_layout(cfg.layout), prompts, ref_rows, tiny_model_dir
+    )
+    batch, ref_logp = t.ref_batch()
+    logp = t.logprobs(t.policy, batch, 1.0)
+    assert float((logp - ref_logp).abs().max()) < 1e-5
+
+
+def test_dynamic_sampling_keeps_only_informative_groups_and_refills(
+    data_dir, tiny_model_dir, tmp_path
+):
+    from dphrl import dist
+
+    cfg = _cfg(
+        tmp_path,
+        tiny_model_dir,
+        "algo=dapo",
+        "algo.prompts_per_step=4",
+        "ref.keep=all",
+        data=data_dir,
+    )
+    layout = dist.resolve_layout(cfg.layout)
+    prompts, ref_rows = trainer.training_data(cfg, tmp_path, layout, tiny_model_dir)
+    t = trainer.Trainer(cfg, tmp_path / "run", layout, prompts, ref_rows, tiny_model_dir)
+    r = t.rollout()
+    groups = r.rewards.view(-1, 4)
+    assert len(groups) > 0
+    assert bool((groups.amax(-1) > groups.amin(-1)).all())
+    drawn = t.prompt_sampler.state_dict()
+    assert drawn["epoch"] * len(prompts) + drawn["offset"] >= 4  # at least one draw of 4 prompts
+
+
+def test_empty_ref_store_with_a_divergence_that_needs_it_fails_before_rollout(
+    data_dir, tiny_model_dir, tmp_path
+):
+    import shutil
+
+    from dphrl.data import write_json
+    from dphrl.models import weights_hash
+
+    shutil.copytree(data_dir / "split", tmp_path / "split")
+    (tmp_path / "split" / "pef.jsonl").write_text(
+        '{"id": 0, "prompt": [], "reward_model": {"ground_truth": "even"}}\n'
+    )
+    # D_pef had a prompt, but none of its responses was kept (ref.keep=correct, all wrong).
+    write_json(
+        tmp_path / "ref" / "manifest.json",
+        {
+            "weights_sha256": weights_hash(tiny_model_dir),
+            "model_path": tiny_model_dir,
+            "counts": {"prompts": 1, "sampled": 1, "kept": 0},
+            "shards": [],
+        },
+    )
+    cfg = _cfg(tmp_path, tiny_model_dir, "divergence=js")
+    with pytest.raises(ConfigError, match="needs ref-store responses"):
+        trainer.run(cfg, tmp_path)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_empty_pef_trains_with_the_divergence_off(data_dir, tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    from dphrl.data import write_json
+    from dphrl.models import weights_hash
+
+    shutil.copytree(data_dir / "split", tmp_path / "split")
+    (tmp_path / "split" / "pef.jsonl").write_text("")
+    write_json(
+        tmp_path / "ref" / "manifest.json",
+        {
+            "weights_sha256": weights_hash(tiny_model_dir),
+            "model_path": tiny_model_dir,
+            "counts": {"prompts": 0, "sampled": 0, "kept": 0},
+            "shards": [],
+        },
+    )
+    trainer.run(_cfg(tmp_path, tiny_model_dir, "divergence=js", "trainer.max_steps=1"), tmp_path)
+    assert "D_pef is empty" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["div_loss"] == 0.0
+
+
+def test_killed_run_resumes_exactly(data_dir, tiny_model_dir, tmp_path):
+    steps = ["trainer.max_steps=4", "trainer.save_every=1", "ref.keep=all", "divergence=js"]
+    whole = trainer.run(_cfg(tmp_path / "a", tiny_model_dir, *steps, data=data_dir), tmp_path)
+    trainer.run(
+        _cfg(tmp_path / "b", tiny_model_dir, *steps, "trainer.stop_after_step=2", data=data_dir),
+        tmp_path,
+    )
+    resumed = trainer.run(
+        _cfg(tmp_path / "b", tiny_model_dir, *steps, "trainer.resume=true", data=data_dir), tmp_path
+    )
+
+    def metrics(run):
+        lines = (run.parent / "metrics.jsonl").read_text().splitlines()
+        return [
+            {
+                k: v
+                for k, v in json.loads(line).items()
+                if not k.startswith(("time_", "tokens_per_s"))
+            }
+            for line in lines
+        ]
+
+    a, b = metrics(whole), metrics(resumed)
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        assert x == pytest.approx(y, rel=1e-5, abs=1e-7)
+    wa, wb = _weights(whole), _weights(resumed)
+    assert all(float((wa[k] - wb[k]).abs().max()) < 1e-6 for k in wa)
+
+
+def test_beta_below_zero_is_refused():
+    with pytest.raises(ConfigError, match="divergence.beta"):
+        compose_config(["divergence.beta=-0.1"])
