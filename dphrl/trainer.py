@@ -437,7 +437,7 @@ def fit(trainer: Trainer) -> Path:
     from dphrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_hf_model
     from dphrl.metrics import reduce_metrics
 
-    cfg, tr, run_dir = trainer.cfg, trainer.cfg.trainer, trainer.run_dir
+    tr, run_dir = trainer.cfg.trainer, trainer.run_dir
     if tr.resume:
         found = latest_checkpoint(run_dir)
         if found is None:
