@@ -64,10 +64,16 @@ def _train(nproc: int, run: Path, data: Path, model: str, *extra: str) -> list[d
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_model_dir) -> tuple[Path, list[dict]]:
+    """The reference: one process on the global batch (it also makes the split and ref store)."""
+    tmp = tmp_path_factory.mktemp("one")
+    return tmp / "data", _train(1, tmp / "run", tmp / "data", tiny_model_dir)
+
+
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp-style", "fsdp2"])
-def test_two_processes_match_one(tmp_path, tiny_model_dir, fsdp):
-    data = tmp_path / "data"
-    one = _train(1, tmp_path / "one", data, tiny_model_dir)
+def test_two_processes_match_one(tmp_path, tiny_model_dir, one_process, fsdp):
+    data, one = one_process
     two = _train(2, tmp_path / "two", data, tiny_model_dir, f"layout.fsdp={str(fsdp).lower()}")
     assert len(one) == len(two) == 2
     for a, b in zip(one, two):
