@@ -71,7 +71,7 @@ def prompt_ids(real_model_path):
 
 @pytest.mark.slow
 def test_completions_have_tokens_logprobs_and_finish_reasons(engine, prompt_ids):
-    out = engine.generate(prompt_ids, 3, Sampling(temperature=1.0, max_new_tokens=12, seed=1))
+    out = engine.generate(prompt_ids, 3, Sampling(temperature=1.0, max_new_tokens=8, seed=1))
     assert [len(group) for group in out] == [3, 3]
     for c in (c for group in out for c in group):
         assert len(c.token_ids) == len(c.logprobs) > 0
@@ -79,7 +79,7 @@ def test_completions_have_tokens_logprobs_and_finish_reasons(engine, prompt_ids)
         if c.finish_reason == "stop":
             assert c.token_ids[-1] == EOS and EOS not in c.token_ids[:-1]
         else:
-            assert c.finish_reason == "length" and len(c.token_ids) == 12
+            assert c.finish_reason == "length" and len(c.token_ids) == 8
 
 
 @pytest.mark.slow
@@ -101,7 +101,7 @@ def test_logprobs_are_of_the_sampling_distribution(engine, prompt_ids):
 
 @pytest.mark.slow
 def test_seeds_reproduce_and_do_not_depend_on_batch_neighbours(engine, prompt_ids):
-    sampling = Sampling(temperature=1.0, max_new_tokens=10, seed=5)
+    sampling = Sampling(temperature=1.0, max_new_tokens=6, seed=5)
     both = engine.generate(prompt_ids, 2, sampling)
     again = engine.generate(prompt_ids, 2, sampling)
     second = engine.generate(prompt_ids[1:], 2, sampling.shifted(1, 2))
@@ -117,7 +117,7 @@ def test_weight_push_changes_greedy_output_and_originals_restore_it(
 ):
     from safetensors.torch import load_file
 
-    greedy = Sampling(temperature=0.0, max_new_tokens=16)
+    greedy = Sampling(temperature=0.0, max_new_tokens=6)
     before = [g[0].token_ids for g in engine.generate(prompt_ids, 1, greedy)]
     original = load_file(f"{real_model_path}/model.safetensors")
     gen = torch.Generator().manual_seed(0)

