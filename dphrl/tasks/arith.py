@@ -1,0 +1,151 @@
+"""`arith`: the embedded task, grade-school arithmetic problems with integer answers.
+
+It exists so that `dphrl split` / `train` run on a fresh machine with no data, with a spread of
+difficulty for the embedded 135M model: DPH-RL wants prompts the initial policy always solves
+(D_pef) next to prompts it sometimes or never solves (D_exp). Problems come in three bands, generated deterministically from a seed:
+
+- band 0: a bare sum of two single digits ("What is 3 + 4?");
+- band 1: a bare sum of two two-digit numbers ("What is 23 + 41?");
+- band 2: a two-step story, a product then an addition or subtraction.
+
+Measured pass rates of SmolLM2-135M-Instruct (the embedded model: chat template, temperature
+1.0, top_p 1.0, no top-k, max_new_tokens 128, 8 samples per prompt, 24 prompts per band drawn
+from these generators with another seed; transformers generate in float32 on an H200, scored
+by this module's verifier; 2026-11-26):
+
+| band | mean pass rate | prompts at 8/8 | prompts at 0/8 |
+| --- | --- | --- | --- |
+| 0 | 0.24 | 0.00 | 0.21 |
+| 1 | 0.05 | 0.00 | 0.71 |
+| 2 | 0.01 | 0.00 | 0.92 |
+
+So at temperature 1.0 this model solves no prompt in all of 8 samples: its best prompts reach
+4 of 8 (6 of 8 among sums of digits up to 5), since its samples wander off into prose. With
+`split.threshold=1.0`, D_pef is empty for this model; D_exp holds every prompt. Of the
+instructions tried ("Put the final answer in \\boxed{}.", "...as a number in \\boxed{}.",
+"Answer with just the number.", none), none is followed reliably (about 10% of samples box an
+answer); the one kept did as well as any, and the verifier's last-number fallback reads the rest.
+Rerun with `benchmarks/arith_passrates.py`.
+
+"train" and "eval" come from different seed streams, and no eval question appears in train.
+Rows cycle through the bands, so the first `task.limit` rows hold every band.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+from dphrl.data import limit_rows
+from dphrl.tasks.math import MathTask
+
+TRAIN_SIZE = 300
+EVAL_SIZE = 100
+SEEDS = {"train": 1, "eval": 2}
+INSTRUCTION = "\nPut the final answer in \\boxed{}."
+
+NAMES = ("Tom", "Ann", "Sam", "Lily", "Ben", "Mia", "Max", "Zoe", "Leo", "Eva")
+ITEMS = ("apples", "pencils", "stickers", "marbles", "books", "cookies", "stamps", "shells")
+
+
+def band0(rng: random.Random) -> tuple[str, int]:
+    """A bare sum of two single digits (81 distinct questions)."""
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    return f"What is {a} + {b}?", a + b
+
+
+def band1(rng: random.Random) -> tuple[str, int]:
+    """A bare sum of two two-digit numbers."""
+    a, b = rng.randint(10, 49), rng.randint(10, 49)
+    return f"What is {a} + {b}?", a + b
+
+
+def band2(rng: random.Random) -> tuple[str, int]:
+    """A two-step story: a product, then an addition or subtraction."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    boxes, per_box, extra = rng.randint(3, 9), rng.randint(4, 12), rng.randint(5, 19)
+    total = boxes * per_box
+    if rng.random() < 0.5:
+        question = (
+            f"{name} buys {boxes} boxes of {item} with {per_box} {item} in each box, "
+            f"then finds {extra} more {item}. How many {item} does {name} have?"
+        )
+        return question, total + extra
+    extra = min(extra, total - 1)
+    question = (
+        f"{name} has {boxes} boxes of {item} with {per_box} {item} in each box "
+        f"and gives away {extra} {item}. How many {item} are left?"
+    )
+    return question, total - extra
+
+
+BANDS: tuple[Callable[[random.Random], tuple[str, int]], ...] = (band0, band1, band2)
+# Draws in a row that found nothing new before a band counts as used up (band 0 has 81).
+EXHAUSTED_AFTER = 200
+
+
+def problems(
+    seed: int, count: int, exclude: frozenset[str] = frozenset()
+) -> list[tuple[int, str, int]]:
+    """`count` distinct (band, question, answer) from `seed`, cycling through the bands.
+
+    Questions already drawn or in `exclude` are redrawn, which keeps train and eval
+    disjoint; a band whose questions run out drops out of the cycle (band 0 does in "train").
+    """
+    rng = random.Random(seed)
+    seen = set(exclude)
+    live = list(range(len(BANDS)))
+    out: list[tuple[int, str, int]] = []
+    turn = 0
+    while len(out) < count and live:
+        band = live[turn % len(live)]
+        for _ in range(EXHAUSTED_AFTER):
+            question, answer = BANDS[band](rng)
+            if question not in seen:
+                seen.add(question)
+                out.append((band, question, answer))
+                turn += 1
+                break
+        else:
+            live.remove(band)
+    return out
+
+
+def generate(split: str) -> list[dict]:
+    """The embedded rows of `split` ("train" or "eval") in the official row shape."""
+    if split not in SEEDS:
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    held_out = problems(SEEDS["eval"], EVAL_SIZE)
+    if split == "eval":
+        chosen = held_out
+    else:
+        chosen = problems(SEEDS["train"], TRAIN_SIZE, frozenset(q for _, q, _ in held_out))
+    return [
+        {
+            "id": i,
+            "data_source": "arith",
+            "prompt": [{"role": "user", "content": question + INSTRUCTION}],
+            "reward_model": {"ground_truth": str(answer)},
+            "extra_info": {"band": band, "split": split},
+        }
+        for i, (band, question, answer) in enumerate(chosen)
+    ]
+
+
+class ArithTask(MathTask):
+    """The embedded arithmetic task; verification is `math`'s, with a last-number fallback.
+
+    With task.path / task.eval_path set, it reads rows from there like `math` does.
+    """
+
+    number_fallback = True
+
+    def __init__(self, name: str = "arith") -> None:
+        super().__init__(name)
+
+    def load(self, cfg: Any, split: str = "train") -> list[dict]:
+        """The embedded rows (or task.path / task.eval_path when set), the first `cfg.limit`."""
+        if getattr(cfg, {"train": "path", "eval": "eval_path"}.get(split, "path"), None):
+            return super().load(cfg, split)
+        return limit_rows(generate(split), cfg.limit)
