@@ -291,7 +291,9 @@ def verify_batch(
     """One verdict per completion, using `workers` processes (0 = all cores) for big batches.
 
     Batches under `PARALLEL_MIN` items run in-process (start-up would dominate) unless the
-    caller is not the main thread. Pass a `VerifierPool` to keep workers across calls.
+    caller is not the main thread. Pass a `VerifierPool` to keep workers across calls. Workers
+    are spawned, so a script that calls this must keep its top level under
+    `if __name__ == "__main__":` (else every item ends as a timeout, after the watchdog).
     """
     if len(completions) != len(ground_truths):
         raise ValueError(f"{len(completions)} completions but {len(ground_truths)} ground truths")
