@@ -38,13 +38,16 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def update_section(name: str, title: str, body: str) -> None:
-    """Replace (or append) the section `name` of BENCHMARKS.md with `body`."""
+def update_section(name: str, title: str, body: str, measured_on: str | None = None) -> None:
+    """Replace (or append) the section `name` of BENCHMARKS.md with `body`.
+
+    `measured_on` names the machine when the figures came from another one (a GPU machine).
+    """
     text = MARKDOWN.read_text() if MARKDOWN.exists() else HEADER
     command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
     section = (
         f"<!-- bench:{name} -->\n## {title}\n\n"
-        f"Command: `{command}`  \nMachine: {machine()}\n\n{body.strip()}\n<!-- /bench:{name} -->\n"
+        f"Command: `{command}`  \nMachine: {measured_on or machine()}\n\n{body.strip()}\n<!-- /bench:{name} -->\n"
     )
     pattern = re.compile(
         rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->\n", re.S

@@ -15,8 +15,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
-
 from dphrl.errors import ConfigError
 
 
@@ -188,6 +186,8 @@ class DphrlConfig:
 
 def register() -> None:
     """Store the schema under the name the YAML defaults lists refer to."""
+    from hydra.core.config_store import ConfigStore
+
     ConfigStore.instance().store(name="dphrl_schema", node=DphrlConfig)
 
 

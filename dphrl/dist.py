@@ -48,12 +48,18 @@ def resolve_layout(cfg: Any) -> Layout:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cuda":
         device = f"cuda:{local}"
-    return Layout(name, device, backend, bool(cfg.fsdp) and world > 1, rank, world, local)
+    if cfg.fsdp and "RANK" not in os.environ:
+        from dphrl.errors import ConfigError
+
+        raise ConfigError(
+            f"layout.fsdp=true (layout={name}) needs torchrun: torchrun --nproc_per_node N -m dphrl train ..."
+        )
+    return Layout(name, device, backend, bool(cfg.fsdp), rank, world, local)
 
 
 def init(layout: Layout) -> None:
-    """Join the process group when started by torchrun (WORLD_SIZE > 1)."""
-    if layout.world_size > 1 and not dist.is_initialized():
+    """Join the process group when started by torchrun with several ranks or with FSDP."""
+    if (layout.world_size > 1 or layout.fsdp) and not dist.is_initialized():
         if layout.device.startswith("cuda"):
             torch.cuda.set_device(layout.local_rank)
         dist.init_process_group(backend=layout.backend)

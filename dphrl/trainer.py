@@ -356,6 +356,8 @@ class Trainer:
             **{f"time_{k}": v for k, v in seconds.items()},
             "tokens_per_s": tokens / max(seconds.get("rollout", 0.0), 1e-9),
         }
+        if self.layout.device.startswith("cuda"):
+            out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return out
 
 
