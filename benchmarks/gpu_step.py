@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 def main(model_dir: str, out: str) -> None:
     import torch
+    import toytask
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    import toytask
     from dphrl import trainer
     from dphrl.config import DphrlConfig
 
