@@ -194,7 +194,7 @@ def run(cfg: Any, run_dir: Path) -> dict:
     """Evaluate every model on every dataset; write samples, passk.json/.md/.png; return the json."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from dphrl.data import write_json, write_jsonl
+    from dphrl.data import read_jsonl, write_json, write_jsonl
     from dphrl.engine import resolve_engine_name
     from dphrl.models import load_tokenizer, resolve_model_path
     from dphrl.passk_report import plot_curves, write_markdown
@@ -246,8 +246,6 @@ def run(cfg: Any, run_dir: Path) -> dict:
                     }
                 )
             evaluator.close()
-
-    from dphrl.data import read_jsonl
 
     results = summarize(read_jsonl(samples_path), datasets, list(cfg.eval.k), cfg.eval.greedy)
     payload = {"settings": info, "results": results}
