@@ -130,6 +130,18 @@ class Trainer:
         )
         self.timer = Timer()
         self.step_num = 0
+        self.eval_rows = self._eval_rows() if cfg.eval.every else []
+
+    def _eval_rows(self) -> list[dict]:
+        """Held-out prompts for `eval.every` (the task's eval split), checked before any rollout."""
+        from dphrl.errors import ConfigError
+
+        rows = self.task.load(self.cfg.task, "eval")[: self.cfg.eval.limit or 32]
+        if not rows:
+            raise ConfigError(
+                "eval.every>0 needs held-out prompts: set task.eval_path (the embedded tasks have their own)"
+            )
+        return rows
 
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> dict[str, float]:
@@ -331,6 +343,29 @@ class Trainer:
             )
         return logp
 
+    def evaluate(self) -> dict[str, float]:
+        """pass@k of the current policy on the held-out prompts (`eval.every`), via the engine.
+
+        The unbiased estimator of `dphrl.passk.pass_at_k`, averaged over prompts; the full
+        report (diversity, plots) is `dphrl eval-passk` on a saved model.
+        """
+        from dphrl.passk import pass_at_k
+        from dphrl.rollout import sample_and_score
+
+        ev = self.cfg.eval
+        ids, kept = render_rows(
+            self.tokenizer, self.eval_rows, self.cfg.model.max_prompt_len, "eval"
+        )
+        sampling = Sampling(
+            ev.temperature, ev.top_p, self.cfg.model.max_new_tokens, self.cfg.seed + 7
+        )
+        scored = sample_and_score(self.engine, self.task, self.cfg.task, ids, kept, ev.n, sampling)
+        correct = [sum(s.verdict.reward >= 1.0 for s in group) for group in scored]
+        return {
+            f"eval_pass@{k}": sum(pass_at_k(ev.n, c, k) for c in correct) / max(len(correct), 1)
+            for k in ev.k
+        }
+
     def sync_weights(self) -> None:
         """Push the updated weights to the rollout engine, one full tensor at a time."""
         self.engine.load_weights(dist.full_tensors(self.policy))
@@ -455,6 +490,12 @@ def fit(trainer: Trainer) -> Path:
             print(f"train: resumed from {found} at step {trainer.step_num}")
     while trainer.step_num < tr.max_steps:
         metrics = reduce_metrics(trainer.step())
+        if (
+            trainer.cfg.eval.every
+            and trainer.step_num % trainer.cfg.eval.every == 0
+            and trainer.layout.is_main
+        ):
+            metrics.update(trainer.evaluate())
         trainer.metrics.log(trainer.step_num, metrics)
         last = trainer.step_num == tr.max_steps
         if (tr.save_every and trainer.step_num % tr.save_every == 0) or last:

@@ -221,6 +221,26 @@ def test_killed_run_resumes_exactly(data_dir, tiny_model_dir, tmp_path):
     assert all(float((wa[k] - wb[k]).abs().max()) < 1e-6 for k in wa)
 
 
+def test_eval_every_reports_pass_at_k_during_training(data_dir, tiny_model_dir, tmp_path):
+    cfg = _cfg(
+        tmp_path,
+        tiny_model_dir,
+        "trainer.max_steps=2",
+        "eval.every=2",
+        "eval.n=4",
+        "eval.k=[1,4]",
+        "eval.limit=3",
+        "ref.keep=all",
+        data=data_dir,
+    )
+    trainer.run(cfg, tmp_path)
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert "eval_pass@1" not in rows[0]
+    assert 0.0 <= rows[1]["eval_pass@1"] <= rows[1]["eval_pass@4"] <= 1.0
+
+
 def test_beta_below_zero_is_refused():
     with pytest.raises(ConfigError, match="divergence.beta"):
         compose_config(["divergence.beta=-0.1"])
