@@ -161,6 +161,7 @@ class EvalConfig:
     greedy: bool = True  # also report a temperature-0 column, as the paper's tables do
     datasets: list[str] = field(default_factory=list)  # task names; empty = the configured task
     models: list[str] = field(default_factory=list)  # model paths; empty = model.path
+    db_roots: dict[str, str] = field(default_factory=dict)  # SQL datasets: name -> databases folder
     every: int = 0  # train: eval every N steps; 0 = never
     limit: int | None = None  # prompts per dataset
     out: str | None = None  # default: the run folder
@@ -317,3 +318,11 @@ def validate(cfg: Any) -> None:
     _at_least("eval.every", ev.every, 0)
     for name in ev.datasets:
         _one_of("eval.datasets[]", name.split("=", 1)[0], TASK_NAMES)
+        path = name.partition("=")[2]
+        if path and not os.path.exists(os.path.expanduser(path)):
+            raise ConfigError(f"eval.datasets entry {name!r}: no such file {path}")
+    for name, root in ev.db_roots.items():
+        if not os.path.isdir(os.path.expanduser(root)):
+            raise ConfigError(
+                f"eval.db_roots.{name}={root}: no such folder; give the databases folder"
+            )

