@@ -148,11 +148,13 @@ class Trainer:
         """One optimizer step of the hybrid objective; returns this step's metrics."""
         self.timer.reset()
         rollouts = self.rollout()
+        self.engine.sleep()  # gpu layouts with engine.sleep_mode: free the engine's memory to train
         with self.timer("train"):
             batch, advantages, old_logp, ref_model_logp = self.prepare(rollouts)
             ref_batch, ref_logp = self.ref_batch()
             stats = self.update(batch, advantages, old_logp, ref_model_logp, ref_batch, ref_logp)
         with self.timer("weight_sync"):
+            self.engine.wake_up()
             self.sync_weights()
         self.step_num += 1
         return self.summarize(rollouts, batch, stats)
@@ -255,6 +257,8 @@ class Trainer:
                     batch, advantages, old_logp, ref_model_logp, part, ref_batch, ref_logp, ref_part
                 )
                 self.optimizer.zero_grad(set_to_none=True)
+                if not loss.requires_grad:  # nothing to learn from: no informative group, no ref batch
+                    continue
                 loss.backward()
                 dist.average_gradients(self.policy, self.layout)
                 grad_norm = torch.nn.utils.clip_grad_norm_(
