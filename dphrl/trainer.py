@@ -214,7 +214,13 @@ class Trainer:
         )
         with torch.no_grad():
             t = self.algo.temperature
-            old_logp = self.logprobs(self.policy, batch, t)
+            # One epoch over one minibatch: the loss's forward runs before any update, so its
+            # detached log-probs are the old ones (ratio 1); a separate forward would repeat it.
+            a = self.algo
+            single_pass = a.ppo_epochs == 1 and (
+                not a.minibatch_size or a.minibatch_size >= len(batch)
+            )
+            old_logp = None if single_pass else self.logprobs(self.policy, batch, t)
             ref_model_logp = (
                 self.logprobs(self.ref_model, batch, t) if self.ref_model is not None else None
             )
@@ -257,7 +263,9 @@ class Trainer:
                     batch, advantages, old_logp, ref_model_logp, part, ref_batch, ref_logp, ref_part
                 )
                 self.optimizer.zero_grad(set_to_none=True)
-                if not loss.requires_grad:  # nothing to learn from: no informative group, no ref batch
+                if (
+                    not loss.requires_grad
+                ):  # nothing to learn from: no informative group, no ref batch
                     continue
                 loss.backward()
                 dist.average_gradients(self.policy, self.layout)
@@ -288,7 +296,7 @@ class Trainer:
             logp = self.logprobs(self.policy, mb, a.temperature, grad=True)
             pg_tok, clip_frac = ppo_clip_loss(
                 logp,
-                old_logp[part],
+                logp.detach() if old_logp is None else old_logp[part],
                 advantages[part],
                 mask,
                 clip_low=a.clip_low,
