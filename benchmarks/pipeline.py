@@ -21,9 +21,9 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 def main(quick: bool = False) -> dict[str, float]:
-    from benchmarks.report import record, update_section
     from conftest import compose_config
 
+    from benchmarks.report import record, update_section
     from dphrl import reference, split
 
     limit = 16 if quick else 48
