@@ -59,15 +59,23 @@ def resolve_layout(cfg: Any) -> Layout:
 
 def init(layout: Layout) -> None:
     """Join the process group when started by torchrun with several ranks or with FSDP."""
+    global _OWNED
     if (layout.world_size > 1 or layout.fsdp) and not dist.is_initialized():
         if layout.device.startswith("cuda"):
             torch.cuda.set_device(layout.local_rank)
         dist.init_process_group(backend=layout.backend)
+        _OWNED = True
+
+
+_OWNED = False  # whether `init` made the default group (in-process vLLM may make its own)
 
 
 def shutdown() -> None:
-    if dist.is_initialized():
+    """Leave the group `init` joined; a group vLLM made in-process is vLLM's to destroy."""
+    global _OWNED
+    if _OWNED and dist.is_initialized():
         dist.destroy_process_group()
+    _OWNED = False
 
 
 def barrier() -> None:
