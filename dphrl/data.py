@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from dphrl.errors import DataError
+from dphrl.errors import ConfigError, DataError
 
 REQUIRED = ("prompt", "reward_model")
 
@@ -184,3 +184,24 @@ def render_prompts(
             kept_ids.append(list(ids))
             kept_index.append(i)
     return kept_ids, kept_index
+
+
+def check_settings(path: str | os.PathLike, expected: dict, what: str, remedy: str) -> None:
+    """Refuse to continue a resumable folder made with other settings; record them in a new one.
+
+    Used by split, precompute-ref and eval-passk, whose outputs must never mix two runs.
+    """
+    path = Path(path)
+    if not path.exists():
+        write_json(path, expected)
+        return
+    found = json.loads(path.read_text())
+    diff = [
+        f"{k}: folder has {found.get(k)!r}, config has {v!r}"
+        for k, v in expected.items()
+        if found.get(k) != v
+    ]
+    if diff:
+        raise ConfigError(
+            f"{path.parent} holds {what} made with other settings ({'; '.join(diff)}); {remedy}"
+        )

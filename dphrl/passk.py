@@ -19,15 +19,12 @@ boundaries, so a resumed eval writes the same `passk.json` as an uninterrupted o
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-from dphrl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -160,25 +157,6 @@ def task_config(task_cfg: Any, spec: str, db_roots: dict[str, str] | None = None
     return replace(task_cfg, name=name, path=None, eval_path=path or None, db_root=db_root)
 
 
-def _check_settings(path: Path, expected: dict) -> None:
-    from dphrl.data import write_json
-
-    if not path.exists():
-        write_json(path, expected)
-        return
-    found = json.loads(path.read_text())
-    diff = [
-        f"{k}: folder has {found.get(k)!r}, config has {v!r}"
-        for k, v in expected.items()
-        if found.get(k) != v
-    ]
-    if diff:
-        raise ConfigError(
-            f"{path.parent} holds an eval made with other settings ({'; '.join(diff)}); "
-            "use another run folder (hydra.run.dir=...) or delete this one"
-        )
-
-
 def _complete(path: Path, n: int, greedy: bool) -> list[dict]:
     """The sample rows of prompts whose samples are all present (a killed run's torn or
     partial chunk is dropped and redone)."""
@@ -198,7 +176,7 @@ def run(cfg: Any, run_dir: Path) -> dict:
     """Evaluate every model on every dataset; write samples, passk.json/.md/.png; return the json."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from dphrl.data import read_jsonl, write_json, write_jsonl
+    from dphrl.data import check_settings, read_jsonl, write_json, write_jsonl
     from dphrl.engine import resolve_engine_name
     from dphrl.models import load_tokenizer, resolve_model_path
     from dphrl.passk_report import plot_curves, write_markdown
@@ -209,7 +187,12 @@ def run(cfg: Any, run_dir: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     engine_name = resolve_engine_name(cfg.engine.name)
     info = settings(cfg, engine_name)
-    _check_settings(out / "passk_settings.json", info)
+    check_settings(
+        out / "passk_settings.json",
+        info,
+        "an eval",
+        "use another run folder (hydra.run.dir=...) or delete this one",
+    )
     samples_path = out / "samples.jsonl"
     done = _complete(samples_path, cfg.eval.n, cfg.eval.greedy)
     write_jsonl(samples_path, done)  # drop a torn or partial tail before appending again

@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from dphrl.data import atomic_path, read_jsonl, write_json
+from dphrl.data import atomic_path, check_settings, read_jsonl, write_json
 from dphrl.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,6 @@ def run(cfg: Any, run_dir: Path) -> dict:
     from dphrl.engine import Sampling, engine_from_config
     from dphrl.models import load_policy, load_tokenizer, resolve_model_path, weights_hash
     from dphrl.rollout import render_rows, sample_and_score
-    from dphrl.split import check_identity
     from dphrl.tasks import get_task
 
     pef_path = Path(cfg.split.out) / "pef.jsonl"
@@ -66,7 +65,12 @@ def run(cfg: Any, run_dir: Path) -> dict:
     pef = read_jsonl(pef_path)
     out = Path(cfg.ref.out)
     out.mkdir(parents=True, exist_ok=True)
-    check_identity(out / "ref_state.json", identity(cfg), "ref store")
+    check_settings(
+        out / "ref_state.json",
+        identity(cfg),
+        "a ref store",
+        "use another ref.out or delete this one",
+    )
     model_path = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
     tokenizer = load_tokenizer(model_path)
     if not pef:

@@ -19,15 +19,14 @@ with a different identity on the same folder is an error, never a silent mix.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from dphrl.data import read_jsonl, write_json, write_jsonl
-from dphrl.errors import ConfigError, DataError
+from dphrl.data import check_settings, read_jsonl, write_json, write_jsonl
+from dphrl.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -46,23 +45,6 @@ def identity(cfg: Any) -> dict:
         "seed": cfg.seed,
         "chunk_size": cfg.split.chunk_size,
     }
-
-
-def check_identity(path: Path, expected: dict, what: str) -> None:
-    """Refuse to continue a folder made with other settings; record them in a new one."""
-    if path.exists():
-        found = json.loads(path.read_text())
-        diff = {k: (found.get(k), v) for k, v in expected.items() if found.get(k) != v}
-        if diff:
-            detail = "; ".join(
-                f"{k}: folder has {a!r}, config has {b!r}" for k, (a, b) in diff.items()
-            )
-            raise ConfigError(
-                f"{path.parent} holds a {what} made with other settings ({detail}). "
-                f"Use another {what} folder or delete this one."
-            )
-    else:
-        write_json(path, expected)
 
 
 def pass_rates(samples: list[dict]) -> dict[Any, tuple[int, int]]:
@@ -94,7 +76,12 @@ def run(cfg: Any, run_dir: Path) -> dict:
 
     out = Path(cfg.split.out)
     out.mkdir(parents=True, exist_ok=True)
-    check_identity(out / "split_state.json", identity(cfg), "split")
+    check_settings(
+        out / "split_state.json",
+        identity(cfg),
+        "a split",
+        "use another split.out or delete this one",
+    )
     task = get_task(cfg.task.name)
     rows = task.load(cfg.task, "train")
     if not rows:
