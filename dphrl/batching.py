@@ -68,3 +68,108 @@ def repad(values: list[list[float]], mask: torch.Tensor) -> torch.Tensor:
         if row:
             out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
     return out
+
+
+@dataclass
+class SharedPrefix:
+    """Responses to one prompt packed into one row after a single copy of that prompt.
+
+    Row layout: `[prompt, response_1, response_2, ...]`, right-padded to the longest row. Each
+    response sees the prompt and its own earlier tokens, never another response, and its
+    positions continue from the prompt's (`p, p+1, ...`), so every response token is computed
+    as in its own padded row while the prompt runs once per row instead of once per response
+    and no padding is computed between responses. The forward is `# (R, S)` with R rows of S
+    tokens instead of `# (N, P + T)`.
+
+    input_ids, position_ids: `# (R, S)`; segment: `# (R, S)` 0 on the prompt, k >= 1 on the
+    k-th response of the row, -1 on padding. For each scored token (K of them, in `Packed`
+    order): `source` `# (K,)` is the flat index into `# (R * S)` of the position that predicts
+    it (the token before it, the prompt's last token for a response's first), `target` `# (K,)`
+    its id, and `slot` `# (K,)` its flat index into the Packed `# (N * T)` response slots.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    segment: torch.Tensor
+    source: torch.Tensor
+    target: torch.Tensor
+    slot: torch.Tensor
+
+    def attention_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """The additive mask `# (R, 1, S, S)`: 0 where query q may see key k, the dtype's
+        minimum elsewhere. q sees k when k <= q and k is on the prompt or in q's own segment;
+        padding sees only itself (so no softmax row is empty)."""
+        seg = self.segment
+        S = seg.shape[1]
+        causal = torch.ones(S, S, dtype=torch.bool, device=seg.device).tril()  # (S, S)
+        same = seg[:, :, None] == seg[:, None, :]  # (R, S, S)
+        prompt_key = (seg == 0)[:, None, :]  # (R, 1, S)
+        real_key = (seg >= 0)[:, None, :]
+        allowed = causal & real_key & (prompt_key | same)
+        allowed |= torch.eye(S, dtype=torch.bool, device=seg.device)
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
+        return bias.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def share_prefixes(batch: Packed, max_tokens: int) -> SharedPrefix:
+    """Re-lay a Packed batch so that responses to the same prompt share one copy of it.
+
+    Rows with equal prompts (anywhere in the batch) go to the same packed rows, in batch order;
+    a packed row takes responses while it holds at most `max_tokens` tokens (always at least
+    one, so one long response gets a row of its own). Every real response token is placed and
+    scored, also where `response_mask` is 0 (the caller multiplies by the mask, as for the
+    padded layout); empty responses take no place, and a batch of them gives zero rows.
+    """
+    n, width = batch.input_ids.shape
+    T = batch.response_mask.shape[1]
+    P = width - T
+    ids, attn = batch.input_ids.tolist(), batch.attention_mask.tolist()
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i in range(n):
+        prompt = tuple(t for t, a in zip(ids[i][:P], attn[i][:P]) if a)
+        if not prompt:
+            raise ValueError(f"row {i} has an empty prompt: nothing predicts its first token")
+        members = groups.setdefault(prompt, [])
+        if any(attn[i][P:]):  # an empty response has nothing to score
+            members.append(i)
+    rows: list[tuple[tuple[int, ...], list[int]]] = []
+    for prompt, members in groups.items():
+        if not members:
+            continue
+        current: list[int] = []
+        used = len(prompt)
+        for i in members:
+            length = sum(attn[i][P:])
+            if current and used + length > max_tokens:
+                rows.append((prompt, current))
+                current, used = [], len(prompt)
+            current.append(i)
+            used += length
+        rows.append((prompt, current))
+    lengths = [len(p) + sum(sum(attn[i][P:]) for i in members) for p, members in rows]
+    S = max(lengths, default=1)
+    input_ids = torch.zeros((len(rows), S), dtype=torch.long)
+    position_ids = torch.zeros((len(rows), S), dtype=torch.long)
+    segment = torch.full((len(rows), S), -1, dtype=torch.long)
+    source, target, slot = [], [], []
+    for r, (prompt, members) in enumerate(rows):
+        p = len(prompt)
+        input_ids[r, :p] = torch.tensor(prompt)
+        position_ids[r, :p] = torch.arange(p)
+        segment[r, :p] = 0
+        at = p
+        for k, i in enumerate(members, start=1):
+            length = sum(attn[i][P:])
+            input_ids[r, at : at + length] = torch.tensor(ids[i][P : P + length], dtype=torch.long)
+            position_ids[r, at : at + length] = torch.arange(p, p + length)
+            segment[r, at : at + length] = k
+            for t in range(length):
+                source.append(r * S + (p - 1 if t == 0 else at + t - 1))
+                slot.append(i * T + t)
+            target.extend(ids[i][P : P + length])
+            at += length
+    device = batch.input_ids.device
+    tensors = [input_ids, position_ids, segment] + [
+        torch.tensor(xs, dtype=torch.long) for xs in (source, target, slot)
+    ]
+    return SharedPrefix(*(t.to(device) for t in tensors))

@@ -59,6 +59,9 @@ class ModelConfig:
     max_prompt_len: int = 512  # longer prompts are dropped (counted), never truncated
     max_new_tokens: int = 128
     gradient_checkpointing: bool = False
+    # Log-prob forwards (train, precompute-ref) put a prompt's responses in rows after one copy
+    # of it, at most this many tokens a row (dphrl.batching.share_prefixes); 0 = padded rows.
+    pack_tokens: int = 4096
 
 
 @dataclass
@@ -268,6 +271,7 @@ def validate(cfg: Any) -> None:
     _one_of("model.dtype", m.dtype, DTYPES)
     _at_least("model.max_prompt_len", m.max_prompt_len, 1)
     _at_least("model.max_new_tokens", m.max_new_tokens, 1)
+    _at_least("model.pack_tokens", m.pack_tokens, 0)
 
     _one_of("engine.name", e.name, ENGINE_NAMES)
     _in_range("engine.gpu_memory_utilization", e.gpu_memory_utilization, 0.01, 1.0)

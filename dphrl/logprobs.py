@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from dphrl.batching import Packed, share_prefixes
+
 
 def _forward_stats(z: Tensor, ids: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Log-prob of ids, logsumexp and entropy (or an empty tensor) from scaled logits z `# (n, V)`.
@@ -249,3 +251,77 @@ def response_logprobs(
         )
     mask = response_mask.to(logp.dtype)
     return logp * mask, None if entropy is None else entropy * mask
+
+
+def batch_logprobs(
+    model: torch.nn.Module,
+    batch: Packed,
+    *,
+    pack_tokens: int = 0,
+    temperature: float = 1.0,
+    chunk: int = 1024,
+    with_entropy: bool = False,
+    from_hidden: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """`response_logprobs` of a Packed batch, with responses to one prompt sharing its forward.
+
+    With `pack_tokens > 0` the batch is re-laid by `dphrl.batching.share_prefixes` (rows of at
+    most that many tokens: one prompt, then its responses, each masked from the others), so the
+    forward runs over the real tokens once each: a group of G responses of mean length t to a
+    prompt of p tokens costs p + G t token-forwards instead of G (p + T_max). The values are
+    those of the padded layout up to float rounding (same positions, same visible tokens), and
+    so are the gradients. `pack_tokens=0` is the padded layout. Returns `# (N, T)` like
+    `response_logprobs`, 0 where `batch.response_mask` is 0.
+    """
+    T = batch.response_mask.shape[1]
+    if pack_tokens <= 0 or not batch.attention_mask[:, -T:].any():
+        return response_logprobs(
+            model,
+            batch.input_ids,
+            batch.attention_mask,
+            batch.response_mask,
+            temperature=temperature,
+            chunk=chunk,
+            with_entropy=with_entropy,
+            from_hidden=from_hidden,
+        )
+    attn_impl = getattr(model.config, "_attn_implementation", None) or ""
+    if "flash" in attn_impl:
+        raise ValueError(
+            f"model.pack_tokens={pack_tokens} needs an attention that takes a 4D mask "
+            f"(sdpa or eager), not {attn_impl}; set model.pack_tokens=0"
+        )
+    sp = share_prefixes(batch, pack_tokens)
+    dtype = next(model.parameters()).dtype
+    kwargs = dict(
+        attention_mask=sp.attention_bias(dtype), position_ids=sp.position_ids, use_cache=False
+    )
+    R, S = sp.input_ids.shape
+    if from_hidden:
+        hidden = model.base_model(input_ids=sp.input_ids, **kwargs).last_hidden_state  # (R, S, H)
+        head = model.get_output_embeddings()
+        logp, entropy = hidden_logprobs(
+            hidden.reshape(R * S, -1)[sp.source],  # (K, H)
+            head.weight,
+            sp.target,
+            bias=head.bias,
+            temperature=temperature,
+            softcap=getattr(model.config, "final_logit_softcapping", None),
+            chunk=chunk,
+            with_entropy=with_entropy,
+        )
+    else:  # the whole model's forward (FSDP2's root unshards the lm_head), logits where needed
+        keep = torch.unique(sp.source % S)  # (K',) sorted positions that predict some token
+        logits = model(input_ids=sp.input_ids, logits_to_keep=keep, **kwargs).logits  # (R, K', V)
+        column = torch.searchsorted(keep, sp.source % S)
+        picked = logits.reshape(R * len(keep), -1)[(sp.source // S) * len(keep) + column]
+        logp, entropy = token_logprobs(
+            picked, sp.target, temperature=temperature, chunk=chunk, with_entropy=with_entropy
+        )
+    mask = batch.response_mask
+    out = logp.new_zeros(mask.numel()).index_put((sp.slot,), logp).view(mask.shape)  # (N, T)
+    ent = None
+    if entropy is not None:
+        ent = entropy.new_zeros(mask.numel()).index_put((sp.slot,), entropy).view(mask.shape)
+        ent = ent * mask.to(ent.dtype)
+    return out * mask.to(out.dtype), ent

@@ -3,9 +3,9 @@
 For each D_pef prompt, `ref.samples_per_prompt` responses are sampled from the initial policy,
 verified, and kept when correct (`ref.keep=correct`, the paper's choice) or always
 (`ref.keep=all`). Their `ref_logprobs` are computed by the *training* forward pass
-(`dphrl.logprobs.response_logprobs` over `dphrl.batching.pack`, in the training dtype), not
-taken from the sampler, so log r = log pi_theta - log pi_ref is exactly 0 before the first
-update.
+(`dphrl.logprobs.batch_logprobs` over `dphrl.batching.pack`, in the training dtype and
+layout), not taken from the sampler, so log r = log pi_theta - log pi_ref is 0 before the first
+update up to float rounding (batches are composed differently here and in training).
 
 The store: `shard_00000.parquet`, ... (columns id, prompt_ids, response_ids, ref_logprobs
 float32, reward, response_text) plus `manifest.json` (model path and a hash of its weights,
@@ -113,7 +113,7 @@ def run(cfg: Any, run_dir: Path) -> dict:
             for s in group
             if cfg.ref.keep == "all" or s.verdict.reward >= 1.0
         ]
-        _add_ref_logprobs(policy, records, tokenizer.pad_token_id, device)
+        _add_ref_logprobs(policy, records, tokenizer.pad_token_id, device, cfg.model.pack_tokens)
         _write_shard(shard, records)
         log.info("precompute-ref: shard %s: %d responses kept", shard.name, len(records))
     for shard in sorted(out.glob("shard_*.parquet")):
@@ -135,13 +135,13 @@ def run(cfg: Any, run_dir: Path) -> dict:
 
 
 def _add_ref_logprobs(
-    policy: Any, records: list[dict], pad_id: int, device: str, batch: int = 8
+    policy: Any, records: list[dict], pad_id: int, device: str, pack_tokens: int, batch: int = 8
 ) -> None:
     """ref_logprobs by the training forward pass; every value must be finite."""
     import torch
 
     from dphrl.batching import pack, unpad
-    from dphrl.logprobs import response_logprobs
+    from dphrl.logprobs import batch_logprobs
 
     for i in range(0, len(records), batch):
         part = records[i : i + batch]
@@ -149,9 +149,7 @@ def _add_ref_logprobs(
             [r["prompt_ids"] for r in part], [r["response_ids"] for r in part], pad_id
         ).to(device)
         with torch.no_grad():
-            logp, _ = response_logprobs(
-                policy, packed.input_ids, packed.attention_mask, packed.response_mask
-            )  # (N, T)
+            logp, _ = batch_logprobs(policy, packed, pack_tokens=pack_tokens)  # (N, T)
         for record, values in zip(part, unpad(logp.float().cpu(), packed.response_mask.cpu())):
             if not all(math.isfinite(v) for v in values):
                 raise DataError(

@@ -29,7 +29,7 @@ from dphrl import dist
 from dphrl.batching import Packed, pack, repad
 from dphrl.divergence import POLICY_SAMPLE_TERMS, REVERSE_KL_ESTIMATORS, make_divergence
 from dphrl.engine import Sampling, engine_from_config
-from dphrl.logprobs import response_logprobs
+from dphrl.logprobs import batch_logprobs
 from dphrl.metrics import MetricsLogger, Timer
 from dphrl.rl import aggregate, group_advantages, informative_groups, overlong_filter, ppo_clip_loss
 from dphrl.rollout import Scored, render_rows, score_outputs
@@ -345,11 +345,10 @@ class Trainer:
         distributions); ref-store responses at 1.0, as precompute-ref stored them.
         """
         with torch.set_grad_enabled(grad):
-            logp, _ = response_logprobs(
+            logp, _ = batch_logprobs(
                 model,
-                batch.input_ids,
-                batch.attention_mask,
-                batch.response_mask,
+                batch,
+                pack_tokens=self.cfg.model.pack_tokens,
                 temperature=temperature,
                 from_hidden=not self.layout.fsdp,
             )

@@ -155,3 +155,59 @@ def test_no_tokens_gives_empty_log_probs():
     assert logp.shape == (0,) and entropy.shape == (0,)
     with pytest.raises(ValueError, match="chunk"):
         token_logprobs(torch.zeros(1, V), torch.zeros(1, dtype=torch.long), chunk=0)
+
+
+def _grouped_batch():
+    """Six rollouts of two prompts (interleaved, as a ref batch may be), mixed lengths: one
+    response empty, one masked out as an overlong filter would, pad id 0."""
+    from dphrl.batching import pack
+
+    a, b = [5, 6, 7], [21, 22, 23, 24]
+    prompts = [a, b, a, a, b, b]
+    responses = [[11, 12, 13], [31, 32, 33, 34, 35], [14], [15, 16, 17, 18, 19, 20], [], [36, 37]]
+    batch = pack(prompts, responses, pad_id=0)
+    batch.response_mask[3] = 0  # scored by the forward, then masked, as in the padded layout
+    return batch
+
+
+@pytest.mark.parametrize("pack_tokens", [4, 9, 1000])
+@pytest.mark.parametrize("from_hidden", [True, False])
+def test_shared_prefix_layout_matches_padded_rows(tiny_llama, pack_tokens, from_hidden):
+    """Prompt once per packed row, responses masked from each other: the same log-probs,
+    entropies and gradients as one padded row per response. pack_tokens=4 gives every response
+    a row of its own, 9 splits each group over rows, 1000 packs each group in one row."""
+    from dphrl.batching import share_prefixes
+    from dphrl.logprobs import batch_logprobs
+
+    batch = _grouped_batch()
+    kw = dict(temperature=0.8, chunk=4, with_entropy=True, from_hidden=from_hidden)
+    padded, ent_padded = batch_logprobs(tiny_llama, batch, pack_tokens=0, **kw)
+    shared, ent_shared = batch_logprobs(tiny_llama, batch, pack_tokens=pack_tokens, **kw)
+    rows = share_prefixes(batch, pack_tokens).input_ids.shape[0]
+    assert rows == {4: 5, 9: 4, 1000: 2}[pack_tokens]  # the empty response takes no row
+    assert shared.shape == padded.shape == (6, 6)
+    torch.testing.assert_close(shared, padded, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent_shared, ent_padded, atol=1e-5, rtol=1e-5)
+    assert (shared[3] == 0).all() and (shared[4] == 0).all() and (shared[0, :3] < 0).all()
+    params = [p for p in tiny_llama.parameters() if p.requires_grad]
+    weights = torch.randn(padded.shape)  # a loss that weighs every token differently
+    g_padded = torch.autograd.grad((padded * weights).sum(), params, allow_unused=True)
+    g_shared = torch.autograd.grad((shared * weights).sum(), params, allow_unused=True)
+    for x, y in zip(g_shared, g_padded, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prefix_rows_hold_each_prompt_once():
+    """A group's responses follow one copy of its prompt, positions continue from it, and the
+    mask keeps responses apart."""
+    from dphrl.batching import share_prefixes
+
+    sp = share_prefixes(_grouped_batch(), 1000)
+    assert sp.input_ids[0, :13].tolist() == [5, 6, 7, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+    assert sp.position_ids[0, :13].tolist() == [0, 1, 2, 3, 4, 5, 3, 3, 4, 5, 6, 7, 8]
+    bias = sp.attention_bias(torch.float32)[0, 0]  # (S, S)
+    visible = (bias == 0).nonzero().tolist()
+    assert [6, 2] in visible and [6, 6] in visible  # response 2 sees the prompt and itself
+    assert [6, 5] not in visible and [7, 6] not in visible  # but not response 1, nor 2 from 3
+    assert sp.source[:3].tolist() == [2, 3, 4]  # the prompt's last token predicts token 1
+    assert sp.source[3].item() == 2 and sp.slot[3].item() == 2 * 6  # row 2's only token
