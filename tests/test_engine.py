@@ -31,22 +31,31 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 def test_sampler_rows_depend_only_on_their_seed():
     torch.manual_seed(0)
     scores = torch.randn(1, 50).repeat(3, 1)  # (B, V): one distribution, three rows
-    draws = []
-    for seeds in ([7, 8, 9], [9, 7, 8]):
-        sampler = _SeededSampler(seeds, 1.0, 1.0, "cpu")
-        tokens = [sampler(None, scores).argmax(dim=-1).tolist() for _ in range(20)]
-        draws.append({s: [t[row] for t in tokens] for row, s in enumerate(seeds)})
-    assert draws[0] == draws[1]
+    sampler = _SeededSampler([7, 8, 9], 1.0, 1.0, "cpu")
+    rows = [sampler.draw(scores, torch.arange(3))[0].tolist() for _ in range(20)]
+    alone = _SeededSampler([7, 8, 9], 1.0, 1.0, "cpu")  # row 1 drawn by itself: the same stream
+    row1 = [alone.draw(scores[:1], torch.tensor([1]))[0].item() for _ in range(20)]
+    assert row1 == [r[1] for r in rows]
+    assert len({tuple(r[k] for r in rows) for k in range(3)}) == 3  # seeds give other streams
 
 
-def test_sampler_forces_the_drawn_token_and_records_its_processed_logprob():
+def test_sampler_draws_in_proportion_and_never_a_masked_token():
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.1, 0.0]]))  # the last token is impossible
+    sampler = _SeededSampler([0], 1.0, 1.0, "cpu")
+    draws = torch.cat([sampler.draw(logits, torch.tensor([0]))[0] for _ in range(3000)])
+    freq = torch.bincount(draws, minlength=4).float() / len(draws)
+    torch.testing.assert_close(freq, torch.tensor([0.6, 0.3, 0.1, 0.0]), atol=0.03, rtol=0)
+    top = _SeededSampler([0], 1.0, 0.5, "cpu")  # top_p 0.5 keeps the first token only
+    assert {top.draw(logits, torch.tensor([0]))[0].item() for _ in range(50)} == {0}
+
+
+def test_sampler_logprob_is_of_the_processed_distribution():
     scores = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
-    sampler = _SeededSampler([0], 0.5, 1.0, "cpu")
-    forced = sampler(None, scores)
-    token = int(forced.argmax())
-    assert forced.isfinite().sum() == 1
-    expected = torch.log_softmax(scores / 0.5, dim=-1)[0, token]
-    assert sampler.logprobs[0].item() == pytest.approx(expected.item())
+    token, logp = _SeededSampler([0], 0.5, 1.0, "cpu").draw(scores, torch.tensor([0]))
+    expected = torch.log_softmax(scores / 0.5, dim=-1)[0, token.item()]
+    assert logp.item() == pytest.approx(expected.item())
+    token, logp = _SeededSampler([0], 0.0, 1.0, "cpu").draw(scores, torch.tensor([0]))
+    assert token.item() == 0 and logp.item() == pytest.approx(scores.log_softmax(-1)[0, 0].item())
 
 
 @pytest.fixture(scope="module", params=["vllm", "hf"])

@@ -1,13 +1,15 @@
-"""The hf engine: transformers `generate`, batched with left padding; the fallback to vLLM.
+"""The hf engine: a transformers model behind its own decode loop; the fallback to vLLM.
 
-Sampling happens in a logits processor (`_SeededSampler`) rather than in `generate`'s own
-sampler, for two reasons: each sequence draws from its own `torch.Generator`, seeded
-`sampling.seed + i * n + j` for sample j of prompt i as in the vllm engine, so a sequence's
-tokens do not depend on which others share its batch; and the processor sees the processed
-distribution (after temperature and top_p), whose log-prob of the drawn token is what
-`Completion.logprobs` must hold. `generate` then runs greedy over a distribution the
-processor has collapsed onto the drawn token. At temperature 0 the log-probs are the model's
-own (temperature 1) ones, as vLLM reports them.
+The loop does what `generate` does for one sampled sequence, with two savings that matter when a
+group of n samples shares a prompt (GRPO's case): each distinct prompt is prefilled once and
+its KV cache copied to its n rows, and a row that has finished (EOS or length) leaves the batch
+and the cache at once, instead of being computed, padded, until the longest row ends.
+
+Each sequence draws from its own `torch.Generator`, seeded `sampling.seed + i * n + j` for
+sample j of prompt i as in the vllm engine, so its tokens do not depend on which others share
+its batch (`_SeededSampler`); the log-prob recorded for a drawn token is under the processed
+distribution (after temperature and top_p), as `Completion.logprobs` must hold. At temperature
+0 the log-probs are the model's own (temperature 1) ones, as vLLM reports them.
 """
 
 from __future__ import annotations
@@ -103,34 +105,64 @@ class HFEngine:
     def _generate_batch(
         self, prompts: list[list[int]], seeds: list[int], sampling: Sampling
     ) -> list[Completion]:
+        """Sample one sequence per row; rows with equal prompts share one prefill."""
         import torch
-        from transformers import GenerationConfig, LogitsProcessorList
+        from transformers import DynamicCache
 
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)  # (B, T)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, ids in enumerate(prompts):
+        distinct = list(dict.fromkeys(tuple(p) for p in prompts))
+        which = {p: k for k, p in enumerate(distinct)}
+        width = max(len(p) for p in distinct)
+        input_ids = torch.full((len(distinct), width), self.pad_id, dtype=torch.long)  # (U, W)
+        attention = torch.zeros_like(input_ids)
+        for row, ids in enumerate(distinct):
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[row, width - len(ids) :] = 1
+            attention[row, width - len(ids) :] = 1
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
         sampler = _SeededSampler(seeds, sampling.temperature, sampling.top_p, self.device)
-        config = GenerationConfig(
-            do_sample=False,
-            max_new_tokens=sampling.max_new_tokens,
-            eos_token_id=sorted(self.eos_ids),
-            pad_token_id=self.pad_id,
-        )
+        tokens: list[list[int]] = [[] for _ in prompts]
+        logprobs: list[list[float]] = [[] for _ in prompts]
+        active = torch.arange(len(prompts))  # rows still generating, as indices into prompts
+        next_pos = torch.tensor([len(p) for p in prompts])  # (B,)
+        cache = DynamicCache(config=self.model.config)
         with torch.inference_mode():
-            out = self.model.generate(
+            out = self.model(
                 input_ids=input_ids.to(self.device),
-                attention_mask=attention_mask.to(self.device),
-                generation_config=config,
-                logits_processor=LogitsProcessorList([sampler]),
+                attention_mask=attention.to(self.device),
+                position_ids=positions.to(self.device),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
             )
-        new_tokens = out[:, width:].tolist()  # (B, <= max_new_tokens)
-        logprobs = torch.stack(sampler.logprobs, dim=1).tolist()  # (B, steps)
-        return [
-            self._completion(tokens, lps) for tokens, lps in zip(new_tokens, logprobs, strict=True)
-        ]
+            expand = torch.tensor([which[tuple(p)] for p in prompts], device=self.device)
+            cache.batch_select_indices(expand)  # (U, ...) -> (B, ...): a copy per sample
+            scores = out.logits[:, -1][expand]  # (B, V)
+            attention = attention[expand.cpu()]  # (B, W)
+            for step in range(sampling.max_new_tokens):
+                drawn, lps = sampler.draw(scores, active)  # (b,), (b,)
+                keep = []
+                for k, (row, tok, lp) in enumerate(
+                    zip(active.tolist(), drawn.tolist(), lps.tolist(), strict=True)
+                ):
+                    tokens[row].append(tok)
+                    logprobs[row].append(lp)
+                    if tok not in self.eos_ids and step + 1 < sampling.max_new_tokens:
+                        keep.append(k)
+                if not keep:
+                    break
+                if len(keep) < len(active):
+                    index = torch.tensor(keep)
+                    cache.batch_select_indices(index.to(self.device))
+                    active, drawn, attention = active[index], drawn[index], attention[index]
+                attention = torch.cat([attention, torch.ones(len(active), 1, dtype=torch.long)], 1)
+                out = self.model(
+                    input_ids=drawn[:, None].to(self.device),
+                    attention_mask=attention.to(self.device),
+                    position_ids=(next_pos[active] + step)[:, None].to(self.device),
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                scores = out.logits[:, -1]
+        return [self._completion(t, lp) for t, lp in zip(tokens, logprobs, strict=True)]
 
     def _completion(self, tokens: list[int], logprobs: list[float]) -> Completion:
         """Cut a padded row after its first EOS (kept, as vLLM keeps it) and decode the text."""
@@ -173,11 +205,11 @@ class HFEngine:
 
 
 class _SeededSampler:
-    """A logits processor that draws each row's next token from the row's own generator.
+    """Draws each row's next token from the row's own generator, after temperature and top_p.
 
-    It applies temperature and top_p, records the log-prob of the drawn token under that
-    processed distribution, and returns scores that are 0 at the drawn token and -inf
-    elsewhere, so that `generate`'s greedy step picks exactly the drawn token.
+    One uniform number per row from its generator, then inverse-CDF sampling over the row's
+    processed distribution for all rows at once: row r's draw depends only on its seed and
+    its distribution, never on the other rows.
     """
 
     def __init__(self, seeds: list[int], temperature: float, top_p: float, device: Any) -> None:
@@ -186,26 +218,27 @@ class _SeededSampler:
         self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         self.temperature = temperature
         self.top_p = top_p
-        self.logprobs: list[Any] = []  # per step, (B,)
 
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
+    def draw(self, scores: Any, rows: Any) -> tuple[Any, Any]:
+        """Tokens `# (b,)` for logits `# (b, V)` of these rows (indices into the seeds) and
+        their log-probs under the processed distribution, both on the CPU."""
         import torch
 
-        scores = scores.float()  # (B, V)
+        scores = scores.float()  # (b, V)
         if self.temperature == 0:
             logp = torch.log_softmax(scores, dim=-1)
             tokens = logp.argmax(dim=-1)
         else:
             logp = torch.log_softmax(_top_p(scores / self.temperature, self.top_p), dim=-1)
-            probs = logp.exp()
-            tokens = torch.stack(
-                [
-                    torch.multinomial(probs[r], 1, generator=g)[0]
-                    for r, g in enumerate(self.generators)
-                ]
+            cdf = logp.exp().cumsum_(dim=-1)  # (b, V)
+            u = torch.stack(
+                [torch.rand((), generator=self.generators[r], device=cdf.device) for r in rows]
             )
-        self.logprobs.append(logp.gather(1, tokens[:, None])[:, 0].cpu())
-        return logp.fill_(float("-inf")).scatter_(1, tokens[:, None], 0.0)  # reuses logp's memory
+            # The first token whose cdf exceeds u * total: never one of probability 0.
+            at = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)
+            tokens = at[:, 0].clamp_(max=cdf.shape[-1] - 1)
+        picked = logp.gather(1, tokens[:, None])[:, 0]
+        return tokens.cpu(), picked.cpu()
 
 
 def _top_p(logits: Any, top_p: float) -> Any:
