@@ -111,11 +111,13 @@ class Trainer:
             else None
         )
         tr = cfg.trainer
+        # fused: one kernel over all parameters (CPU and CUDA), a third of foreach's time here
         self.optimizer = torch.optim.AdamW(
             self.policy.parameters(),
             lr=tr.lr,
             betas=tuple(tr.adam_betas),
             weight_decay=tr.weight_decay,
+            fused=layout.device.split(":")[0] in ("cpu", "cuda"),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(tr.warmup_steps, tr.schedule, tr.max_steps)

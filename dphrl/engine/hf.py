@@ -207,9 +207,12 @@ class HFEngine:
 class _SeededSampler:
     """Draws each row's next token from the row's own generator, after temperature and top_p.
 
-    One uniform number per row from its generator, then inverse-CDF sampling over the row's
-    processed distribution for all rows at once: row r's draw depends only on its seed and
-    its distribution, never on the other rows.
+    Exponential race (what `torch.multinomial` does for one draw): token = argmax_v p_v / e_v
+    with e_v ~ Exp(1) drawn from the row's generator, which picks v with probability p_v. The
+    noise is per row, the argmax is over all rows at once; row r's draw depends only on its
+    seed and its distribution, and a perturbation of the probabilities by float rounding (other
+    batch neighbours, other ranks) flips a draw only where two ratios tie to that precision,
+    unlike an inverse-CDF draw, whose cumulative sum over the vocabulary moves every boundary.
     """
 
     def __init__(self, seeds: list[int], temperature: float, top_p: float, device: Any) -> None:
@@ -230,13 +233,11 @@ class _SeededSampler:
             tokens = logp.argmax(dim=-1)
         else:
             logp = torch.log_softmax(_top_p(scores / self.temperature, self.top_p), dim=-1)
-            cdf = logp.exp().cumsum_(dim=-1)  # (b, V)
-            u = torch.stack(
-                [torch.rand((), generator=self.generators[r], device=cdf.device) for r in rows]
-            )
-            # The first token whose cdf exceeds u * total: never one of probability 0.
-            at = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)
-            tokens = at[:, 0].clamp_(max=cdf.shape[-1] - 1)
+            noise = torch.empty_like(logp)  # (b, V): -log U ~ Exp(1), U from the row's stream
+            for k, r in enumerate(rows.tolist()):
+                noise[k].uniform_(generator=self.generators[r])
+            noise.log_().neg_().clamp_(min=torch.finfo(noise.dtype).tiny)
+            tokens = (logp.exp() / noise).argmax(dim=-1)  # p = 0 never wins
         picked = logp.gather(1, tokens[:, None])[:, 0]
         return tokens.cpu(), picked.cpu()
 
