@@ -5,9 +5,11 @@ Both sides, each in a fresh subprocess (alternating, `repeats` rounds):
 - model: the embedded SmolLM2-135M-Instruct, float32, on CPU, the same number of torch threads;
 - prompts: the same `prompts` arith training rows every step (chat-templated by each side with
   the model's chat template and the generation prompt);
-- rollout: transformers `generate` (dphrl's `engine=hf`; TRL's `use_vllm=False`), all
-  prompts x group in one generate call, temperature 1.0, top_p 1.0, no top-k, at most
-  `max_new` new tokens, stopping at EOS;
+- rollout: the same transformers model class, eager PyTorch, on the CPU: TRL calls `generate`
+  (`use_vllm=False`), dphrl's `engine=hf` runs its own decode loop over the same model class
+  (each prompt prefilled once for its group, finished rows dropped at once); all prompts x
+  group in one batch, temperature 1.0, top_p 1.0, no top-k, at most `max_new` new tokens,
+  stopping at EOS;
 - reward: dphrl's arith verifier (`get_task("arith").verify`, in-process) for both;
 - update: GRPO group advantages (std-normalised), PPO-clip epsilon 0.2, token-mean loss over
   the batch (TRL's `loss_type="dapo"`), one optimizer step over the whole batch (TRL:
@@ -15,11 +17,13 @@ Both sides, each in a fresh subprocess (alternating, `repeats` rounds):
   lr 1e-6 constant, betas (0.9, 0.999), no weight decay, grad clip 1.0;
 - no reference model and no KL term: dphrl `divergence=none`, TRL `beta=0.0`.
 
-What differs by design: dphrl generates with a separate engine copy of the weights and copies
-the new weights into it after the update (`sync`, counted in its step); it computes old
-log-probs with a no-grad forward pass before the update, which TRL skips when generation and
-optimizer step are aligned (its ratio is then exactly 1); dphrl samples each sequence from its
-own seeded generator in a logits processor, TRL uses `generate`'s sampler.
+What differs by design (dphrl's choices, which the ratio measures): dphrl generates with a
+separate engine copy of the weights and copies the new weights into it after the update
+(`sync`, counted in its step); its log-prob forward lays a group's responses after one copy of
+their prompt (`model.pack_tokens`), where TRL forwards one padded row per response; both skip
+the separate old-log-prob forward (one PPO pass). Samplers differ (dphrl: one seeded stream per
+sequence), so generated lengths differ at random: several timed steps, medians, and a
+per-token ratio besides the per-step one.
 
 Time per step is measured after one warm-up step: dphrl around `Trainer.step()` (its own phase
 timer gives the split), TRL from `on_step_begin` to `on_step_end` (generation timed by
@@ -40,7 +44,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FULL = {"prompts": 2, "group": 8, "max_new": 64, "warmup": 1, "steps": 1, "repeats": 1}
+FULL = {"prompts": 2, "group": 8, "max_new": 64, "warmup": 1, "steps": 3, "repeats": 1}
 QUICK = {"prompts": 1, "group": 8, "max_new": 16, "warmup": 1, "steps": 1, "repeats": 1}
 THREADS = 1  # see train_step.py: one thread is faster than two on the shared 2-core machine
 SIDES = ("dphrl", "trl")
@@ -215,7 +219,12 @@ def _subprocess(side: str, sizes: dict, folder: str) -> dict:
     from benchmarks.train_step import env
 
     cmd = [sys.executable, __file__, "--worker", side, json.dumps(sizes), folder]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, check=False)
+    # Time only, so malloc keeps its defaults: train_step's fixed mmap threshold (there so RSS
+    # follows live tensors) page-faults every large allocation, a cost no real run pays.
+    worker_env = {k: v for k, v in env().items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=worker_env, capture_output=True, text=True, check=False
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"trl_step {side} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -240,9 +249,15 @@ def main(quick: bool = False) -> dict[str, float]:
     }
     ours, trl = med["dphrl"], med["trl"]
     ratio = ours["step_s"] / trl["step_s"]
-    per_token = (ours["step_s"] / max(ours["tokens"], 1)) / (trl["step_s"] / max(trl["tokens"], 1))
+
+    def seconds_per_token(side: str) -> float:  # over all timed steps: lengths vary per step
+        steps = [s for r in runs[side] for s in r["steps"]]
+        return sum(s["step_s"] for s in steps) / max(sum(s["tokens"] for s in steps), 1)
+
+    per_token = seconds_per_token("dphrl") / seconds_per_token("trl")
     results = {
         "trl_step_time_ours_over_trl": ratio,
+        "trl_step_time_per_token_ours_over_trl": per_token,
         "trl_step_rollout_time_ours_over_trl": ours["rollout_s"] / trl["rollout_s"],
         "trl_step_train_time_ours_over_trl": (ours["train_s"] + ours["sync_s"]) / trl["train_s"],
     }
@@ -256,9 +271,10 @@ def main(quick: bool = False) -> dict[str, float]:
     body = f"""
 One GRPO step on the embedded SmolLM2-135M-Instruct (float32, CPU, {THREADS} torch thread(s)
 each): the same {sizes["prompts"]} arith prompt(s) x group {sizes["group"]} = {n} rollouts, at most
-{sizes["max_new"]} new tokens, temperature 1.0, top_p 1.0, transformers `generate` on both sides
-(dphrl `engine=hf`, TRL `use_vllm=False`), dphrl's arith verifier as the reward on both, PPO-clip
-0.2, token-mean loss, one AdamW step (lr {LR}, constant, grad clip 1.0) over the whole batch, no
+{sizes["max_new"]} new tokens, temperature 1.0, top_p 1.0, eager transformers models on both sides
+(TRL `use_vllm=False`: `generate`; dphrl `engine=hf`: its decode loop, a prompt prefilled once per
+group, finished rows dropped), dphrl's arith verifier as the reward on both, PPO-clip 0.2,
+token-mean loss, one AdamW step (lr {LR}, constant, grad clip 1.0) over the whole batch, no
 reference model (dphrl `divergence=none`, TRL `beta=0`). Each side in a fresh process,
 {sizes["repeats"]} alternating round(s) of {sizes["warmup"]} warm-up + {sizes["steps"]} timed step(s);
 medians, seconds.{" Quick sizes." if quick else ""}
@@ -268,15 +284,16 @@ medians, seconds.{" Quick sizes." if quick else ""}
 {rows}
 
 **dphrl / TRL time per step: {ratio:.2f}x** (target <= 0.5x: {verdict} it); per generated token
-{per_token:.2f}x; rollout {results["trl_step_rollout_time_ours_over_trl"]:.2f}x; train (dphrl's
+{per_token:.2f}x (all timed steps' seconds over their tokens); rollout {results["trl_step_rollout_time_ours_over_trl"]:.2f}x; train (dphrl's
 train + weight sync vs TRL's step minus generation and reward)
 {results["trl_step_train_time_ours_over_trl"]:.2f}x.
 
 TRL's train column holds everything in its step but generation and reward (its log-prob
-forward, backward, optimizer, logging). dphrl's train holds packing, advantages, the
-old-log-prob forward (TRL skips it when generation and update are aligned), the loss forward
-and backward and the optimizer step. Generation length is random per side (different samplers),
-so the generated-token counts differ; the per-token ratio corrects for that to first order.
+forward over one padded row per response, backward, optimizer, logging). dphrl's train holds
+packing, advantages, the loss forward over shared-prefix rows (a group's prompt once, no
+padding) and backward, and the fused AdamW step. Generation length is random per side
+(different samplers), so the generated-token counts differ; the per-token ratio corrects for
+that to first order.
 """
     # Quick figures go to their own section and keys, so they never replace the full ones.
     suffix = "_quick" if quick else ""

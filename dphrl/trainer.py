@@ -265,11 +265,14 @@ class Trainer:
                     batch, advantages, old_logp, ref_model_logp, part, ref_batch, ref_logp, ref_part
                 )
                 self.optimizer.zero_grad(set_to_none=True)
-                if (
-                    not loss.requires_grad
-                ):  # nothing to learn from: no informative group, no ref batch
+                if loss.requires_grad:
+                    loss.backward()
+                elif n:  # every advantage 0 and no divergence term: the gradient is exactly 0,
+                    # found without a forward; AdamW still steps, as it would on that gradient
+                    for param in self.policy.parameters():
+                        param.grad = torch.zeros_like(param)
+                else:  # no rollouts (all filtered) and no ref batch: nothing to step on
                     continue
-                loss.backward()
                 dist.average_gradients(self.policy, self.layout)
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     self.policy.parameters(), self.cfg.trainer.grad_clip or float("inf")
@@ -295,10 +298,11 @@ class Trainer:
         if batch is not None and len(batch.select(part)):
             mb = batch.select(part)
             mask = mb.response_mask
-            logp = self.logprobs(self.policy, mb, a.temperature, grad=True)
+            old = None if old_logp is None else old_logp[part]
+            logp = self._policy_logprobs(mb, advantages[part], old, ref_model_logp is None)
             pg_tok, clip_frac = ppo_clip_loss(
                 logp,
-                logp.detach() if old_logp is None else old_logp[part],
+                logp.detach() if old is None else old,
                 advantages[part],
                 mask,
                 clip_low=a.clip_low,
@@ -331,6 +335,33 @@ class Trainer:
                 )  # KL(pi_ref || pi_theta) estimate
             stats["div_loss"], stats["kl_ref"] = float(div.detach()), float(kl)
         return loss, stats
+
+    def _policy_logprobs(
+        self, mb: Packed, advantages: torch.Tensor, old: torch.Tensor | None, pg_only: bool
+    ) -> torch.Tensor:
+        """The policy's log-probs `# (n, T)` of a rollout minibatch, forwarded only where they
+        can move the loss.
+
+        A response whose advantage is exactly 0 (a group whose rewards are all equal: the
+        usual case on hard or easy prompts) adds -min(rho 0, clip(rho) 0) = 0 to the PPO-clip
+        loss and nothing to its gradient or clip fraction, whatever rho is. When that loss is
+        all the rollouts carry (`pg_only`: no online reference term), such rows skip the
+        forward; they hold their old log-probs (rho = 1), so the loss, its gradient and every
+        statistic equal the full forward's, at the cost of the informative rows alone.
+        """
+        t = self.algo.temperature
+        live = advantages != 0 if advantages.dim() == 1 else (advantages != 0).any(-1)  # (n,)
+        if not pg_only or bool(live.all()):
+            return self.logprobs(self.policy, mb, t, grad=True)
+        base = torch.zeros_like(mb.response_mask) if old is None else old.detach().clone()
+        if not bool(live.any()):
+            if not (self.layout.fsdp and self.layout.world_size > 1):
+                return base
+            live = live.clone()
+            live[0] = True  # FSDP2 ranks must all forward and backward (their collectives)
+        rows = live.nonzero()[:, 0]
+        computed = self.logprobs(self.policy, mb.select(rows), t, grad=True)  # (k, T)
+        return base.index_put((rows,), computed)
 
     def _denominator(self, mask: torch.Tensor, mode: str) -> float:
         """Tokens (token-mean) or responses (seq-mean-*) over all ranks, divided by the world size."""

@@ -247,3 +247,58 @@ def test_eval_every_reports_pass_at_k_during_training(data_dir, tiny_model_dir, 
 def test_beta_below_zero_is_refused():
     with pytest.raises(ConfigError, match="divergence.beta"):
         compose_config(["divergence.beta=-0.1"])
+
+
+def test_zero_advantage_rows_skip_the_forward_and_the_update_is_unchanged(
+    data_dir, tiny_model_dir, tmp_path
+):
+    """Groups whose rewards are all equal add nothing to PPO-clip: skipping their forward
+    leaves the loss, statistics and AdamW update as a full forward gives them (also over two
+    PPO passes of two minibatches), and a step with no informative group still steps AdamW."""
+    import dataclasses
+
+    import torch
+
+    from dphrl import dist
+
+    cfg = _cfg(
+        tmp_path, tiny_model_dir, "divergence=none", "algo.ppo_epochs=2",
+        "algo.minibatch_size=4", "algo.prompts_per_step=3", data=data_dir,
+    )  # fmt: skip
+    layout = dist.resolve_layout(cfg.layout)
+    prompts, _ = trainer.training_data(cfg, tmp_path, layout, tiny_model_dir)
+    skip, full = (
+        trainer.Trainer(cfg, tmp_path / k, layout, prompts, [], tiny_model_dir) for k in "ab"
+    )
+    full._policy_logprobs = lambda mb, adv, old, pg_only: trainer.Trainer._policy_logprobs(
+        full, mb, adv, old, False
+    )
+    rows = []
+    forward = skip.logprobs
+    skip.logprobs = lambda model, batch, *a, **k: (
+        rows.append(len(batch)) or forward(model, batch, *a, **k)
+    )
+    r = skip.rollout()
+
+    def with_rewards(rewards):
+        scored = [
+            dataclasses.replace(s, verdict=dataclasses.replace(s.verdict, reward=float(x)))
+            for s, x in zip(r.scored, rewards)
+        ]
+        return dataclasses.replace(r, scored=scored)
+
+    # group 1 informative, groups 0 and 2 all equal: rows 4-7 alone carry a gradient
+    for rewards in ([1, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0], [0] * 12):
+        rows.clear()
+        before = [p.detach().clone() for p in skip.policy.parameters()]
+        stats = [t.update(*t.prepare(with_rewards(rewards)), None, None) for t in (skip, full)]
+        for key in ("pg_loss", "clip_frac", "grad_norm"):
+            assert stats[0][key] == pytest.approx(stats[1][key], rel=1e-5, abs=1e-7), key
+        a, b = dict(skip.policy.named_parameters()), dict(full.policy.named_parameters())
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
+        grad_rows = rows[1:]  # rows[0]: prepare's old-log-prob forward over all 12
+        assert rows[0] == 12 and grad_rows == ([4] * 2 if any(rewards) else [])
+        moved = max(float((p.detach() - q).abs().max()) for p, q in zip(a.values(), before))
+        assert moved > 1e-4  # AdamW's momentum moves the weights on a zero gradient too
+    assert stats[0]["grad_norm"] == 0.0
