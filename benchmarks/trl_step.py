@@ -20,8 +20,10 @@ Both sides, each in a fresh subprocess (alternating, `repeats` rounds):
 What differs by design (dphrl's choices, which the ratio measures): dphrl generates with a
 separate engine copy of the weights and copies the new weights into it after the update
 (`sync`, counted in its step); its log-prob forward lays a group's responses after one copy of
-their prompt (`model.pack_tokens`), where TRL forwards one padded row per response; both skip
-the separate old-log-prob forward (one PPO pass). Samplers differ (dphrl: one seeded stream per
+their prompt (`model.pack_tokens`), where TRL forwards one padded row per response; it skips
+the forward of responses whose advantage is exactly 0 (groups with equal rewards, which add
+nothing to the PPO-clip loss or its gradient), where TRL computes them; both skip the separate
+old-log-prob forward (one PPO pass). Samplers differ (dphrl: one seeded stream per
 sequence), so generated lengths differ at random: several timed steps, medians, and a
 per-token ratio besides the per-step one.
 
@@ -291,7 +293,7 @@ train + weight sync vs TRL's step minus generation and reward)
 TRL's train column holds everything in its step but generation and reward (its log-prob
 forward over one padded row per response, backward, optimizer, logging). dphrl's train holds
 packing, advantages, the loss forward over shared-prefix rows (a group's prompt once, no
-padding) and backward, and the fused AdamW step. Generation length is random per side
+padding; only responses with a nonzero advantage) and backward, and the fused AdamW step. Generation length is random per side
 (different samplers), so the generated-token counts differ; the per-token ratio corrects for
 that to first order.
 """
