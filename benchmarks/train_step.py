@@ -52,7 +52,7 @@ FULL = {
     "max_new": 64,
     "ref_batch": 2,
     "warmup": 1,
-    "steps": 1,
+    "steps": 3,
     "repeats": 1,
     "threads": 1,
 }
@@ -281,14 +281,18 @@ reverse_kl / js: **step time {results["train_step_time_rkl_over_js"]:.2f}x**, **
 {results["train_step_train_phase_time_rkl_over_js"]:.2f}x**, **peak RSS {results["train_step_peak_rss_rkl_over_js"]:.2f}x**
 (train-phase peak above the RSS before it: {results["train_step_train_phase_peak_rkl_over_js"]:.2f}x).
 
-Train phase = prepare (old log-probs; reverse_kl also the reference model's log-probs on every
-rollout) + ref batch + update (forward/backward; js also over the ref batch). The rollout is
-the same work for both (same prompts and seeds; after step 1 the weights differ by one lr-1e-6
-step, so token counts may differ slightly). Peak RSS covers the whole process: policy, its
-AdamW state, the engine's copy, and for reverse_kl the reference model. With a 135M model on
-CPU, the rollout dominates the step, so the whole-step ratio is near 1; the train-phase ratio
-is what the missing reference model saves, and it grows with the rollout batch (the reference
-forward scales with rollouts, the ref-store batch with rollouts / 8).
+Train phase = prepare (pack, advantages; reverse_kl also the reference model's log-probs on
+every rollout) + ref batch + update (forward/backward, AdamW; js also over the ref batch). One
+PPO pass, so neither computes separate old log-probs. js's rollouts carry PPO-clip alone, so
+responses with advantage exactly 0 (groups of equal rewards) skip its forward; reverse_kl's KL
+term needs every rollout's log-probs, so it forwards them all: a saving the design makes
+possible, counted here. The rollout is the same work for both (same prompts and seeds; after
+step 1 the weights differ by one lr-1e-6 step, so token counts may differ slightly). Peak RSS
+covers the whole process: policy, its AdamW state, the engine's copy, and for reverse_kl the
+reference model. With a 135M model on CPU the rollout is much of the step, so the whole-step
+ratio stays near 1; the train-phase ratio is what the missing reference model saves, and it
+grows with the rollout batch (the reference forward scales with rollouts, the ref-store batch
+with rollouts / 8).
 """
     # Quick figures go to their own section and keys, so they never replace the full ones.
     suffix = "_quick" if quick else ""

@@ -72,7 +72,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.3
     enforce_eager: bool = True
     tensor_parallel_size: int = 1
-    batch_size: int = 64  # hf engine: sequences per generate call
+    batch_size: int = 64  # hf engine: sequences decoded together
     sleep_mode: bool = False  # release engine memory while training (gpu layouts)
 
 

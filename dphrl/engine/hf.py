@@ -25,10 +25,10 @@ log = logging.getLogger(__name__)
 
 
 class HFEngine:
-    """transformers generate behind the `Engine` interface.
+    """A transformers causal LM and its decode loop behind the `Engine` interface.
 
-    Options: `dtype`, `device` (auto | cpu | cuda), `seed`, `batch_size` (sequences per
-    `generate` call), `max_model_len` (checked: prompt + max_new_tokens must fit), `sleep_mode`
+    Options: `dtype`, `device` (auto | cpu | cuda), `seed`, `batch_size` (sequences decoded
+    together), `max_model_len` (checked: prompt + max_new_tokens must fit), `sleep_mode`
     (on CUDA, `sleep()` moves the weights to CPU memory). `gpu_memory_utilization` and
     `enforce_eager` are vLLM's and ignored here; `tensor_parallel_size` must be 1.
     """
