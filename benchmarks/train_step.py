@@ -289,9 +289,9 @@ term needs every rollout's log-probs, so it forwards them all: a saving the desi
 possible, counted here. The rollout is the same work for both (same prompts and seeds; after
 step 1 the weights differ by one lr-1e-6 step, so token counts may differ slightly). Peak RSS
 covers the whole process: policy, its AdamW state, the engine's copy, and for reverse_kl the
-reference model. With a 135M model on CPU the rollout is much of the step, so the whole-step
-ratio stays near 1; the train-phase ratio is what the missing reference model saves, and it
-grows with the rollout batch (the reference forward scales with rollouts, the ref-store batch
+reference model. With a 135M model on CPU the rollout, the same for both, is much of the
+step and bounds the whole-step ratio; the train-phase ratio is what the missing reference
+model saves, and it grows with the rollout batch (the reference forward scales with rollouts, the ref-store batch
 with rollouts / 8).
 """
     # Quick figures go to their own section and keys, so they never replace the full ones.

@@ -293,9 +293,9 @@ train + weight sync vs TRL's step minus generation and reward)
 TRL's train column holds everything in its step but generation and reward (its log-prob
 forward over one padded row per response, backward, optimizer, logging). dphrl's train holds
 packing, advantages, the loss forward over shared-prefix rows (a group's prompt once, no
-padding; only responses with a nonzero advantage) and backward, and the fused AdamW step. Generation length is random per side
-(different samplers), so the generated-token counts differ; the per-token ratio corrects for
-that to first order.
+padding; only responses with a nonzero advantage) and backward, and the fused AdamW step.
+Generation length is random per side (different samplers), so the generated-token counts
+differ; the per-token ratio corrects for that to first order.
 """
     # Quick figures go to their own section and keys, so they never replace the full ones.
     suffix = "_quick" if quick else ""
