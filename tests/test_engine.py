@@ -155,3 +155,31 @@ def test_engine_from_config_sizes_the_hf_engine(real_model_path):
         assert (eng.name, eng.batch_size, eng.max_model_len) == ("hf", 3, 120)
     finally:
         eng.close()
+
+
+def test_hf_shared_prefill_and_dropped_rows_match_one_sequence_at_a_time(tiny_model_dir, tmp_path):
+    """Prompts of three lengths (left padding), n=4 each: one decode batch, where a prompt is
+    prefilled once for its samples and rows leave as they finish, gives each sequence exactly
+    what decoding it alone gives. EOS gets a large embedding so that it is often drawn and
+    rows end at different steps."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dphrl.engine.hf import HFEngine
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    eos = AutoTokenizer.from_pretrained(tiny_model_dir).eos_token_id
+    with torch.no_grad():  # EOS's row is the padding row (zeros); tied, it is the lm_head's too
+        weight = model.get_input_embeddings().weight
+        weight[eos] = torch.randn(weight.shape[1], generator=torch.Generator().manual_seed(0)) * 2
+    model.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path)
+    prompts = [[1, 17, 29, 301], [1, 5, 6, 7, 8, 9, 10, 11], [1, 2]]
+    sampling = Sampling(temperature=1.0, max_new_tokens=12, seed=3)
+    together = HFEngine(str(tmp_path), batch_size=64).generate(prompts, 4, sampling)
+    alone = HFEngine(str(tmp_path), batch_size=1).generate(prompts, 4, sampling)
+    flat = [c for g in together for c in g]
+    for a, b in zip(flat, (c for g in alone for c in g), strict=True):
+        assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    lengths = {len(c.token_ids) for c in flat if c.finish_reason == "stop"}
+    assert len(lengths) >= 2 and any(c.finish_reason == "length" for c in flat)
