@@ -124,13 +124,14 @@ def share_prefixes(batch: Packed, max_tokens: int) -> SharedPrefix:
     T = batch.response_mask.shape[1]
     P = width - T
     ids, attn = batch.input_ids.tolist(), batch.attention_mask.tolist()
+    length = [sum(row[P:]) for row in attn]  # real response tokens per row
     groups: dict[tuple[int, ...], list[int]] = {}
     for i in range(n):
         prompt = tuple(t for t, a in zip(ids[i][:P], attn[i][:P]) if a)
         if not prompt:
             raise ValueError(f"row {i} has an empty prompt: nothing predicts its first token")
         members = groups.setdefault(prompt, [])
-        if any(attn[i][P:]):  # an empty response has nothing to score
+        if length[i]:  # an empty response has nothing to score
             members.append(i)
     rows: list[tuple[tuple[int, ...], list[int]]] = []
     for prompt, members in groups.items():
@@ -139,15 +140,13 @@ def share_prefixes(batch: Packed, max_tokens: int) -> SharedPrefix:
         current: list[int] = []
         used = len(prompt)
         for i in members:
-            length = sum(attn[i][P:])
-            if current and used + length > max_tokens:
+            if current and used + length[i] > max_tokens:
                 rows.append((prompt, current))
                 current, used = [], len(prompt)
             current.append(i)
-            used += length
+            used += length[i]
         rows.append((prompt, current))
-    lengths = [len(p) + sum(sum(attn[i][P:]) for i in members) for p, members in rows]
-    S = max(lengths, default=1)
+    S = max((len(p) + sum(length[i] for i in members) for p, members in rows), default=1)
     input_ids = torch.zeros((len(rows), S), dtype=torch.long)
     position_ids = torch.zeros((len(rows), S), dtype=torch.long)
     segment = torch.full((len(rows), S), -1, dtype=torch.long)
@@ -159,15 +158,15 @@ def share_prefixes(batch: Packed, max_tokens: int) -> SharedPrefix:
         segment[r, :p] = 0
         at = p
         for k, i in enumerate(members, start=1):
-            length = sum(attn[i][P:])
-            input_ids[r, at : at + length] = torch.tensor(ids[i][P : P + length], dtype=torch.long)
-            position_ids[r, at : at + length] = torch.arange(p, p + length)
-            segment[r, at : at + length] = k
-            for t in range(length):
+            m = length[i]
+            input_ids[r, at : at + m] = torch.tensor(ids[i][P : P + m], dtype=torch.long)
+            position_ids[r, at : at + m] = torch.arange(p, p + m)
+            segment[r, at : at + m] = k
+            for t in range(m):
                 source.append(r * S + (p - 1 if t == 0 else at + t - 1))
                 slot.append(i * T + t)
-            target.extend(ids[i][P : P + length])
-            at += length
+            target.extend(ids[i][P : P + m])
+            at += m
     device = batch.input_ids.device
     tensors = [input_ids, position_ids, segment] + [
         torch.tensor(xs, dtype=torch.long) for xs in (source, target, slot)
