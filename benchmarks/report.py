@@ -65,3 +65,13 @@ def record(results: dict[str, float]) -> None:
     current = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     current.update(results)
     _atomic_write(RESULTS, json.dumps(current, indent=2, sort_keys=True) + "\n")
+
+
+def publish(name: str, title: str, body: str, results: dict[str, float], quick: bool) -> dict:
+    """Write a section and its figures; a quick run's go to `<name>_quick` (section and keys),
+    so they never replace the full ones. Returns the figures as recorded."""
+    suffix = "_quick" if quick else ""
+    results = {k + suffix: v for k, v in results.items()}
+    update_section(name + suffix, title + (" (quick)" if quick else ""), body)
+    record(results)
+    return results

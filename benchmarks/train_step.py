@@ -227,7 +227,7 @@ def _median(runs: list[dict], key: str) -> float:
 def main(quick: bool = False) -> dict[str, float]:
     """Run both variants side by side, write BENCHMARKS.md's section and results.json."""
     sys.path.insert(0, str(ROOT))
-    from benchmarks.report import record, update_section
+    from benchmarks.report import publish
 
     sizes = QUICK if quick else FULL
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
@@ -294,16 +294,9 @@ step and bounds the whole-step ratio; the train-phase ratio is what the missing 
 model saves, and it grows with the rollout batch (the reference forward scales with rollouts, the ref-store batch
 with rollouts / 8).
 """
-    # Quick figures go to their own section and keys, so they never replace the full ones.
-    suffix = "_quick" if quick else ""
-    results = {k + suffix: v for k, v in results.items()}
-    update_section(
-        "train_step" + suffix,
-        "Train step: DPH-JS (ref store) vs GRPO + reverse KL" + (" (quick)" if quick else ""),
-        body,
+    return publish(
+        "train_step", "Train step: DPH-JS (ref store) vs GRPO + reverse KL", body, results, quick
     )
-    record(results)
-    return results
 
 
 if __name__ == "__main__":

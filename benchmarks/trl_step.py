@@ -235,7 +235,7 @@ def _subprocess(side: str, sizes: dict, folder: str) -> dict:
 def main(quick: bool = False) -> dict[str, float]:
     """Both sides alternating; write BENCHMARKS.md's section and results.json."""
     sys.path.insert(0, str(ROOT))
-    from benchmarks.report import record, update_section
+    from benchmarks.report import publish
 
     sizes = QUICK if quick else FULL
     runs: dict[str, list[dict]] = {s: [] for s in SIDES}
@@ -297,16 +297,9 @@ padding; only responses with a nonzero advantage) and backward, and the fused Ad
 Generation length is random per side (different samplers), so the generated-token counts
 differ; the per-token ratio corrects for that to first order.
 """
-    # Quick figures go to their own section and keys, so they never replace the full ones.
-    suffix = "_quick" if quick else ""
-    results = {k + suffix: v for k, v in results.items()}
-    update_section(
-        "trl_step" + suffix,
-        "Full GRPO step: dphrl train vs TRL GRPOTrainer" + (" (quick)" if quick else ""),
-        body,
+    return publish(
+        "trl_step", "Full GRPO step: dphrl train vs TRL GRPOTrainer", body, results, quick
     )
-    record(results)
-    return results
 
 
 if __name__ == "__main__":
