@@ -74,6 +74,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     batch_size: int = 64  # hf engine: sequences decoded together
     sleep_mode: bool = False  # release engine memory while training (gpu layouts)
+    dtype: str | None = None  # None = model.dtype; e.g. bfloat16 rollouts for a float32 trainer
 
 
 @dataclass
@@ -92,7 +93,7 @@ class LayoutConfig:
 class AlgoConfig:
     """The RL part on D_exp: GRPO group advantages with PPO-clip, or DAPO's variants."""
 
-    name: str = "grpo"  # grpo | dapo
+    name: str = "grpo"  # grpo | dapo | gspo
     group_size: int = 8
     prompts_per_step: int = 4
     temperature: float = 1.0
@@ -106,6 +107,19 @@ class AlgoConfig:
     dynamic_sampling: bool = False
     max_refill_rounds: int = 4
     overlong_filter: bool = False
+    # The policy loss and the advantage (dphrl.objectives.POLICY_LOSSES / ADVANTAGES).
+    loss: str = "ppo_clip"  # ppo_clip | gspo | clip_cov | kl_cov
+    advantage: str = "grpo"  # grpo | passk
+    passk_k: int = 4  # advantage=passk: the k of pass@k, in [1, group_size]
+    clip_cov_ratio: float = 2e-4  # loss=clip_cov: share of tokens whose gradient is cut
+    clip_cov_low: float = 1.0  # loss=clip_cov: the Cov band [low, high] they are drawn from
+    clip_cov_high: float = 5.0
+    kl_cov_ratio: float = 2e-3  # loss=kl_cov: share of tokens (highest Cov) penalised
+    kl_cov_coef: float = 1.0  # loss=kl_cov: weight of the |logp - old logp| penalty
+    # Engine vs trainer log-prob mismatch (dphrl.mismatch.ROLLOUT_CORRECTIONS).
+    rollout_correction: str = "none"  # none | tis | mis_token | mis_seq
+    rollout_correction_low: float = 0.5  # mis_*: lowest ratio kept
+    rollout_correction_high: float = 2.0  # tis: the cap C; mis_*: highest ratio kept
 
 
 @dataclass
@@ -202,7 +216,10 @@ DIVERGENCE_NAMES = ("forward_kl", "js", "js_full", "alpha", "reverse_kl", "none"
 TASK_NAMES = ("arith", "minisql", "bird", "spider", "math", "gsm8k")
 ENGINE_NAMES = ("auto", "vllm", "hf")
 LAYOUT_NAMES = ("auto", "cpu", "gpu1", "gpu8", "multinode")
-ALGO_NAMES = ("grpo", "dapo")
+ALGO_NAMES = ("grpo", "dapo", "gspo")
+POLICY_LOSS_NAMES = ("ppo_clip", "gspo", "clip_cov", "kl_cov")
+ADVANTAGE_NAMES = ("grpo", "passk")
+ROLLOUT_CORRECTION_NAMES = ("none", "tis", "mis_token", "mis_seq")
 ESTIMATORS = ("k1", "k2", "k3")
 LOSS_AGGS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -277,6 +294,8 @@ def validate(cfg: Any) -> None:
     _in_range("engine.gpu_memory_utilization", e.gpu_memory_utilization, 0.01, 1.0)
     _at_least("engine.tensor_parallel_size", e.tensor_parallel_size, 1)
     _at_least("engine.batch_size", e.batch_size, 1)
+    if e.dtype is not None:
+        _one_of("engine.dtype", e.dtype, DTYPES)
 
     _one_of("layout.name", lay.name, LAYOUT_NAMES)
     _one_of("layout.device", lay.device, ("auto", "cpu", "cuda"))
@@ -292,6 +311,26 @@ def validate(cfg: Any) -> None:
     _at_least("algo.ppo_epochs", a.ppo_epochs, 1)
     _at_least("algo.minibatch_size", a.minibatch_size, 0)
     _one_of("algo.loss_agg", a.loss_agg, LOSS_AGGS)
+    _one_of("algo.loss", a.loss, POLICY_LOSS_NAMES)
+    _one_of("algo.advantage", a.advantage, ADVANTAGE_NAMES)
+    if a.advantage == "passk" and not 1 <= a.passk_k <= a.group_size:
+        raise ConfigError(
+            f"algo.passk_k={a.passk_k} is out of range: it must be in [1, algo.group_size={a.group_size}]"
+        )
+    _in_range("algo.clip_cov_ratio", a.clip_cov_ratio, 0.0, 1.0)
+    if a.clip_cov_low > a.clip_cov_high:
+        raise ConfigError(
+            f"algo.clip_cov_low={a.clip_cov_low} > algo.clip_cov_high={a.clip_cov_high}: the Cov band is empty"
+        )
+    _in_range("algo.kl_cov_ratio", a.kl_cov_ratio, 0.0, 1.0)
+    _at_least("algo.kl_cov_coef", a.kl_cov_coef, 0.0)
+    _one_of("algo.rollout_correction", a.rollout_correction, ROLLOUT_CORRECTION_NAMES)
+    _at_least("algo.rollout_correction_low", a.rollout_correction_low, 0.0)
+    if a.rollout_correction_high <= max(a.rollout_correction_low, 0.0):
+        raise ConfigError(
+            f"algo.rollout_correction_high={a.rollout_correction_high} must be > "
+            f"algo.rollout_correction_low={a.rollout_correction_low} and > 0"
+        )
 
     _at_least("trainer.max_steps", tr.max_steps, 1)
     _at_least("trainer.lr", tr.lr, 0.0, strict=True)

@@ -70,6 +70,11 @@ def test_task_names_match_the_task_registry():
         ("eval.k=[1,32] eval.n=8", "eval.k contains 32"),
         ("split.threshold=1.5", "split.threshold=1.5"),
         ("ref.keep=best", "ref.keep='best'"),
+        ("algo.loss=ppo", "algo.loss='ppo' is not known; allowed: ppo_clip"),
+        ("algo.advantage=passk algo.passk_k=16", "algo.passk_k=16 is out of range"),
+        ("algo.rollout_correction=is", "algo.rollout_correction='is' is not known"),
+        ("algo.rollout_correction_high=0.4", "algo.rollout_correction_high=0.4 must be >"),
+        ("engine.dtype=fp8", "engine.dtype='fp8' is not known"),
     ],
 )
 def test_bad_values_raise_one_clear_error(override, message):

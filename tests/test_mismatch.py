@@ -84,3 +84,9 @@ def test_mis_seq_masks_whole_responses_by_geometric_mean():
 def test_unknown_correction_names_the_known_ones():
     with pytest.raises(KeyError, match="tis"):
         mm.correct("is", torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1), 0.5, 2.0)
+
+
+def test_config_names_match_the_registry():
+    from dphrl.config import ROLLOUT_CORRECTION_NAMES
+
+    assert tuple(mm.ROLLOUT_CORRECTIONS) == ROLLOUT_CORRECTION_NAMES

@@ -139,3 +139,10 @@ def test_registries_build_each_loss_and_advantage():
         assert ob.make_advantage(name, k=1)(rewards, 4).shape == (4,)
     with pytest.raises(KeyError, match="known: ppo_clip"):
         ob.make_policy_loss("ppo", clip_low=0.2, clip_high=0.2)
+
+
+def test_config_names_match_the_registries():
+    from dphrl.config import ADVANTAGE_NAMES, POLICY_LOSS_NAMES
+
+    assert tuple(ob.POLICY_LOSSES) == POLICY_LOSS_NAMES
+    assert tuple(ob.ADVANTAGES) == ADVANTAGE_NAMES

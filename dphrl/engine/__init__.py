@@ -100,13 +100,14 @@ def engine_from_config(
 ) -> Engine:
     """Build the configured engine for a resolved `model_path` (split, train and eval share this).
 
-    `engine_cfg` is an `EngineConfig`, `model_cfg` a `ModelConfig` (its dtype and the prompt and
-    response lengths size the engine); `device` is `layout.device`.
+    `engine_cfg` is an `EngineConfig`, `model_cfg` a `ModelConfig` (its dtype, unless
+    `engine.dtype` sets another, and the prompt and response lengths size the engine); `device`
+    is `layout.device`.
     """
     return make_engine(
         engine_cfg.name,
         model_path,
-        dtype=model_cfg.dtype,
+        dtype=engine_cfg.dtype or model_cfg.dtype,
         device=device,
         seed=seed,
         gpu_memory_utilization=engine_cfg.gpu_memory_utilization,
