@@ -5,7 +5,7 @@ policy with different numerics, so a token the engine drew with probability pi_e
 probability pi_old under the trainer's own forward pass. PPO's ratio pi_theta / pi_old assumes
 the samples came from pi_old; when they did not, the gradient is biased (Yao et al. 2025, "Your
 efficient RL framework secretly brings you off-policy RL training", the truncated importance
-sampling (TIS) note; Zheng et al. 2025, arXiv 2510.18855, IcePop's masking). With
+sampling (TIS) note; the Ling team's Ring-1T report, 2025, for IcePop's masking). With
 
     log w_t = log pi_old(y_t) - log pi_engine(y_t)          (per response token)
 
