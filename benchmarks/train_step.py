@@ -153,7 +153,7 @@ def worker(variant: str, sizes: dict, folder: str) -> dict:
     from dphrl import dist
     from dphrl.data import read_jsonl
     from dphrl.models import resolve_model_path, weights_hash
-    from dphrl.reference import load_ref_store
+    from dphrl.refstore import load_ref_store
     from dphrl.trainer import Trainer
 
     # One intra-op thread: on an oversubscribed 2-core machine, two spinning OpenMP threads
@@ -165,7 +165,12 @@ def worker(variant: str, sizes: dict, folder: str) -> dict:
     model_path = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
     prompts = read_jsonl(Path(folder) / "split" / "exp.jsonl")
     ref_rows = (
-        load_ref_store(Path(folder) / "ref", model_path, weights_hash(model_path))
+        load_ref_store(
+            Path(folder) / "ref",
+            Path(folder) / "split" / "pef.jsonl",
+            weights_hash(model_path),
+            cfg.model.dtype,
+        )
         if variant == "js"
         else []
     )
@@ -181,12 +186,11 @@ def worker(variant: str, sizes: dict, folder: str) -> dict:
         peak = max(peak, _status_kib("VmHWM"))
         clear_refs.write_text("5")  # VmHWM := current RSS
         before = _status_kib("VmRSS")
-        batch, advantages, old_logp, ref_model_logp = trainer.prepare(rollouts)
-        ref_batch, ref_logp = trainer.ref_batch()
-        trainer.update(batch, advantages, old_logp, ref_model_logp, ref_batch, ref_logp)
+        batch = trainer.batch(rollouts, trainer.advantages(rollouts))
+        trainer.update(batch)
         t2 = time.perf_counter()
         train_peak = (_status_kib("VmHWM") - before) / 1024
-        trainer.sync_weights()
+        trainer.push_weights()
         t3 = time.perf_counter()
         trainer.step_num += 1
         peak = max(peak, _status_kib("VmHWM"))
@@ -198,8 +202,8 @@ def worker(variant: str, sizes: dict, folder: str) -> dict:
                     "sync_s": t3 - t2,
                     "step_s": t3 - t0,
                     "train_peak_mib": train_peak,
-                    "rollout_tokens": int(batch.response_mask.sum()),
-                    "ref_tokens": int(ref_batch.response_mask.sum()) if ref_batch else 0,
+                    "rollout_tokens": int(batch.rollouts.response_mask.sum()),
+                    "ref_tokens": int(batch.store.response_mask.sum()) if batch.store else 0,
                 }
             )
     trainer.engine.close()

@@ -9,9 +9,15 @@ group by group: rows [g*G, (g+1)*G) hold the G responses to prompt g, so B promp
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from dphrl.batching import Packed
+    from dphrl.divergence import Divergence
 
 
 def group_advantages(
@@ -61,6 +67,11 @@ def ppo_clip_loss(
     was_clipped = (clipped > unclipped).to(mask.dtype) * mask
     clip_frac = was_clipped.sum() / mask.sum().clamp(min=1)
     return loss, clip_frac.detach()
+
+
+# (logp, old_logp, advantages, mask, *, clip_low, clip_high) -> (per-token loss (N, T), clip
+# fraction): `ppo_clip_loss`, or any policy loss of that shape, chosen by name by the caller.
+PolicyLoss = Callable[..., tuple[Tensor, Tensor]]
 
 
 def token_mean(values: Tensor, mask: Tensor, denom: float | None = None) -> Tensor:
@@ -129,3 +140,99 @@ def overlong_filter(mask: Tensor, finished: Tensor, max_len: int) -> Tensor:
     """
     truncated = (mask.sum(dim=-1) >= max_len) & ~finished  # (N,)
     return mask * (~truncated).unsqueeze(-1).to(mask.dtype)
+
+
+@dataclass
+class StepBatch:
+    """A step's tensors, carried from `Trainer.step` into `hybrid_loss`.
+
+    N rollouts of D_exp prompts (rows [g*G, (g+1)*G) answer prompt g) and M ref-store responses
+    of D_pef prompts. Log-probs are per response token, 0 past a response's end; the policy's
+    own log-probs are not here: they come from the forward of each minibatch, with grad.
+    """
+
+    rollouts: Packed | None  # ids (N, P+T), response_mask (N, T); None: no group this step
+    advantages: Tensor  # (N,) one per response, or (N, T) per token
+    old_logp: Tensor | None = None  # (N, T) pi_old; None: the loss forward's own, detached
+    online_ref_logp: Tensor | None = None  # (N, T) online reference model (reverse_kl, js_full)
+    store: Packed | None = None  # ref-store ids (M, P'+S), response_mask (M, S)
+    store_ref_logp: Tensor | None = None  # (M, S) pi_ref, as precompute-ref stored it
+
+    def __len__(self) -> int:
+        return 0 if self.rollouts is None else len(self.rollouts)
+
+    def minibatch(self, rows: slice, store_rows: slice | None) -> StepBatch:
+        """Rollout rows `rows` and ref-store rows `store_rows` (None: no store part)."""
+
+        def cut(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[rows]
+
+        has_store = self.store is not None and store_rows is not None
+        return replace(
+            self,
+            rollouts=None if self.rollouts is None else self.rollouts.select(rows),
+            advantages=self.advantages[rows],
+            old_logp=cut(self.old_logp),
+            online_ref_logp=cut(self.online_ref_logp),
+            store=self.store.select(store_rows) if has_store else None,
+            store_ref_logp=self.store_ref_logp[store_rows] if has_store else None,
+        )
+
+
+LOSS_STATS = ("pg_loss", "clip_frac", "div_loss", "kl_ref", "rkl_loss")
+
+
+def hybrid_loss(
+    batch: StepBatch,
+    logp: Tensor | None,
+    store_logp: Tensor | None,
+    *,
+    beta: float,
+    divergence: Divergence | None = None,
+    policy_term: Divergence | None = None,
+    policy_loss: PolicyLoss = ppo_clip_loss,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    loss_agg: str = "token-mean",
+    denom: float | None = None,
+    store_denom: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """DPH-RL's per-step objective (arXiv 2509.07430, Sec. 3) on one minibatch:
+
+        L = agg(policy_loss(logp, old_logp, A))                     on the N rollouts
+          + beta * agg(policy_term(logp, online_ref_logp))          on the rollouts, when given
+          + beta * token-mean(divergence(store_logp, store_ref_logp)) on the M ref-store rows
+
+    `policy_loss` is PPO-clip by default (any `PolicyLoss`); `policy_term` the reverse-KL estimator (GRPO + KL baseline) or `js_full`'s policy half,
+    against an online reference model; `divergence` the mass-covering f(u) on reference samples.
+
+    logp `# (N, T)` and store_logp `# (M, S)`: the policy's log-probs with grad (None: that half
+    is absent). `agg` is `loss_agg`; `denom` / `store_denom` replace its count (tokens or
+    responses) so that minibatches and ranks add up to the global mean. Returns the scalar loss
+    and the statistics of `LOSS_STATS` as floats: the clip fraction and, on the ref store, the
+    KL(pi_ref || pi_theta) estimate `kl_ref` (k3 form, no gradient).
+    """
+    loss = torch.zeros((), device=batch.advantages.device)
+    stats = dict.fromkeys(LOSS_STATS, 0.0)
+    if logp is not None and batch.rollouts is not None:
+        mask = batch.rollouts.response_mask
+        old = logp.detach() if batch.old_logp is None else batch.old_logp
+        pg_tok, clip_frac = policy_loss(
+            logp, old, batch.advantages, mask, clip_low=clip_low, clip_high=clip_high
+        )
+        pg = aggregate(pg_tok, mask, loss_agg, denom)
+        loss = loss + pg
+        stats["pg_loss"], stats["clip_frac"] = float(pg.detach()), float(clip_frac)
+        if batch.online_ref_logp is not None and policy_term is not None and beta > 0:
+            rkl = aggregate(policy_term(logp, batch.online_ref_logp), mask, loss_agg, denom)
+            loss = loss + beta * rkl
+            stats["rkl_loss"] = float(rkl.detach())
+    if store_logp is not None and batch.store is not None and divergence is not None and beta > 0:
+        mask, ref = batch.store.response_mask, batch.store_ref_logp
+        div = aggregate(divergence(store_logp, ref), mask, "token-mean", store_denom)
+        loss = loss + beta * div
+        with torch.no_grad():
+            log_u = (store_logp - ref) * mask
+            kl = aggregate(torch.expm1(log_u) - log_u, mask, "token-mean", store_denom)
+        stats["div_loss"], stats["kl_ref"] = float(div.detach()), float(kl)
+    return loss, stats

@@ -27,11 +27,12 @@ import torch
 
 from dphrl import dist
 from dphrl.batching import Packed, pack, repad
+from dphrl.config import DphrlConfig
 from dphrl.divergence import POLICY_SAMPLE_TERMS, REVERSE_KL_ESTIMATORS, make_divergence
 from dphrl.engine import Sampling, engine_from_config
 from dphrl.logprobs import batch_logprobs
 from dphrl.metrics import MetricsLogger, Timer
-from dphrl.rl import aggregate, group_advantages, informative_groups, overlong_filter, ppo_clip_loss
+from dphrl.rl import StepBatch, group_advantages, hybrid_loss, informative_groups, overlong_filter
 from dphrl.rollout import Scored, render_rows, score_outputs
 from dphrl.sampler import EpochSampler
 from dphrl.tasks import get_task
@@ -92,13 +93,15 @@ class Trainer:
         if cfg.model.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         self.policy = dist.shard(self.policy, layout)
-        needs_online_ref = self.div.name == "reverse_kl" or self.div.name in POLICY_SAMPLE_TERMS
-        self.ref_model = (
-            load_policy(model_path, cfg.model.dtype, layout.device).eval()
-            if needs_online_ref
-            else None
+        # reverse_kl's estimator, or js_full's policy half: on the rollouts, vs an online reference
+        self.policy_term = (
+            REVERSE_KL_ESTIMATORS[self.div.estimator]
+            if self.div.name == "reverse_kl"
+            else POLICY_SAMPLE_TERMS.get(self.div.name)
         )
-        if self.ref_model is not None:
+        self.ref_model = None
+        if self.policy_term is not None:
+            self.ref_model = load_policy(model_path, cfg.model.dtype, layout.device).eval()
             self.ref_model.requires_grad_(False)
         self.divergence = (
             make_divergence(
@@ -149,17 +152,17 @@ class Trainer:
     def step(self) -> dict[str, float]:
         """One optimizer step of the hybrid objective; returns this step's metrics."""
         self.timer.reset()
-        rollouts = self.rollout()
+        rollouts = self.rollout()  # G responses per D_exp prompt, with their rewards
         self.engine.sleep()  # gpu layouts with engine.sleep_mode: free the engine's memory to train
         with self.timer("train"):
-            batch, advantages, old_logp, ref_model_logp = self.prepare(rollouts)
-            ref_batch, ref_logp = self.ref_batch()
-            stats = self.update(batch, advantages, old_logp, ref_model_logp, ref_batch, ref_logp)
+            advantages = self.advantages(rollouts)
+            batch = self.batch(rollouts, advantages)
+            stats = self.update(batch)  # PPO passes: hybrid loss -> AdamW, per minibatch
         with self.timer("weight_sync"):
             self.engine.wake_up()
-            self.sync_weights()
+            self.push_weights()
         self.step_num += 1
-        return self.summarize(rollouts, batch, stats)
+        return self.summarize(rollouts, stats)
 
     def rollout(self) -> Rollouts:
         """This rank's share of a batch of prompts, G responses each, verified.
@@ -167,11 +170,8 @@ class Trainer:
         DAPO's dynamic sampling drops groups whose rewards are all equal (zero advantage) and
         draws further prompts until the batch is full or `algo.max_refill_rounds` is spent.
         """
-        a, rank, world = self.algo, self.layout.rank, self.layout.world_size
-        want = a.prompts_per_step
-        share = slice(
-            rank * want // world, (rank + 1) * want // world
-        )  # contiguous: seeds match 1 process
+        a, want = self.algo, self.algo.prompts_per_step
+        share = _share(want, self.layout.world_size, self.layout.rank)  # seeds match 1 process
         prompt_ids: list[list[int]] = []
         groups: list[list[Scored]] = []
         for round_ in range(a.max_refill_rounds + 1 if a.dynamic_sampling else 1):
@@ -196,50 +196,47 @@ class Trainer:
         flat_prompts = [p for p, g in zip(prompt_ids, groups) for _ in g]
         return Rollouts(flat_prompts, [s for g in groups for s in g], a.group_size)
 
-    def prepare(
-        self, r: Rollouts
-    ) -> tuple[Packed | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Pack the rollouts; advantages, old log-probs (trainer forward) and online-ref log-probs."""
+    def advantages(self, r: Rollouts) -> torch.Tensor:
+        """GRPO group advantages `# (B*G,)` of the rollouts' rewards."""
         if not r.scored:
-            return None, torch.zeros(0), torch.zeros(0), None
-        batch = pack(
+            return torch.zeros(0)
+        return group_advantages(r.rewards, r.group_size, norm_std=self.algo.norm_std)
+
+    def batch(self, r: Rollouts, advantages: torch.Tensor) -> StepBatch:
+        """Pack the rollouts with their old and online-reference log-probs (trainer forwards),
+        and draw this rank's share of the ref store."""
+        store, store_ref_logp = self.ref_batch()
+        if not r.scored:
+            return StepBatch(None, advantages, store=store, store_ref_logp=store_ref_logp)
+        rollouts = pack(
             r.prompt_ids, [s.completion.token_ids for s in r.scored], self.tokenizer.pad_token_id
         )
         if self.algo.overlong_filter:
             finished = torch.tensor([s.completion.finish_reason != "length" for s in r.scored])
-            batch.response_mask = overlong_filter(
-                batch.response_mask, finished, self.cfg.model.max_new_tokens
+            rollouts.response_mask = overlong_filter(
+                rollouts.response_mask, finished, self.cfg.model.max_new_tokens
             )
-        batch = batch.to(self.layout.device)
-        advantages = group_advantages(r.rewards, r.group_size, norm_std=self.algo.norm_std).to(
-            self.layout.device
+        rollouts = rollouts.to(self.layout.device)
+        a, t = self.algo, self.algo.temperature
+        # One epoch over one minibatch: the loss's forward runs before any update, so its
+        # detached log-probs are the old ones (ratio 1); a separate forward would repeat it.
+        single_pass = a.ppo_epochs == 1 and (
+            not a.minibatch_size or a.minibatch_size >= len(rollouts)
         )
         with torch.no_grad():
-            t = self.algo.temperature
-            # One epoch over one minibatch: the loss's forward runs before any update, so its
-            # detached log-probs are the old ones (ratio 1); a separate forward would repeat it.
-            a = self.algo
-            single_pass = a.ppo_epochs == 1 and (
-                not a.minibatch_size or a.minibatch_size >= len(batch)
-            )
-            old_logp = None if single_pass else self.logprobs(self.policy, batch, t)
-            ref_model_logp = (
-                self.logprobs(self.ref_model, batch, t) if self.ref_model is not None else None
-            )
-        return batch, advantages, old_logp, ref_model_logp
+            old = None if single_pass else self.logprobs(self.policy, rollouts, t)
+            online = None if self.ref_model is None else self.logprobs(self.ref_model, rollouts, t)
+        return StepBatch(
+            rollouts, advantages.to(self.layout.device), old, online, store, store_ref_logp
+        )
 
     def ref_batch(self) -> tuple[Packed | None, torch.Tensor | None]:
         """This rank's share of `trainer.ref_batch_size` ref-store responses and their ref log-probs."""
         if self.ref_sampler is None:
             return None, None
-        size, rank, world = (
-            self.cfg.trainer.ref_batch_size,
-            self.layout.rank,
-            self.layout.world_size,
-        )
-        rows = [self.ref_rows[i] for i in self.ref_sampler.next_batch(size)][
-            rank * size // world : (rank + 1) * size // world
-        ]
+        size = self.cfg.trainer.ref_batch_size
+        rows = [self.ref_rows[i] for i in self.ref_sampler.next_batch(size)]
+        rows = rows[_share(size, self.layout.world_size, self.layout.rank)]
         packed = pack(
             [r["prompt_ids"] for r in rows],
             [r["response_ids"] for r in rows],
@@ -248,119 +245,93 @@ class Trainer:
         ref_logp = repad([r["ref_logprobs"] for r in rows], packed.response_mask)
         return packed.to(self.layout.device), ref_logp.to(self.layout.device)
 
-    def update(
-        self, batch, advantages, old_logp, ref_model_logp, ref_batch, ref_logp
-    ) -> dict[str, float]:
-        """`algo.ppo_epochs` passes over minibatches: PPO-clip + beta * divergence, AdamW each."""
-        a = self.algo
-        n = len(batch) if batch is not None else 0
-        mb = a.minibatch_size or max(n, 1)
-        n_mb = max(1, math.ceil(n / mb))
+    def update(self, batch: StepBatch) -> dict[str, float]:
+        """`algo.ppo_epochs` passes over minibatches: the hybrid loss, then AdamW, each."""
+        a, n = self.algo, len(batch)
+        size = a.minibatch_size or max(n, 1)
+        n_mb = max(1, math.ceil(n / size))
+        n_store = 0 if batch.store is None else len(batch.store)
         totals: dict[str, float] = {}
         for _ in range(a.ppo_epochs):
             for k in range(n_mb):
-                part = slice(k * mb, (k + 1) * mb)
-                ref_part = _share(len(ref_batch), n_mb, k) if ref_batch is not None else None
-                loss, stats = self.loss(
-                    batch, advantages, old_logp, ref_model_logp, part, ref_batch, ref_logp, ref_part
-                )
+                rows = slice(k * size, (k + 1) * size)
+                loss, stats = self.loss(batch.minibatch(rows, _share(n_store, n_mb, k)))
                 self.optimizer.zero_grad(set_to_none=True)
                 if loss.requires_grad:
                     loss.backward()
-                elif n:  # every advantage 0 and no divergence term: the gradient is exactly 0,
-                    # found without a forward; AdamW still steps, as it would on that gradient
-                    for param in self.policy.parameters():
-                        param.grad = torch.zeros_like(param)
+                elif n:
+                    _zero_gradients(self.policy)
                 else:  # no rollouts (all filtered) and no ref batch: nothing to step on
                     continue
-                dist.average_gradients(self.policy, self.layout)
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    self.policy.parameters(), self.cfg.trainer.grad_clip or float("inf")
-                )
-                stats["grad_norm"] = float(
-                    grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                )
-                self.optimizer.step()
+                stats["grad_norm"] = self.optimizer_step()
                 for key, value in stats.items():
                     totals[key] = totals.get(key, 0.0) + value / (a.ppo_epochs * n_mb)
         totals["lr"] = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         return totals
 
-    def loss(
-        self, batch, advantages, old_logp, ref_model_logp, part, ref_batch, ref_logp, ref_part
-    ):
-        """The hybrid loss on one minibatch, scaled so that the rank-average of gradients equals
-        the gradient of the global mean (the denominators count tokens or responses on all ranks)."""
-        a, beta = self.algo, self.div.beta
-        loss = torch.zeros((), device=self.layout.device)
-        stats = {"pg_loss": 0.0, "clip_frac": 0.0, "div_loss": 0.0, "kl_ref": 0.0, "rkl_loss": 0.0}
-        if batch is not None and len(batch.select(part)):
-            mb = batch.select(part)
-            mask = mb.response_mask
-            old = None if old_logp is None else old_logp[part]
-            logp = self._policy_logprobs(mb, advantages[part], old, ref_model_logp is None)
-            pg_tok, clip_frac = ppo_clip_loss(
-                logp,
-                logp.detach() if old is None else old,
-                advantages[part],
-                mask,
-                clip_low=a.clip_low,
-                clip_high=a.clip_high,
-            )
-            denom = self._denominator(mask, a.loss_agg)
-            pg = aggregate(pg_tok, mask, a.loss_agg, denom)
-            loss = loss + pg
-            stats["pg_loss"], stats["clip_frac"] = float(pg.detach()), float(clip_frac)
-            if ref_model_logp is not None and beta > 0:
-                est = (
-                    REVERSE_KL_ESTIMATORS[self.div.estimator]
-                    if self.div.name == "reverse_kl"
-                    else POLICY_SAMPLE_TERMS[self.div.name]
-                )
-                rkl = aggregate(est(logp, ref_model_logp[part]), mask, a.loss_agg, denom)
-                loss = loss + beta * rkl
-                stats["rkl_loss"] = float(rkl.detach())
-        if ref_batch is not None and beta > 0 and self.divergence is not None:
-            rb = ref_batch.select(ref_part)
-            mask = rb.response_mask
-            logp = self.logprobs(self.policy, rb, 1.0, grad=True)
-            denom = self._denominator(mask, "token-mean")
-            div = aggregate(self.divergence(logp, ref_logp[ref_part]), mask, "token-mean", denom)
-            loss = loss + beta * div
-            with torch.no_grad():
-                log_u = (logp - ref_logp[ref_part]) * mask
-                kl = aggregate(
-                    torch.expm1(log_u) - log_u, mask, "token-mean", denom
-                )  # KL(pi_ref || pi_theta) estimate
-            stats["div_loss"], stats["kl_ref"] = float(div.detach()), float(kl)
-        return loss, stats
+    def optimizer_step(self) -> float:
+        """Average gradients over ranks, clip them, step AdamW; return the pre-clip norm."""
+        dist.average_gradients(self.policy, self.layout)
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.policy.parameters(), self.cfg.trainer.grad_clip or float("inf")
+        )
+        self.optimizer.step()
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
-    def _policy_logprobs(
-        self, mb: Packed, advantages: torch.Tensor, old: torch.Tensor | None, pg_only: bool
-    ) -> torch.Tensor:
+    def loss(self, mb: StepBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The policy's forwards on one minibatch, then `hybrid_loss`, scaled so that the
+        rank-average of gradients equals the gradient of the global mean (the denominators
+        count tokens or responses on all ranks)."""
+        a, beta = self.algo, self.div.beta
+        logp = denom = store_logp = store_denom = None
+        if mb.rollouts is not None and len(mb.rollouts):
+            logp = self._policy_logprobs(mb)
+            denom = self._denominator(mb.rollouts.response_mask, a.loss_agg)
+        if mb.store is not None and beta > 0 and self.divergence is not None:
+            store_logp = self.logprobs(self.policy, mb.store, 1.0, grad=True)
+            store_denom = self._denominator(mb.store.response_mask, "token-mean")
+        return hybrid_loss(
+            mb,
+            logp,
+            store_logp,
+            beta=beta,
+            divergence=self.divergence,
+            policy_term=self.policy_term,
+            clip_low=a.clip_low,
+            clip_high=a.clip_high,
+            loss_agg=a.loss_agg,
+            denom=denom,
+            store_denom=store_denom,
+        )
+
+    def _policy_logprobs(self, mb: StepBatch) -> torch.Tensor:
         """The policy's log-probs `# (n, T)` of a rollout minibatch, forwarded only where they
         can move the loss.
 
         A response whose advantage is exactly 0 (a group whose rewards are all equal: the
         usual case on hard or easy prompts) adds -min(rho 0, clip(rho) 0) = 0 to the PPO-clip
         loss and nothing to its gradient or clip fraction, whatever rho is. When that loss is
-        all the rollouts carry (`pg_only`: no online reference term), such rows skip the
-        forward; they hold their old log-probs (rho = 1), so the loss, its gradient and every
-        statistic equal the full forward's, at the cost of the informative rows alone.
+        all the rollouts carry (no online reference term), such rows skip the forward; they
+        hold their old log-probs (rho = 1), so the loss, its gradient and every statistic
+        equal the full forward's, at the cost of the informative rows alone.
         """
-        t = self.algo.temperature
-        live = advantages != 0 if advantages.dim() == 1 else (advantages != 0).any(-1)  # (n,)
-        if not pg_only or bool(live.all()):
-            return self.logprobs(self.policy, mb, t, grad=True)
-        base = torch.zeros_like(mb.response_mask) if old is None else old.detach().clone()
+        t, adv, packed = self.algo.temperature, mb.advantages, mb.rollouts
+        live = adv != 0 if adv.dim() == 1 else (adv != 0).any(-1)  # (n,)
+        if mb.online_ref_logp is not None or bool(live.all()):
+            return self.logprobs(self.policy, packed, t, grad=True)
+        base = (
+            torch.zeros_like(packed.response_mask)
+            if mb.old_logp is None
+            else mb.old_logp.detach().clone()
+        )
         if not bool(live.any()):
-            if not (self.layout.fsdp and self.layout.world_size > 1):
+            if not _forward_on_every_rank(self.layout):
                 return base
             live = live.clone()
-            live[0] = True  # FSDP2 ranks must all forward and backward (their collectives)
+            live[0] = True
         rows = live.nonzero()[:, 0]
-        computed = self.logprobs(self.policy, mb.select(rows), t, grad=True)  # (k, T)
+        computed = self.logprobs(self.policy, packed.select(rows), t, grad=True)  # (k, T)
         return base.index_put((rows,), computed)
 
     def _denominator(self, mask: torch.Tensor, mode: str) -> float:
@@ -390,10 +361,10 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """pass@k of the current policy on the held-out prompts (`eval.every`), via the engine.
 
-        The unbiased estimator of `dphrl.passk.pass_at_k`, averaged over prompts; the full
+        The unbiased estimator of `dphrl.estimators.pass_at_k`, averaged over prompts; the full
         report (diversity, plots) is `dphrl eval-passk` on a saved model.
         """
-        from dphrl.passk import pass_at_k
+        from dphrl.estimators import pass_at_k
         from dphrl.rollout import sample_and_score
 
         ev = self.cfg.eval
@@ -410,13 +381,11 @@ class Trainer:
             for k in ev.k
         }
 
-    def sync_weights(self) -> None:
+    def push_weights(self) -> None:
         """Push the updated weights to the rollout engine, one full tensor at a time."""
         self.engine.load_weights(dist.full_tensors(self.policy))
 
-    def summarize(
-        self, r: Rollouts, batch: Packed | None, stats: dict[str, float]
-    ) -> dict[str, float]:
+    def summarize(self, r: Rollouts, stats: dict[str, float]) -> dict[str, float]:
         rewards = r.rewards
         lengths = [len(s.completion.token_ids) for s in r.scored]
         logps = [lp for s in r.scored for lp in s.completion.logprobs]
@@ -441,97 +410,84 @@ class Trainer:
 
 
 def _share(n: int, parts: int, k: int) -> slice:
+    """The k-th of `parts` contiguous, near-equal slices of n items (ranks, minibatches)."""
     return slice(k * n // parts, (k + 1) * n // parts)
 
 
+def _zero_gradients(model: torch.nn.Module) -> None:
+    """Every advantage 0 and no divergence term: the gradient is exactly 0, found without a
+    forward. AdamW still steps (momentum, weight decay), as it would on that gradient."""
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+
+
+def _forward_on_every_rank(layout: dist.Layout) -> bool:
+    """FSDP2 ranks must all forward and backward (their collectives), even with nothing to learn."""
+    return layout.fsdp and layout.world_size > 1
+
+
 def training_data(
-    cfg: Any, run_dir: Path, layout: dist.Layout, model_path: str
+    cfg: DphrlConfig, layout: dist.Layout, model_path: str
 ) -> tuple[list[dict], list[dict]]:
-    """The RL prompts and the ref-store rows, running split / precompute-ref first when missing.
+    """The RL prompts and the ref-store rows (`dphrl.pipeline.training_data`): rank 0 makes a
+    missing split or a missing or stale ref store, every rank reads them verified."""
+    from dphrl.pipeline import training_data as pipeline_training_data
 
-    Rank 0 runs the missing stages while the other ranks wait, so they are done once.
+    return pipeline_training_data(cfg, layout.is_main, model_path)
+
+
+def run(cfg: DphrlConfig, run_dir: Path) -> Path:
+    """Train; return the folder of the final HF model.
+
+    Rank 0 holds the run folder's lock; a folder with checkpoints is resumed
+    (`trainer.resume=true`, same run-defining settings) or refused before any model loads.
     """
-    from dphrl.data import read_jsonl
-    from dphrl.divergence import DIVERGENCES
-    from dphrl.errors import ConfigError, DataError
-    from dphrl.models import weights_hash
-    from dphrl.reference import MANIFEST, load_ref_store
+    import contextlib
 
-    if cfg.divergence.name not in DIVERGENCES or cfg.divergence.beta == 0:
-        rows = get_task(cfg.task.name).load(cfg.task, "train")
-        log.info(
-            "divergence=%s: RL on all %d training prompts, no ref store",
-            cfg.divergence.name,
-            len(rows),
-        )
-        return rows, []
-    split_dir, ref_dir = Path(cfg.split.out), Path(cfg.ref.out)
-    if layout.is_main:
-        if not (split_dir / "exp.jsonl").exists():
-            print(f"train: no split in {split_dir}: running `dphrl split` first")
-            from dphrl import split
-
-            split.run(cfg, run_dir)
-        if not (ref_dir / MANIFEST).exists():
-            print(f"train: no ref store in {ref_dir}: running `dphrl precompute-ref` first")
-            from dphrl import reference
-
-            reference.run(cfg, run_dir)
-    dist.barrier()
-    prompts = read_jsonl(split_dir / "exp.jsonl")
-    if not prompts:
-        raise DataError(
-            f"{split_dir / 'exp.jsonl'} is empty: the initial policy solves every prompt; nothing to explore"
-        )
-    ref_rows = load_ref_store(ref_dir, model_path, weights_hash(model_path))
-    pef = len(read_jsonl(split_dir / "pef.jsonl"))
-    if not ref_rows and pef == 0:
-        print(
-            f"train: D_pef is empty (no prompt solved in all {cfg.split.k} samples): the divergence term is off"
-        )
-    elif not ref_rows:
-        raise ConfigError(
-            f"divergence={cfg.divergence.name} needs ref-store responses, but {ref_dir} holds none "
-            f"for {pef} D_pef prompts (ref.keep={cfg.ref.keep}); use ref.keep=all, more ref.samples_per_prompt, or divergence=none"
-        )
-    return prompts, ref_rows
-
-
-def run(cfg: Any, run_dir: Path) -> Path:
-    """Train; return the folder of the final HF model."""
+    from dphrl.checkpoint import check_resume, run_settings
+    from dphrl.lock import folder_lock
     from dphrl.models import resolve_model_path
 
     layout = dist.resolve_layout(cfg.layout)
     dist.init(layout)
     run_dir = Path(cfg.trainer.run_dir) if cfg.trainer.run_dir else Path(run_dir)
     try:
-        model_path = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
-        prompts, ref_rows = training_data(cfg, run_dir, layout, model_path)
-        trainer = Trainer(cfg, run_dir, layout, prompts, ref_rows, model_path)
-        return fit(trainer)
+        lock = folder_lock(run_dir, "dphrl train") if layout.is_main else contextlib.nullcontext()
+        with lock:
+            check_resume(run_dir, cfg.trainer.resume, run_settings(cfg))
+            model_path = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
+            prompts, ref_rows = training_data(cfg, layout, model_path)
+            trainer = Trainer(cfg, run_dir, layout, prompts, ref_rows, model_path)
+            return fit(trainer)
     finally:
         dist.shutdown()
 
 
 def fit(trainer: Trainer) -> Path:
     """Steps until `trainer.max_steps`, with checkpoints, exact resume and the final HF model."""
-    from dphrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_hf_model
+    from dphrl.checkpoint import (
+        check_resume,
+        load_checkpoint,
+        run_settings,
+        save_checkpoint,
+        save_hf_model,
+    )
     from dphrl.metrics import reduce_metrics
 
     tr, run_dir = trainer.cfg.trainer, trainer.run_dir
-    if tr.resume:
-        found = latest_checkpoint(run_dir)
-        if found is None:
-            log.warning("trainer.resume=true but %s has no checkpoint: starting at step 0", run_dir)
-        else:
-            state = load_checkpoint(found, trainer.policy, trainer.optimizer, trainer.scheduler)
-            trainer.step_num = state["step"]
-            trainer.prompt_sampler.load_state_dict(state["prompt_sampler"])
-            if trainer.ref_sampler is not None:
-                trainer.ref_sampler.load_state_dict(state["ref_sampler"])
-            trainer.sync_weights()
-            trainer.metrics.truncate_after(trainer.step_num)
-            print(f"train: resumed from {found} at step {trainer.step_num}")
+    settings = run_settings(trainer.cfg)
+    found = check_resume(run_dir, tr.resume, settings)
+    if found is None:
+        trainer.metrics.truncate_after(0)  # a killed run's steps before any checkpoint: one history
+    else:
+        state = load_checkpoint(found, trainer.policy, trainer.optimizer, trainer.scheduler)
+        trainer.step_num = state["step"]
+        trainer.prompt_sampler.load_state_dict(state["prompt_sampler"])
+        if trainer.ref_sampler is not None:
+            trainer.ref_sampler.load_state_dict(state["ref_sampler"])
+        trainer.push_weights()
+        trainer.metrics.truncate_after(trainer.step_num)
+        print(f"train: resumed from {found} at step {trainer.step_num}")
     while trainer.step_num < tr.max_steps:
         metrics = reduce_metrics(trainer.step())
         if (
@@ -547,6 +503,7 @@ def fit(trainer: Trainer) -> Path:
                 "step": trainer.step_num,
                 "prompt_sampler": trainer.prompt_sampler.state_dict(),
                 "ref_sampler": trainer.ref_sampler.state_dict() if trainer.ref_sampler else None,
+                "settings": settings,
             }
             save_checkpoint(
                 run_dir,

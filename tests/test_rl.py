@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -124,3 +126,96 @@ def test_overlong_filter_masks_only_truncated_responses():
     out = rl.overlong_filter(mask, finished, max_len=4)
     # Row 0 finished exactly at the limit; row 1 is short; row 2 hit 4 tokens unfinished.
     assert out.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]]
+
+
+def _packed(mask):
+    from dphrl.batching import Packed
+
+    ids = torch.zeros(mask.shape, dtype=torch.long)
+    return Packed(ids, torch.ones_like(ids), mask)
+
+
+def _hybrid_case():
+    """The PPO case on the rollouts, k1 vs an online reference at log-prob 0, and two ref-store
+    tokens with u = 2 and u = 1/2 (stored log-probs 0)."""
+    logp, old, adv, mask = _ppo_case()
+    store_logp = torch.tensor([[math.log(2.0), math.log(0.5)]], dtype=torch.float64)
+    store_logp.requires_grad_(True)
+    batch = rl.StepBatch(
+        _packed(mask),
+        adv,
+        old_logp=old,
+        online_ref_logp=torch.zeros_like(old),
+        store=_packed(torch.ones(1, 2, dtype=torch.float64)),
+        store_ref_logp=torch.zeros(1, 2, dtype=torch.float64),
+    )
+    return batch, logp, store_logp
+
+
+def test_hybrid_loss_adds_ppo_clip_the_policy_term_and_the_divergence():
+    from dphrl.divergence import forward_kl, kl_k1
+
+    batch, logp, store_logp = _hybrid_case()
+    loss, stats = rl.hybrid_loss(
+        batch, logp, store_logp, beta=0.1, clip_low=0.2, clip_high=0.28,
+        divergence=partial(forward_kl, clamp_log_ratio=None, clamp_value=None),
+        policy_term=kl_k1,
+    )  # fmt: skip
+    # PPO-clip token mean: -0.58 / 5 (test_aggregation_modes_on_the_ppo_case).
+    # k1 = log r on the 5 unmasked rollout tokens: (2 log 1.5 + 2 log 0.5 + log 1.1) / 5.
+    # Forward KL u - log u - 1: (1 - log 2) at u = 2 and (log 2 - 1/2) at u = 1/2; mean 1/4.
+    rkl = (2 * math.log(0.75) + math.log(1.1)) / 5
+    assert stats["pg_loss"] == pytest.approx(-0.116)
+    assert stats["clip_frac"] == pytest.approx(2 / 5)
+    assert stats["rkl_loss"] == pytest.approx(rkl)
+    assert stats["div_loss"] == pytest.approx(0.25)
+    assert stats["kl_ref"] == pytest.approx(0.25)  # the k3 form of KL(pi_ref || pi_theta)
+    assert loss.item() == pytest.approx(-0.116 + 0.1 * rkl + 0.1 * 0.25)
+    loss.backward()
+    # d/dlog u of beta (u - log u - 1) / 2 tokens = beta (u - 1) / 2: 0.05 and -0.025.
+    torch.testing.assert_close(store_logp.grad, torch.tensor([[0.05, -0.025]], dtype=torch.float64))
+    # rollouts: PPO-clip's gradient (test_ppo_clip_both_sides_with_clip_higher) / 5, plus
+    # beta / 5 on each unmasked token from k1.
+    ppo = torch.tensor([[0.0, -0.5, -1.1], [0.0, 1.5, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(logp.grad, (ppo + 0.1 * batch.rollouts.response_mask) / 5)
+
+
+def test_hybrid_loss_with_beta_zero_is_ppo_clip_alone():
+    from dphrl.divergence import forward_kl, kl_k1
+
+    batch, logp, store_logp = _hybrid_case()
+    loss, stats = rl.hybrid_loss(
+        batch, logp, store_logp, beta=0.0, clip_high=0.28, divergence=forward_kl, policy_term=kl_k1
+    )
+    assert loss.item() == pytest.approx(-0.116)
+    assert stats["div_loss"] == stats["rkl_loss"] == stats["kl_ref"] == 0.0
+
+
+def test_hybrid_loss_on_the_ref_store_alone_with_a_global_denominator():
+    from dphrl.divergence import forward_kl
+
+    batch, _, store_logp = _hybrid_case()
+    loss, stats = rl.hybrid_loss(
+        batch, None, store_logp, beta=0.5, divergence=forward_kl, store_denom=4.0
+    )
+    # the two tokens' sum 1/2 over 4 tokens counted on all minibatches and ranks
+    assert loss.item() == pytest.approx(0.5 * 0.125)
+    assert stats["pg_loss"] == stats["clip_frac"] == 0.0
+
+
+def test_hybrid_loss_single_pass_uses_the_forward_as_old_log_probs():
+    batch, logp, _ = _hybrid_case()
+    batch = dataclasses.replace(batch, old_logp=None, online_ref_logp=None, store=None)
+    loss, stats = rl.hybrid_loss(batch, logp, None, beta=0.1, loss_agg="seq-mean-token-sum")
+    # ratio 1 everywhere: -A summed over each row's tokens (-3 and +2), mean over 2 rows
+    assert loss.item() == pytest.approx(-0.5)
+    assert stats["clip_frac"] == 0.0
+
+
+def test_step_batch_minibatch_cuts_rollouts_and_store():
+    batch, _, _ = _hybrid_case()
+    mb = batch.minibatch(slice(1, 2), slice(0, 1))
+    assert len(mb) == 1 and mb.advantages.tolist() == [-1.0]
+    assert mb.old_logp.shape == mb.online_ref_logp.shape == (1, 3)
+    assert mb.store_ref_logp.shape == (1, 2) and len(mb.store) == 1
+    assert batch.minibatch(slice(0, 1), None).store is None

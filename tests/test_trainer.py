@@ -109,9 +109,7 @@ def test_the_ref_batch_has_log_r_zero_at_step_0(data_dir, tiny_model_dir, tmp_pa
     from dphrl import dist
 
     cfg = _cfg(tmp_path, tiny_model_dir, "ref.keep=all", data=data_dir)
-    prompts, ref_rows = trainer.training_data(
-        cfg, tmp_path, dist.resolve_layout(cfg.layout), tiny_model_dir
-    )
+    prompts, ref_rows = trainer.training_data(cfg, dist.resolve_layout(cfg.layout), tiny_model_dir)
     t = trainer.Trainer(
         cfg, tmp_path / "run", dist.resolve_layout(cfg.layout), prompts, ref_rows, tiny_model_dir
     )
@@ -134,7 +132,7 @@ def test_dynamic_sampling_keeps_only_informative_groups_and_refills(
         data=data_dir,
     )
     layout = dist.resolve_layout(cfg.layout)
-    prompts, ref_rows = trainer.training_data(cfg, tmp_path, layout, tiny_model_dir)
+    prompts, ref_rows = trainer.training_data(cfg, layout, tiny_model_dir)
     t = trainer.Trainer(cfg, tmp_path / "run", layout, prompts, ref_rows, tiny_model_dir)
     r = t.rollout()
     groups = r.rewards.view(-1, 4)
@@ -145,27 +143,18 @@ def test_dynamic_sampling_keeps_only_informative_groups_and_refills(
 
 
 def test_empty_ref_store_with_a_divergence_that_needs_it_fails_before_rollout(
-    data_dir, tiny_model_dir, tmp_path
+    data_dir, tiny_model_dir, tmp_path, monkeypatch
 ):
     import shutil
 
-    from dphrl.data import write_json
-    from dphrl.models import weights_hash
+    from dphrl import refstore
 
     shutil.copytree(data_dir / "split", tmp_path / "split")
     (tmp_path / "split" / "pef.jsonl").write_text(
         '{"id": 0, "prompt": [], "reward_model": {"ground_truth": "even"}}\n'
     )
-    # D_pef had a prompt, but none of its responses was kept (ref.keep=correct, all wrong).
-    write_json(
-        tmp_path / "ref" / "manifest.json",
-        {
-            "weights_sha256": weights_hash(tiny_model_dir),
-            "model_path": tiny_model_dir,
-            "counts": {"prompts": 1, "sampled": 1, "kept": 0},
-            "shards": [],
-        },
-    )
+    # D_pef has a prompt, but none of its responses is kept (ref.keep=correct, all wrong).
+    monkeypatch.setattr(refstore._ShardSampler, "sample", lambda self, chunk: [])
     cfg = _cfg(tmp_path, tiny_model_dir, "divergence=js")
     with pytest.raises(ConfigError, match="needs ref-store responses"):
         trainer.run(cfg, tmp_path)
@@ -175,20 +164,8 @@ def test_empty_ref_store_with_a_divergence_that_needs_it_fails_before_rollout(
 def test_empty_pef_trains_with_the_divergence_off(data_dir, tiny_model_dir, tmp_path, capsys):
     import shutil
 
-    from dphrl.data import write_json
-    from dphrl.models import weights_hash
-
     shutil.copytree(data_dir / "split", tmp_path / "split")
     (tmp_path / "split" / "pef.jsonl").write_text("")
-    write_json(
-        tmp_path / "ref" / "manifest.json",
-        {
-            "weights_sha256": weights_hash(tiny_model_dir),
-            "model_path": tiny_model_dir,
-            "counts": {"prompts": 0, "sampled": 0, "kept": 0},
-            "shards": [],
-        },
-    )
     trainer.run(_cfg(tmp_path, tiny_model_dir, "divergence=js", "trainer.max_steps=1"), tmp_path)
     assert "D_pef is empty" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["div_loss"] == 0.0
@@ -266,12 +243,12 @@ def test_zero_advantage_rows_skip_the_forward_and_the_update_is_unchanged(
         "algo.minibatch_size=4", "algo.prompts_per_step=3", data=data_dir,
     )  # fmt: skip
     layout = dist.resolve_layout(cfg.layout)
-    prompts, _ = trainer.training_data(cfg, tmp_path, layout, tiny_model_dir)
+    prompts, _ = trainer.training_data(cfg, layout, tiny_model_dir)
     skip, full = (
         trainer.Trainer(cfg, tmp_path / k, layout, prompts, [], tiny_model_dir) for k in "ab"
     )
-    full._policy_logprobs = lambda mb, adv, old, pg_only: trainer.Trainer._policy_logprobs(
-        full, mb, adv, old, False
+    full._policy_logprobs = lambda mb: full.logprobs(
+        full.policy, mb.rollouts, full.algo.temperature, grad=True
     )
     rows = []
     forward = skip.logprobs
@@ -291,13 +268,14 @@ def test_zero_advantage_rows_skip_the_forward_and_the_update_is_unchanged(
     for rewards in ([1, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0], [0] * 12):
         rows.clear()
         before = [p.detach().clone() for p in skip.policy.parameters()]
-        stats = [t.update(*t.prepare(with_rewards(rewards)), None, None) for t in (skip, full)]
+        r2 = with_rewards(rewards)
+        stats = [t.update(t.batch(r2, t.advantages(r2))) for t in (skip, full)]
         for key in ("pg_loss", "clip_frac", "grad_norm"):
             assert stats[0][key] == pytest.approx(stats[1][key], rel=1e-5, abs=1e-7), key
         a, b = dict(skip.policy.named_parameters()), dict(full.policy.named_parameters())
         for name in a:
             torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
-        grad_rows = rows[1:]  # rows[0]: prepare's old-log-prob forward over all 12
+        grad_rows = rows[1:]  # rows[0]: batch's old-log-prob forward over all 12
         assert rows[0] == 12 and grad_rows == ([4] * 2 if any(rewards) else [])
         moved = max(float((p.detach() - q).abs().max()) for p, q in zip(a.values(), before))
         assert moved > 1e-4  # AdamW's momentum moves the weights on a zero gradient too
