@@ -200,6 +200,12 @@ def make_policy_loss(name: str, *, clip_low: float, clip_high: float, **options)
     return partial(POLICY_LOSSES[name], clip_low=clip_low, clip_high=clip_high, **own)
 
 
+# Losses under which a response with advantage 0 adds nothing to the loss or its gradient, so
+# the trainer may skip its forward; Clip-Cov and KL-Cov are not: their covariance is centred
+# over every token, and KL-Cov's penalty does not scale with A.
+ZERO_ADVANTAGE_INERT = frozenset({"ppo_clip", "gspo"})
+
+
 Advantage = Callable[[Tensor, int], Tensor]
 
 # `algo.advantage` -> (rewards `# (B*G,)`, group size) -> advantages `# (B*G,)`.

@@ -146,3 +146,24 @@ def test_config_names_match_the_registries():
 
     assert tuple(ob.POLICY_LOSSES) == POLICY_LOSS_NAMES
     assert tuple(ob.ADVANTAGES) == ADVANTAGE_NAMES
+
+
+@pytest.mark.parametrize("name", sorted(ob.POLICY_LOSSES))
+def test_zero_advantage_rows_are_inert_exactly_where_declared(name):
+    """A row with A = 0 changes neither the loss nor another row's gradient under the losses in
+    ZERO_ADVANTAGE_INERT (the trainer skips its forward); Clip-Cov and KL-Cov see it, through
+    the covariance's means (which tokens are in the band, or in the top share)."""
+    torch.manual_seed(0)
+    old = -torch.rand(3, 4) * 3
+    logp = (old + 0.1 * torch.randn(3, 4)).requires_grad_(True)
+    adv, mask = torch.tensor([2.0, -1.0, 0.0]), torch.ones(3, 4)
+    grads = []
+    for third_row in (logp[2:], old[2:] - 5.0):  # the A = 0 row, then far lower log-probs
+        fn = ob.make_policy_loss(
+            name, clip_low=0.2, clip_high=0.2, ratio=0.3, cov_low=0.0, cov_high=9.0,
+            coef=1.0, generator=torch.Generator().manual_seed(1),
+        )  # fmt: skip
+        rows = torch.cat([logp[:2], third_row])
+        (g,) = torch.autograd.grad(fn(rows, old, adv, mask)[0].sum(), logp)
+        grads.append(g[:2])
+    assert torch.allclose(grads[0], grads[1]) == (name in ob.ZERO_ADVANTAGE_INERT)
