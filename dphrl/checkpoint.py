@@ -11,6 +11,11 @@ A checkpoint is a folder `run_dir/checkpoints/step_000002/` holding
 
 No pickle and no `torch.save` anywhere, so a checkpoint can be opened without trusting it.
 
+`trainer_state.json` also records the settings that define the run (`run_settings`): a resume
+with other values is refused, naming the keys (`check_resume`); only the keys of
+`RESUMABLE_KEYS` (how long to run, how often to save, logging, evaluation, engine memory) may
+change. A run folder that holds checkpoints is resumed or refused, never trained over.
+
 It is written into a hidden sibling `.tmp_step_000002/` and renamed into place with
 `os.replace` only once every file is on disk, so a kill mid-save leaves the previous checkpoint
 as the latest; `latest_checkpoint` also ignores any folder without the marker.
@@ -44,13 +49,91 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from dphrl.data import write_json
-from dphrl.errors import DphrlError
+from dphrl.errors import ConfigError, DphrlError
 
 CHECKPOINTS = "checkpoints"
 MARKER = "checkpoint.json"
 _PREFIX = "step_"
 _TMP = ".tmp_"
 FORMAT = 1
+
+
+# Keys whose value may differ between a checkpoint and its resume: they do not change what the
+# run computes (a prefix ending in "." allows a whole section).
+RESUMABLE_KEYS = (
+    "trainer.max_steps",
+    "trainer.save_every",
+    "trainer.keep",
+    "trainer.resume",
+    "trainer.run_dir",
+    "trainer.stop_after_step",
+    "trainer.tensorboard",
+    "trainer.wandb",
+    "eval.",
+    "engine.gpu_memory_utilization",
+    "engine.enforce_eager",
+    "engine.batch_size",
+    "engine.sleep_mode",
+    "model.cache_dir",
+    "dry_run",
+)
+
+
+def run_settings(cfg: Any) -> dict[str, Any]:
+    """The run-defining settings of a train config as flat `section.key` -> JSON value.
+
+    `cfg` is the command's `DphrlConfig` dataclass (or any nested dataclass of plain values).
+    """
+    import dataclasses
+
+    def plain(value: Any) -> Any:
+        return json.loads(json.dumps(value, default=lambda o: getattr(o, "value", str(o))))
+
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, obj: Any) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(f"{prefix}{f.name}.", value)
+            else:
+                flat[f"{prefix}{f.name}"] = plain(value)
+
+    walk("", cfg)
+    return {
+        k: v
+        for k, v in flat.items()
+        if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_KEYS)
+    }
+
+
+def check_resume(run_dir: str | os.PathLike, resume: bool, settings: dict[str, Any]) -> Path | None:
+    """The checkpoint a train run continues from, or None for a fresh run; refuses to train over
+    an earlier run's checkpoints without `trainer.resume=true`, and to resume with changed
+    run-defining settings (naming each key that differs)."""
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        return None
+    if not resume:
+        raise ConfigError(
+            f"{run_dir} holds checkpoints of an earlier run (latest {found.name}); continue it with "
+            "trainer.resume=true, or start a new run in another trainer.run_dir (or delete this one)"
+        )
+    saved = json.loads((found / "trainer_state.json").read_text()).get("settings")
+    if saved is None:
+        return found  # a checkpoint from before settings were recorded: nothing to compare
+    diff = [  # keys one side lacks come from a schema change, not from the user
+        f"{k}: checkpoint has {saved[k]!r}, config has {settings[k]!r}"
+        for k in sorted(saved.keys() & settings.keys())
+        if saved[k] != settings[k]
+    ]
+    if diff:
+        raise ConfigError(
+            f"{found} was saved with other settings ({'; '.join(diff)}); resume with the "
+            "checkpoint's values or start a new trainer.run_dir (keys that may change on resume: "
+            f"{', '.join(RESUMABLE_KEYS)})"
+        )
+    return found
 
 
 def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:

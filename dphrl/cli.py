@@ -52,7 +52,9 @@ def _job(command: str):
                 return
             module, func = COMMANDS[command][1].split(":")
             getattr(importlib.import_module(module), func)(typed, run_dir)
-        except DphrlError as err:
+        except (DphrlError, OSError) as err:
+            # An OSError no writer named (a full disk, a read-only folder) still ends here,
+            # with its path, not as a traceback.
             from rich.console import Console
 
             Console(stderr=True).print(

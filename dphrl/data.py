@@ -7,13 +7,16 @@ A row has the shape of the official DPH-RL / verl data, so users bring those fil
      "reward_model": {"ground_truth": ...}}
 
 Every write is atomic (a temporary sibling file, then `os.replace`), so a killed run never
-leaves a half-written file that a later run would trust. Appends (`append_jsonl`) are used
-only for resumable outputs whose readers drop a torn last line.
+leaves a half-written file that a later run would trust; the file gets the mode the user's
+umask gives any new file. Appends (`append_jsonl`) are used only for resumable outputs whose
+readers drop a torn last line. A write that fails (full disk, read-only folder) is an
+`OutputError` naming the path and the remedy, and leaves no temporary file behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -21,23 +24,53 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from dphrl.errors import ConfigError, DataError
+from dphrl.errors import DataError, OutputError
 
 REQUIRED = ("prompt", "reward_model")
 
 
+def output_error(path: str | os.PathLike, err: OSError) -> OutputError:
+    """The named error for a failed write of `path`: what, where, and what to do."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        remedy = "free space on that disk (or point the output elsewhere), then rerun: finished chunks are kept"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        remedy = "the folder is not writable: choose another output folder (split.out, ref.out, trainer.run_dir, eval.out or hydra.run.dir)"
+    else:
+        remedy = "check the folder and rerun"
+    return OutputError(f"cannot write {path}: {err.strerror or err}; {remedy}")
+
+
+def _file_mode() -> int:
+    """The mode `open()` gives a new file under the process's umask (mkstemp gives 0600)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    The file ends with the usual mode of a new file; an `OSError` (full disk, read-only
+    folder) becomes an `OutputError` naming `path`, and the temporary file is removed.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         yield Path(tmp)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
+    except OSError as err:
+        raise output_error(path, err) from err
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -59,12 +92,15 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
 
 
 def append_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
-    """Append rows and fsync, for chunked, resumable outputs."""
-    with open(path, "a") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append rows and fsync, for chunked, resumable outputs (readers drop a torn tail)."""
+    try:
+        with open(path, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise output_error(path, err) from err
 
 
 def read_jsonl(path: str | os.PathLike, *, tolerate_torn_tail: bool = False) -> list[dict]:
@@ -184,24 +220,3 @@ def render_prompts(
             kept_ids.append(list(ids))
             kept_index.append(i)
     return kept_ids, kept_index
-
-
-def check_settings(path: str | os.PathLike, expected: dict, what: str, remedy: str) -> None:
-    """Refuse to continue a resumable folder made with other settings; record them in a new one.
-
-    Used by split, precompute-ref and eval-passk, whose outputs must never mix two runs.
-    """
-    path = Path(path)
-    if not path.exists():
-        write_json(path, expected)
-        return
-    found = json.loads(path.read_text())
-    diff = [
-        f"{k}: folder has {found.get(k)!r}, config has {v!r}"
-        for k, v in expected.items()
-        if found.get(k) != v
-    ]
-    if diff:
-        raise ConfigError(
-            f"{path.parent} holds {what} made with other settings ({'; '.join(diff)}); {remedy}"
-        )

@@ -23,3 +23,11 @@ class VerifyError(DphrlError):
 
 class EngineError(DphrlError):
     """A rollout engine failed to load or generate."""
+
+
+class OutputError(DphrlError):
+    """An output could not be written (full disk, read-only folder); the message names the path."""
+
+
+class FolderLocked(DphrlError):
+    """Another live process is writing the output folder; the message names it."""

@@ -21,53 +21,17 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from dphrl.chunks import Chunk, SampleLog, Settings, run_chunks
+from dphrl.config import DphrlConfig, TaskConfig
+from dphrl.estimators import mean, pass_at_k, prompt_stats
+
 log = logging.getLogger(__name__)
 
 CHUNK_PROMPTS = 32  # prompts per engine call and per append to samples.jsonl
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k).
-
-    The ratio of binomials is computed as the product prod_{i=n-c+1}^{n} (1 - k / i)
-    (Chen et al. 2021, "Evaluating Large Language Models Trained on Code"), which never forms
-    a factorial and so stays exact in floating point for any n.
-    """
-    if not (0 <= c <= n and 1 <= k <= n):
-        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k}")
-    if n - c < k:
-        return 1.0
-    fail = 1.0
-    for i in range(n - c + 1, n + 1):
-        fail *= 1.0 - k / i
-    return 1.0 - fail
-
-
-def prompt_stats(samples: Sequence[dict]) -> dict:
-    """One prompt's n, c and diversity from its sample rows (greedy rows excluded).
-
-    - distinct_correct_answers: distinct `Verdict.answer` keys among correct samples (the
-      execution result for SQL, the normalised final answer for math);
-    - distinct_correct_texts: distinct correct completions, whitespace-normalised;
-    - entropy: mean per-token entropy of the sampling distribution, estimated by the mean of
-      -log p(token) over the sampled tokens (a Monte-Carlo estimate: the engines return only
-      the sampled token's log-prob, and the full-vocabulary entropy costs a softmax per token).
-    """
-    drawn = [s for s in samples if not s["greedy"]]
-    correct = [s for s in drawn if s["correct"]]
-    tokens = sum(s["response_tokens"] for s in drawn)
-    return {
-        "n": len(drawn),
-        "c": len(correct),
-        "distinct_correct_answers": len({s["answer"] for s in correct if s["answer"] is not None}),
-        "distinct_correct_texts": len({" ".join(s["completion"].split()) for s in correct}),
-        "entropy": sum(s["neg_logprob"] for s in drawn) / tokens if tokens else 0.0,
-    }
 
 
 def summarize(samples: list[dict], datasets: list[dict], ks: list[int], greedy: bool) -> list[dict]:
@@ -94,27 +58,23 @@ def summarize(samples: list[dict], datasets: list[dict], ks: list[int], greedy: 
                 "prompts": len(per_prompt),
                 "dropped": d["dropped"],
                 "pass_at_k": {
-                    str(k): _mean([pass_at_k(p["n"], p["c"], k) for p in per_prompt]) for k in ks
+                    str(k): mean([pass_at_k(p["n"], p["c"], k) for p in per_prompt]) for k in ks
                 },
-                "greedy": _mean([float(p["greedy_correct"]) for p in per_prompt])
+                "greedy": mean([float(p["greedy_correct"]) for p in per_prompt])
                 if greedy
                 else None,
-                "distinct_correct_answers": _mean(
+                "distinct_correct_answers": mean(
                     [p["distinct_correct_answers"] for p in per_prompt]
                 ),
-                "distinct_correct_texts": _mean([p["distinct_correct_texts"] for p in per_prompt]),
-                "entropy": _mean([p["entropy"] for p in per_prompt]),
+                "distinct_correct_texts": mean([p["distinct_correct_texts"] for p in per_prompt]),
+                "entropy": mean([p["entropy"] for p in per_prompt]),
                 "per_prompt": per_prompt,
             }
         )
     return results
 
 
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
-def settings(cfg: Any, engine: str) -> dict:
+def settings(cfg: DphrlConfig, engine: str) -> dict:
     """What makes two evals the same experiment; a resumed run must match it."""
     ev = cfg.eval
     return {
@@ -134,17 +94,19 @@ def settings(cfg: Any, engine: str) -> dict:
     }
 
 
-def model_labels(cfg: Any) -> list[str]:
+def model_labels(cfg: DphrlConfig) -> list[str]:
     """`eval.models`, else the configured `model.path`."""
     return list(cfg.eval.models) or [cfg.model.path]
 
 
-def dataset_specs(cfg: Any) -> list[str]:
+def dataset_specs(cfg: DphrlConfig) -> list[str]:
     """`eval.datasets` entries (`name` or `name=eval rows file`), else the configured task."""
     return list(cfg.eval.datasets) or [cfg.task.name]
 
 
-def task_config(task_cfg: Any, spec: str, db_roots: dict[str, str] | None = None) -> Any:
+def task_config(
+    task_cfg: TaskConfig, spec: str, db_roots: dict[str, str] | None = None
+) -> TaskConfig:
     """The task config for one `eval.datasets` entry: the configured task's, with the name
     and, when the entry gives one (`spider=dev.json`), the eval rows file replaced. A SQL
     dataset other than the configured task takes its databases from `eval.db_roots[name]`
@@ -157,50 +119,45 @@ def task_config(task_cfg: Any, spec: str, db_roots: dict[str, str] | None = None
     return replace(task_cfg, name=name, path=None, eval_path=path or None, db_root=db_root)
 
 
-def _complete(path: Path, n: int, greedy: bool) -> list[dict]:
-    """The sample rows of prompts whose samples are all present (a killed run's torn or
-    partial chunk is dropped and redone)."""
-    from dphrl.data import read_jsonl
-
-    if not path.exists():
-        return []
-    rows = read_jsonl(path, tolerate_torn_tail=True)
-    count: dict[tuple, int] = defaultdict(int)
-    for s in rows:
-        count[s["model"], s["dataset"], s["id"]] += 1
-    want = n + int(greedy)
-    return [s for s in rows if count[s["model"], s["dataset"], s["id"]] == want]
-
-
-def run(cfg: Any, run_dir: Path) -> dict:
+def run(cfg: DphrlConfig, run_dir: Path) -> dict:
     """Evaluate every model on every dataset; write samples, passk.json/.md/.png; return the json."""
+    from dphrl.lock import folder_lock
+
+    out = Path(cfg.eval.out) if cfg.eval.out else Path(run_dir)
+    with folder_lock(out, "dphrl eval-passk"):
+        return _evaluate_all(cfg, out)
+
+
+def _evaluate_all(cfg: DphrlConfig, out: Path) -> dict:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from dphrl.data import check_settings, read_jsonl, write_json, write_jsonl
+    from dphrl.data import write_json
     from dphrl.engine import resolve_engine_name
     from dphrl.models import load_tokenizer, resolve_model_path
     from dphrl.passk_report import plot_curves, write_markdown
+    from dphrl.pipeline import sampling_device
     from dphrl.rollout import render_rows
     from dphrl.tasks import get_task
 
-    out = Path(cfg.eval.out) if cfg.eval.out else Path(run_dir)
-    out.mkdir(parents=True, exist_ok=True)
     engine_name = resolve_engine_name(cfg.engine.name)
     info = settings(cfg, engine_name)
-    check_settings(
+    folder = Settings(
         out / "passk_settings.json",
         info,
         "an eval",
         "use another run folder (hydra.run.dir=...) or delete this one",
     )
-    samples_path = out / "samples.jsonl"
-    done = _complete(samples_path, cfg.eval.n, cfg.eval.greedy)
-    write_jsonl(samples_path, done)  # drop a torn or partial tail before appending again
-    done_keys = {(s["model"], s["dataset"], s["id"]) for s in done}
+    folder.check()
+    samples = SampleLog(
+        out / "samples.jsonl",
+        key=lambda s: (s["model"], s["dataset"], s["id"]),
+        per_key=cfg.eval.n + int(cfg.eval.greedy),
+    )
+    done_keys = samples.recover()
     log.info(
         "eval-passk: engine %s; %d prompts already done in %s", engine_name, len(done_keys), out
     )
-
+    device = sampling_device(cfg.layout)
     datasets = []
     columns = [
         TextColumn("{task.description}"),
@@ -212,7 +169,7 @@ def run(cfg: Any, run_dir: Path) -> dict:
         for label in model_labels(cfg):
             model_path = resolve_model_path(label, cfg.model.cache_dir)
             tokenizer = load_tokenizer(model_path)
-            evaluator = _Evaluator(cfg, model_path, samples_path, progress)
+            evaluator = _Evaluator(cfg, model_path, device, samples, folder, progress)
             for spec in dataset_specs(cfg):
                 task_cfg = task_config(cfg.task, spec, cfg.eval.db_roots)
                 task = get_task(task_cfg.name)
@@ -234,7 +191,8 @@ def run(cfg: Any, run_dir: Path) -> dict:
                 )
             evaluator.close()
 
-    results = summarize(read_jsonl(samples_path), datasets, list(cfg.eval.k), cfg.eval.greedy)
+    folder.record()
+    results = summarize(samples.read(), datasets, list(cfg.eval.k), cfg.eval.greedy)
     payload = {"settings": info, "results": results}
     write_json(out / "passk.json", payload)
     write_markdown(out / "passk.md", payload)
@@ -246,15 +204,25 @@ def run(cfg: Any, run_dir: Path) -> dict:
 class _Evaluator:
     """Samples, verifies and appends one model's chunks; starts its engine only when needed."""
 
-    def __init__(self, cfg: Any, model_path: str, samples_path: Path, progress: Any) -> None:
+    def __init__(
+        self,
+        cfg: DphrlConfig,
+        model_path: str,
+        device: str,
+        samples: SampleLog,
+        folder: Settings,
+        progress: Any,
+    ) -> None:
         from dphrl.engine import Sampling
 
-        self.cfg, self.model_path, self.samples_path, self.progress = (
-            cfg,
+        self.engine_cfg, self.model, self.seed, self.n = cfg.engine, cfg.model, cfg.seed, cfg.eval.n
+        self.model_path, self.device, self.samples, self.folder = (
             model_path,
-            samples_path,
-            progress,
+            device,
+            samples,
+            folder,
         )
+        self.progress = progress
         ev = cfg.eval
         self.sampling = Sampling(ev.temperature, ev.top_p, cfg.model.max_new_tokens, cfg.seed)
         self.greedy = Sampling(0.0, 1.0, cfg.model.max_new_tokens, cfg.seed) if ev.greedy else None
@@ -263,8 +231,8 @@ class _Evaluator:
     def evaluate(
         self,
         task: Any,
-        task_cfg: Any,
-        ids: list,
+        task_cfg: TaskConfig,
+        ids: list[list[int]],
         rows: list[dict],
         todo: list[bool],
         label: str,
@@ -273,50 +241,56 @@ class _Evaluator:
         """Run every chunk of this dataset that holds a prompt still to do."""
         gen = self.progress.add_task(f"generate {label} / {spec}", total=len(rows))
         ver = self.progress.add_task(f"verify   {label} / {spec}", total=len(rows))
-        for start in range(0, len(rows), CHUNK_PROMPTS):
-            stop = min(start + CHUNK_PROMPTS, len(rows))
-            if any(todo[start:stop]):
-                self._chunk(
-                    task,
-                    task_cfg,
-                    ids[start:stop],
-                    rows[start:stop],
-                    todo[start:stop],
-                    start,
-                    label,
-                    spec,
-                    (gen, ver),
-                )
-            else:
-                self.progress.advance(gen, stop - start)
-                self.progress.advance(ver, stop - start)
 
-    def _chunk(self, task, task_cfg, ids, rows, todo, start, label, spec, bars) -> None:
-        from dphrl.data import append_jsonl
+        def done(c: Chunk) -> bool:
+            if any(todo[c.start : c.stop]):
+                return False
+            self.progress.advance(gen, c.stop - c.start)
+            self.progress.advance(ver, c.stop - c.start)
+            return True
+
+        def compute(c: Chunk) -> list[dict]:
+            scored = self.sample(
+                task, task_cfg, ids[c.start : c.stop], rows[c.start : c.stop], c.start
+            )
+            self.progress.advance(gen, c.stop - c.start)
+            self.progress.advance(ver, c.stop - c.start)
+            return [
+                _sample_row(label, spec, row["id"], j, s, is_greedy=j == self.n)
+                for row, group, keep in zip(
+                    rows[c.start : c.stop], scored, todo[c.start : c.stop], strict=True
+                )
+                if keep
+                for j, s in enumerate(group)
+            ]
+
+        run_chunks(
+            len(rows),
+            CHUNK_PROMPTS,
+            self.folder,
+            done,
+            compute,
+            lambda c, new: self.samples.append(new),
+        )
+
+    def sample(
+        self, task: Any, task_cfg: TaskConfig, ids: list[list[int]], rows: list[dict], start: int
+    ) -> list[list[Any]]:
+        """n samples (+ the greedy one) of each prompt of a chunk starting at prompt `start`, scored."""
         from dphrl.engine import engine_from_config
         from dphrl.rollout import score_outputs
 
-        cfg, n = self.cfg, self.cfg.eval.n
         if self.engine is None:
             self.engine = engine_from_config(
-                cfg.engine, cfg.model, self.model_path, cfg.layout.device, cfg.seed
+                self.engine_cfg, self.model, self.model_path, self.device, self.seed
             )
         # The whole chunk is regenerated even when part of it is done, so that every prompt
         # sees the same batch as in an uninterrupted run.
-        outputs = self.engine.generate(ids, n, self.sampling.shifted(start, n))
+        outputs = self.engine.generate(ids, self.n, self.sampling.shifted(start, self.n))
         greedy = self.engine.generate(ids, 1, self.greedy) if self.greedy else [[] for _ in ids]
-        self.progress.advance(bars[0], len(rows))
-        scored = score_outputs(
+        return score_outputs(
             task, task_cfg, rows, [o + g for o, g in zip(outputs, greedy, strict=True)]
         )
-        self.progress.advance(bars[1], len(rows))
-        new = [
-            _sample_row(label, spec, row["id"], j, s, is_greedy=j == n)
-            for row, group, keep in zip(rows, scored, todo, strict=True)
-            if keep
-            for j, s in enumerate(group)
-        ]
-        append_jsonl(self.samples_path, new)
 
     def close(self) -> None:
         if self.engine is not None:

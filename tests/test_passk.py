@@ -8,7 +8,8 @@ import math
 
 import pytest
 
-from dphrl.passk import pass_at_k, prompt_stats, summarize
+from dphrl.estimators import pass_at_k, prompt_stats
+from dphrl.passk import summarize
 from dphrl.passk_report import markdown, plot_curves
 
 

@@ -87,9 +87,9 @@ def test_resume_after_kill_gives_the_same_passk_json(tmp_path, monkeypatch):
     shutil.copy(whole / "passk_settings.json", resumed)
 
     chunks = []
-    original = passk._Evaluator._chunk
+    original = passk._Evaluator.sample
     monkeypatch.setattr(
-        passk._Evaluator, "_chunk", lambda self, *a: chunks.append(a[5]) or original(self, *a)
+        passk._Evaluator, "sample", lambda self, *a: chunks.append(a[4]) or original(self, *a)
     )
     passk.run(cfg, resumed)
     assert chunks == [2]  # only the second chunk (from prompt 2) was sampled again

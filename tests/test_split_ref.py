@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import compose_config
 
-from dphrl import reference, split
+from dphrl import partition, reference, refstore, split
 from dphrl.data import read_jsonl
 from dphrl.errors import ConfigError, DataError
 
@@ -52,13 +52,13 @@ def test_threshold_semantics(full_split, tmp_path):
     samples = read_jsonl(full_split / "samples.jsonl")
     for threshold in (0.5, 1.0):
         cfg = compose_config([*SMALL, f"split.threshold={threshold}"], "split")
-        split.write_split(tmp_path, rows, samples, cfg, 1.0)
+        partition.write_split(tmp_path, rows, samples, cfg.split, {}, 1.0)
         for row in read_jsonl(tmp_path / "pef.jsonl"):
             assert row["pass_rate"] >= threshold
         for row in read_jsonl(tmp_path / "exp.jsonl"):
             assert row["pass_rate"] < threshold
     half = compose_config([*SMALL, "split.threshold=0.5"], "split")
-    split.write_split(tmp_path, rows, samples, half, 1.0)
+    partition.write_split(tmp_path, rows, samples, half.split, {}, 1.0)
     at_half = {r["id"] for r in read_jsonl(tmp_path / "pef.jsonl")}
     assert at_half == {r["id"] for r in rows if r["pass_rate"] >= 0.5}
 
@@ -105,10 +105,9 @@ def test_ref_store_logprobs_equal_the_training_forward_at_step_0(ref_store, real
     from dphrl.logprobs import response_logprobs
     from dphrl.models import load_policy, load_tokenizer, weights_hash
 
-    rows = reference.load_ref_store(ref_store, real_model_path, weights_hash(real_model_path))
-    pef = read_jsonl(
-        Path(json.loads((ref_store / "manifest.json").read_text())["split"]) / "pef.jsonl"
-    )
+    pef_path = Path(json.loads((ref_store / "manifest.json").read_text())["split"]["pef"])
+    rows = refstore.load_ref_store(ref_store, pef_path, weights_hash(real_model_path), "float32")
+    pef = read_jsonl(pef_path)
     assert len(rows) == len(pef) == 3  # keep=all, one sample per prompt
     tok = load_tokenizer(real_model_path)
     model = load_policy(real_model_path).eval()
@@ -139,13 +138,14 @@ def test_tampered_manifest_is_refused(ref_store, real_model_path, tmp_path):
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["weights_sha256"] = "0" * 64
     (copy / "manifest.json").write_text(json.dumps(manifest))
+    pef = Path(manifest["split"]["pef"])
     with pytest.raises(ConfigError, match="rerun precompute-ref for this model"):
-        reference.load_ref_store(copy, real_model_path, weights_hash(real_model_path))
+        refstore.load_ref_store(copy, pef, weights_hash(real_model_path), "float32")
     manifest = json.loads((ref_store / "manifest.json").read_text())
     manifest["counts"]["kept"] += 1
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(DataError, match="the store was changed"):
-        reference.load_ref_store(copy, real_model_path, weights_hash(real_model_path))
+    with pytest.raises(DataError, match="shards hold 3; rerun `dphrl precompute-ref`"):
+        refstore.load_ref_store(copy, pef, weights_hash(real_model_path), "float32")
 
 
 def test_empty_pef_is_a_message_not_a_crash(tmp_path, capsys):

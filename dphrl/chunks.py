@@ -1,0 +1,123 @@
+"""The one resumable chunk loop of the sampling commands (split, precompute-ref, eval-passk).
+
+Work is cut into chunks with fixed boundaries (chunk j holds items j*size .. (j+1)*size-1),
+so a chunk's sampling seeds depend only on its position. Each finished chunk is written at
+once (appended to a jsonl log, or one shard); a rerun skips the chunks that are done and
+redoes any partial one, so a resumed run writes what an uninterrupted one writes.
+
+A folder's settings (what makes two runs the same experiment) are checked before any work
+and recorded only when the first chunk is written: a start that fails on a bad input leaves
+nothing that would lock the folder to those inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from dphrl.data import append_jsonl, read_jsonl, write_json, write_jsonl
+from dphrl.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Items [start, stop) of the work list, the `index`-th chunk."""
+
+    index: int
+    start: int
+    stop: int
+
+
+class Settings:
+    """A resumable folder's settings file: what must match for a rerun to continue it."""
+
+    def __init__(self, path: str | os.PathLike, expected: dict, what: str, remedy: str) -> None:
+        self.path, self.expected, self.what, self.remedy = Path(path), expected, what, remedy
+
+    def check(self) -> None:
+        """Refuse a folder recorded with other settings, naming every key that differs."""
+        if not self.path.exists():
+            return
+        found = json.loads(self.path.read_text())
+        diff = [
+            f"{k}: folder has {found.get(k)!r}, config has {v!r}"
+            for k, v in self.expected.items()
+            if found.get(k) != v
+        ]
+        if diff:
+            raise ConfigError(
+                f"{self.path.parent} holds {self.what} made with other settings "
+                f"({'; '.join(diff)}); {self.remedy}"
+            )
+
+    def record(self) -> None:
+        """Write the settings, once: called just before the folder's first output is written."""
+        if not self.path.exists():
+            write_json(self.path, self.expected)
+
+
+class SampleLog:
+    """An append-only jsonl of sample rows; a key (prompt) is done once it has `per_key` rows.
+
+    A killed run leaves a torn last line or a chunk with some of its rows: `recover` keeps
+    only the keys that are complete and rewrites the file so appending can resume.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, key: Callable[[dict], Hashable], per_key: int
+    ) -> None:
+        self.path, self.key, self.per_key = Path(path), key, per_key
+
+    def recover(self) -> set:
+        """The keys whose rows are all present; anything else is dropped from the file."""
+        if not self.path.exists():
+            return set()
+        rows = read_jsonl(self.path, tolerate_torn_tail=True)
+        count = Counter(self.key(r) for r in rows)
+        done = [r for r in rows if count[self.key(r)] == self.per_key]
+        write_jsonl(self.path, done)
+        return {self.key(r) for r in done}
+
+    def append(self, rows: Iterable[dict]) -> None:
+        append_jsonl(self.path, rows)
+
+    def read(self) -> list[dict]:
+        return read_jsonl(self.path) if self.path.exists() else []
+
+
+def chunks(n_items: int, size: int) -> list[Chunk]:
+    """Fixed chunk boundaries over `n_items` items."""
+    return [
+        Chunk(j, start, min(start + size, n_items))
+        for j, start in enumerate(range(0, n_items, size))
+    ]
+
+
+def run_chunks(
+    n_items: int,
+    size: int,
+    settings: Settings,
+    done: Callable[[Chunk], bool],
+    compute: Callable[[Chunk], T],
+    write: Callable[[Chunk, T], None],
+) -> int:
+    """Compute and write every chunk that is not `done`; return how many were computed.
+
+    `settings` are recorded just before the first write, never before any work succeeded.
+    """
+    computed = 0
+    for chunk in chunks(n_items, size):
+        if done(chunk):
+            continue
+        result = compute(chunk)
+        settings.record()
+        write(chunk, result)
+        computed += 1
+    return computed

@@ -1,0 +1,68 @@
+"""One writer per output folder: an exclusive lock file naming its holder.
+
+Two commands writing one folder at once interleave their chunks (every sample twice, a
+histogram with impossible buckets). Each command holds `<folder>/.dphrl.lock` while it writes:
+the file names the holder (pid, host, command), and the lock itself is a `flock` on it, which
+the kernel drops when the holder dies, so a lock left by a killed process is stale by
+construction and the next run takes it over. A second writer stops at once, naming the holder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from dphrl.data import output_error
+from dphrl.errors import FolderLocked
+
+LOCK = ".dphrl.lock"
+
+
+def _holder(fd: int) -> dict:
+    os.lseek(fd, 0, os.SEEK_SET)
+    raw = os.read(fd, 4096).decode(errors="replace")
+    with contextlib.suppress(json.JSONDecodeError):
+        return json.loads(raw)
+    return {}
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
+    """Hold the folder's lock for the block; raise `FolderLocked` naming a live holder."""
+    folder = Path(folder)
+    path = folder / LOCK
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:  # a read-only or full file system: stop before any work
+        raise output_error(path, err) from err
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            h = _holder(fd)
+            raise FolderLocked(
+                f"{folder} is being written by another run ({h.get('command', 'dphrl')}, pid "
+                f"{h.get('pid', '?')} on host {h.get('host', '?')}, since {h.get('since', '?')}); "
+                "wait for it to finish, or use another output folder"
+            ) from None
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": command,
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)  # the file stays (unlinking it races with a waiting opener)
+    finally:
+        os.close(fd)  # releases the flock

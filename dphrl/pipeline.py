@@ -1,0 +1,111 @@
+"""What the commands share above the sampling loop: the device rule, and the inputs of `train`.
+
+`dphrl split` and `dphrl precompute-ref` are `make_split` / `make_ref_store` plus a summary;
+`dphrl train` calls `training_data`, which makes (or finishes, or brings up to date) the
+split and the ref store through the same two functions, so no command imports another.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from dphrl.config import DphrlConfig, LayoutConfig
+from dphrl.errors import ConfigError, DataError
+from dphrl.lock import folder_lock
+
+log = logging.getLogger(__name__)
+
+
+def sampling_device(layout: LayoutConfig) -> str:
+    """The one device rule, from the layout: what `dphrl.dist.resolve_layout` gives, for the
+    single-process sampling commands (split, precompute-ref, eval-passk), which never shard."""
+    from dphrl import dist
+
+    return dist.resolve_layout(replace(layout, fsdp=False)).device
+
+
+def make_split(cfg: DphrlConfig) -> dict:
+    """Build (or finish) the split in `split.out` under its lock; return its stats."""
+    from dphrl.partition import build_split
+
+    with folder_lock(cfg.split.out, "dphrl split"):
+        return build_split(
+            cfg.split, cfg.task, cfg.model, cfg.engine, sampling_device(cfg.layout), cfg.seed
+        )
+
+
+def make_ref_store(cfg: DphrlConfig) -> dict:
+    """Build (or finish, or update) the ref store in `ref.out` from the split's D_pef."""
+    from dphrl.refstore import build_ref_store
+
+    pef = Path(cfg.split.out) / "pef.jsonl"
+    with folder_lock(cfg.ref.out, "dphrl precompute-ref"):
+        return build_ref_store(
+            cfg.ref,
+            pef,
+            cfg.task,
+            cfg.model,
+            cfg.engine,
+            sampling_device(cfg.layout),
+            cfg.seed,
+        )
+
+
+def training_data(
+    cfg: DphrlConfig, is_main: bool, model_path: str
+) -> tuple[list[dict], list[dict]]:
+    """The RL prompts and the ref-store rows of a train run.
+
+    Baselines train on every prompt without a store. The DPH divergences need the split and a
+    ref store built from its current D_pef: rank 0 (`is_main`) makes whatever is missing or
+    stale while the other ranks wait, and every rank then reads the store verified against
+    the split.
+    """
+    from dphrl import dist
+    from dphrl.data import read_jsonl
+    from dphrl.divergence import DIVERGENCES
+    from dphrl.models import weights_hash
+    from dphrl.refstore import is_current, load_ref_store
+    from dphrl.tasks import get_task
+
+    if cfg.divergence.name not in DIVERGENCES or cfg.divergence.beta == 0:
+        rows = get_task(cfg.task.name).load(cfg.task, "train")
+        log.info(
+            "divergence=%s: RL on all %d training prompts, no ref store",
+            cfg.divergence.name,
+            len(rows),
+        )
+        return rows, []
+    split_dir, ref_dir = Path(cfg.split.out), Path(cfg.ref.out)
+    if is_main:
+        if not (split_dir / "exp.jsonl").exists():
+            print(f"train: no split in {split_dir}: making it (as `dphrl split` does)")
+            make_split(cfg)
+        if not is_current(ref_dir, split_dir / "pef.jsonl"):
+            print(
+                f"train: no finished ref store for this split in {ref_dir}: "
+                "making it (as `dphrl precompute-ref` does)"
+            )
+            make_ref_store(cfg)
+    dist.barrier()
+    prompts = read_jsonl(split_dir / "exp.jsonl")
+    if not prompts:
+        raise DataError(
+            f"{split_dir / 'exp.jsonl'} is empty: the initial policy solves every prompt; nothing to explore"
+        )
+    ref_rows = load_ref_store(
+        ref_dir, split_dir / "pef.jsonl", weights_hash(model_path), cfg.model.dtype
+    )
+    pef = len(read_jsonl(split_dir / "pef.jsonl"))
+    if not ref_rows and pef == 0:
+        print(
+            f"train: D_pef is empty (no prompt solved in all {cfg.split.k} samples): the divergence term is off"
+        )
+    elif not ref_rows:
+        raise ConfigError(
+            f"divergence={cfg.divergence.name} needs ref-store responses, but {ref_dir} holds none "
+            f"for {pef} D_pef prompts (ref.keep={cfg.ref.keep}); use ref.keep=all, more ref.samples_per_prompt, or divergence=none"
+        )
+    return prompts, ref_rows

@@ -1,0 +1,367 @@
+"""The ref store: D_pef responses of the initial policy with their reference log-probs.
+
+For each D_pef prompt, `ref.samples_per_prompt` responses are sampled from the initial policy,
+verified, and kept when correct (`ref.keep=correct`, the paper's choice) or always
+(`ref.keep=all`). Their `ref_logprobs` are computed by the *training* forward pass
+(`dphrl.logprobs.batch_logprobs` over `dphrl.batching.pack`, in the training dtype and
+layout), not taken from the sampler, so log r = log pi_theta - log pi_ref is 0 before the first
+update up to float rounding.
+
+The store: `shard_00000.parquet`, ... (columns id, prompt_ids, response_ids, ref_logprobs
+float32, reward, response_text), one per chunk of `ref.chunk_size` D_pef prompts, plus
+`manifest.json`, which records what the store was built from and what it holds:
+
+- the settings (`ref_state.json` too): model path and a hash of its weights, dtype, sampling;
+- the split: a hash of `pef.jsonl` and the D_pef ids;
+- per shard: the ids and a hash of the D_pef rows it was sampled from, its byte size and
+  SHA-256.
+
+Built through `dphrl.chunks`: a rerun keeps a shard only when it was sampled from the same
+rows and its bytes check out, and rebuilds any other (a changed split, a corrupt file), so
+the store always holds exactly the current D_pef. Every reader verifies the manifest
+(`load_ref_store`): a stale, unfinished or corrupt store is refused with the shard named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from dphrl.chunks import Chunk, Settings, run_chunks
+from dphrl.config import EngineConfig, ModelConfig, RefConfig, TaskConfig
+from dphrl.data import atomic_path, read_jsonl, write_json
+from dphrl.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+SETTINGS = "ref_state.json"
+REMEDY = "rerun `dphrl precompute-ref` (same ref.out): it rebuilds exactly the shards that differ"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def rows_sha256(rows: list[dict]) -> str:
+    """SHA-256 of rows' content, independent of key order."""
+    text = "\n".join(json.dumps(r, sort_keys=True, ensure_ascii=False) for r in rows)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def identity(ref: RefConfig, task: TaskConfig, model: ModelConfig, weights: str, seed: int) -> dict:
+    """What makes two precompute-ref runs the same store (the split is checked per shard)."""
+    return {
+        "model": model.path,
+        "weights_sha256": weights,
+        "dtype": model.dtype,
+        "task": task.name,
+        "samples_per_prompt": ref.samples_per_prompt,
+        "keep": ref.keep,
+        "temperature": ref.temperature,
+        "top_p": ref.top_p,
+        "max_new_tokens": model.max_new_tokens,
+        "max_prompt_len": model.max_prompt_len,
+        "seed": seed,
+        "chunk_size": ref.chunk_size,
+    }
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> dict:
+    vocab = tokenizer.get_vocab()
+    digest = hashlib.sha256("\n".join(sorted(vocab)).encode()).hexdigest()
+    return {"name": tokenizer.name_or_path, "vocab_size": len(vocab), "vocab_sha256": digest}
+
+
+def split_record(pef_path: Path) -> dict:
+    """What a store records of the split it was built from."""
+    pef = read_jsonl(pef_path)
+    return {
+        "pef": str(pef_path.resolve()),
+        "pef_sha256": rows_sha256(pef),
+        "pef_ids": [r["id"] for r in pef],
+    }
+
+
+def read_manifest(folder: str | os.PathLike) -> dict | None:
+    path = Path(folder) / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def is_current(folder: str | os.PathLike, pef_path: Path) -> bool:
+    """Whether a finished store exists and was built from this `pef.jsonl`."""
+    manifest = read_manifest(folder)
+    return bool(
+        manifest
+        and manifest.get("complete")
+        and manifest.get("split", {}).get("pef_sha256") == split_record(pef_path)["pef_sha256"]
+    )
+
+
+def build_ref_store(
+    ref: RefConfig,
+    pef_path: Path,
+    task_cfg: TaskConfig,
+    model: ModelConfig,
+    engine_cfg: EngineConfig,
+    device: str,
+    seed: int,
+) -> dict:
+    """Build (or finish, or bring up to date) the store in `ref.out` from `pef_path`; return
+    its manifest. The caller holds the folder's lock."""
+    from dphrl.models import resolve_model_path, weights_hash
+
+    if not pef_path.exists():
+        raise DataError(f"{pef_path}: no D_pef file; run `dphrl split` first (same split.out)")
+    pef = read_jsonl(pef_path)
+    model_path = resolve_model_path(model.path, model.cache_dir)
+    out = Path(ref.out)
+    settings = Settings(
+        out / SETTINGS,
+        identity(ref, task_cfg, model, weights_hash(model_path), seed),
+        "a ref store",
+        "use another ref.out or delete this one",
+    )
+    settings.check()
+    if not pef:
+        log.warning(
+            "D_pef is empty: the initial policy fully solves no prompt; train will run without the divergence term"
+        )
+    old = read_manifest(out) or {}
+    shards = {s["name"]: s for s in old.get("shard_records", [])}
+    sampler = _ShardSampler(ref, task_cfg, model, engine_cfg, model_path, device, seed, pef)
+
+    def done(c: Chunk) -> bool:
+        entry = shards.get(_shard_name(c))
+        return (
+            bool(entry)
+            and entry["rows_sha256"] == rows_sha256(pef[c.start : c.stop])
+            and _verify(out, entry) is None
+        )
+
+    def write(c: Chunk, records: list[dict]) -> None:
+        name = _shard_name(c)
+        _write_shard(out / name, records)
+        shards[name] = {
+            "name": name,
+            "ids": [str(r["id"]) for r in pef[c.start : c.stop]],
+            "rows_sha256": rows_sha256(pef[c.start : c.stop]),
+            "responses": len(records),
+            "bytes": (out / name).stat().st_size,
+            "sha256": file_sha256(out / name),
+        }
+        write_json(
+            out / MANIFEST,
+            {**settings.expected, "complete": False, "shard_records": list(shards.values())},
+        )
+        log.info("precompute-ref: shard %s: %d responses kept", name, len(records))
+
+    try:
+        run_chunks(len(pef), ref.chunk_size, settings, done, sampler.sample, write)
+    finally:
+        sampler.close()
+    settings.record()
+    n_chunks = math.ceil(len(pef) / ref.chunk_size)
+    current = [shards[f"shard_{j:05d}.parquet"] for j in range(n_chunks)]
+    for path in out.glob("shard_*.parquet"):  # shards of a longer, older D_pef
+        if path.name not in {s["name"] for s in current}:
+            path.unlink()
+    from dphrl.models import load_tokenizer
+
+    manifest = {
+        **settings.expected,
+        "complete": True,
+        "model_path": model_path,
+        "tokenizer": tokenizer_fingerprint(load_tokenizer(model_path)),
+        "split": split_record(pef_path),
+        "counts": {
+            "prompts": len(pef),
+            "sampled": len(pef) * ref.samples_per_prompt,
+            "kept": sum(s["responses"] for s in current),
+        },
+        "shards": [s["name"] for s in current],
+        "shard_records": current,
+    }
+    write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def _shard_name(c: Chunk) -> str:
+    return f"shard_{c.index:05d}.parquet"
+
+
+class _ShardSampler:
+    """Samples one chunk of D_pef and scores its responses' ref log-probs; loads lazily."""
+
+    def __init__(
+        self,
+        ref: RefConfig,
+        task_cfg: TaskConfig,
+        model: ModelConfig,
+        engine_cfg: EngineConfig,
+        model_path: str,
+        device: str,
+        seed: int,
+        pef: list[dict],
+    ) -> None:
+        self.ref, self.task_cfg, self.model, self.engine_cfg = ref, task_cfg, model, engine_cfg
+        self.model_path, self.device, self.seed, self.pef = model_path, device, seed, pef
+        self.engine = self.policy = self.tokenizer = None
+
+    def sample(self, c: Chunk) -> list[dict]:
+        from dphrl.engine import Sampling, engine_from_config
+        from dphrl.models import load_policy, load_tokenizer
+        from dphrl.rollout import render_rows, sample_and_score
+        from dphrl.tasks import get_task
+
+        ref, model = self.ref, self.model
+        if self.engine is None:
+            self.engine = engine_from_config(
+                self.engine_cfg, model, self.model_path, self.device, self.seed
+            )
+            self.policy = load_policy(self.model_path, model.dtype, self.device).eval()
+            self.tokenizer = load_tokenizer(self.model_path)
+        ids, kept = render_rows(
+            self.tokenizer, self.pef[c.start : c.stop], model.max_prompt_len, "precompute-ref"
+        )
+        base = Sampling(ref.temperature, ref.top_p, model.max_new_tokens, self.seed + 1_000_003)
+        sampling = base.shifted(c.start, ref.samples_per_prompt)
+        task = get_task(self.task_cfg.name)
+        scored = sample_and_score(
+            self.engine, task, self.task_cfg, ids, kept, ref.samples_per_prompt, sampling
+        )
+        records = [
+            {
+                "id": str(row["id"]),
+                "prompt_ids": prompt,
+                "response_ids": s.completion.token_ids,
+                "reward": float(s.verdict.reward),
+                "response_text": s.completion.text,
+            }
+            for prompt, row, group in zip(ids, kept, scored)
+            for s in group
+            if ref.keep == "all" or s.verdict.reward >= 1.0
+        ]
+        _add_ref_logprobs(
+            self.policy, records, self.tokenizer.pad_token_id, self.device, model.pack_tokens
+        )
+        return records
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+
+def _add_ref_logprobs(
+    policy: Any, records: list[dict], pad_id: int, device: str, pack_tokens: int, batch: int = 8
+) -> None:
+    """ref_logprobs by the training forward pass; every value must be finite."""
+    import torch
+
+    from dphrl.batching import pack, unpad
+    from dphrl.logprobs import batch_logprobs
+
+    for i in range(0, len(records), batch):
+        part = records[i : i + batch]
+        packed = pack(
+            [r["prompt_ids"] for r in part], [r["response_ids"] for r in part], pad_id
+        ).to(device)
+        with torch.no_grad():
+            logp, _ = batch_logprobs(policy, packed, pack_tokens=pack_tokens)  # (N, T)
+        for record, values in zip(part, unpad(logp.float().cpu(), packed.response_mask.cpu())):
+            if not all(math.isfinite(v) for v in values):
+                raise DataError(
+                    f"ref log-probs of prompt {record['id']} are not finite; check model.dtype"
+                )
+            record["ref_logprobs"] = values
+
+
+def _write_shard(path: Path, records: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema(
+        [
+            ("id", pa.string()),
+            ("prompt_ids", pa.list_(pa.int32())),
+            ("response_ids", pa.list_(pa.int32())),
+            ("ref_logprobs", pa.list_(pa.float32())),
+            ("reward", pa.float32()),
+            ("response_text", pa.string()),
+        ]
+    )
+    table = pa.Table.from_pylist(records, schema=schema)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def _verify(folder: Path, entry: dict) -> str | None:
+    """Why a shard does not match its manifest entry (missing, size, checksum), or None."""
+    path = folder / entry["name"]
+    if not path.exists():
+        return "is missing"
+    if path.stat().st_size != entry["bytes"]:
+        return f"has {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
+    if file_sha256(path) != entry["sha256"]:
+        return "does not match its checksum (the file was changed or damaged)"
+    return None
+
+
+def load_ref_store(
+    folder: str | os.PathLike, pef_path: Path, weights_sha256: str, dtype: str
+) -> list[dict]:
+    """Read a finished store, verified: made from this model's weights and this `pef.jsonl`,
+    every shard whole. A store made in another dtype than training's is used with a warning
+    (its log-probs differ from the training forward's by the rounding of either dtype)."""
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise DataError(f"{manifest_path}: no ref store manifest; run `dphrl precompute-ref` first")
+    if not manifest.get("complete"):
+        raise DataError(f"{manifest_path}: the store is unfinished; {REMEDY}")
+    if manifest.get("weights_sha256") != weights_sha256:
+        raise ConfigError(
+            f"{manifest_path} was made from model {manifest.get('model_path')!r} "
+            f"(weights {str(manifest.get('weights_sha256'))[:12]}), but the configured model has "
+            f"weights {weights_sha256[:12]}; rerun precompute-ref for this model (another ref.out)"
+        )
+    built_from = manifest.get("split", {})
+    if built_from.get("pef_sha256") != split_record(pef_path)["pef_sha256"]:
+        raise DataError(
+            f"{manifest_path} was built from another D_pef ({built_from.get('pef')}, "
+            f"{len(built_from.get('pef_ids', []))} prompts) than {pef_path} holds now "
+            f"(the split was rerun or changed); {REMEDY}"
+        )
+    if manifest.get("dtype") != dtype:
+        log.warning(
+            "the ref store %s holds %s log-probs but training runs in %s: log r is not 0 at step 0 "
+            "(rounding); rerun precompute-ref with model.dtype=%s for an exact rehearsal",
+            folder,
+            manifest.get("dtype"),
+            dtype,
+            dtype,
+        )
+    rows: list[dict] = []
+    for entry in manifest["shard_records"]:
+        problem = _verify(folder, entry)
+        if problem:
+            raise DataError(f"{folder / entry['name']} {problem}; {REMEDY}")
+        rows.extend(pq.read_table(folder / entry["name"]).to_pylist())
+    if len(rows) != manifest["counts"]["kept"]:
+        raise DataError(
+            f"{manifest_path} says {manifest['counts']['kept']} responses but the shards hold "
+            f"{len(rows)}; {REMEDY}"
+        )
+    return rows
