@@ -12,20 +12,17 @@ puts one deadline of its own (`signal.setitimer`, fractional seconds) around the
 parse the truth, parse the answer, compare. A timeout or an exception scores 0 with
 `error='timeout'` / `'exception'`, for the caller to count; nothing is raised for a bad
 completion. Where signals are unavailable (a non-main thread), and for large batches, the items
-go to worker processes, whose main threads can take signals; a parent-side watchdog ends a
-worker stuck in C code that the signal cannot interrupt.
+go to worker processes (`dphrl.tasks.workerpool`, shared with SQL), whose main threads can
+take signals; the pool replaces a worker stuck in C code that the signal cannot interrupt.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import os
 import re
 import signal
 import threading
 import time
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,12 +32,12 @@ from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, veri
 from dphrl.data import check_rows, limit_rows, read_rows
 from dphrl.errors import ConfigError, DataError
 from dphrl.tasks import Verdict
+from dphrl.tasks.workerpool import WorkerPool, cpu_count, shared_pool
 
 # Below this many items, verifying in-process beats starting and feeding worker processes.
 PARALLEL_MIN = 64
-# How long the parent waits past `timeout_s` for any worker to report before ending the pool:
-# covers spawning the workers and importing sympy on a busy machine.
-WATCHDOG_GRACE_S = 30.0
+# How long past an item's own deadline the pool kills its worker (a parse stuck in C code).
+KILL_GRACE_S = 5.0
 PROMPT_SUFFIX = "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -191,68 +188,37 @@ def _quiet_math_verify() -> None:
     logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 
-class VerifierPool:
-    """Worker processes kept across batches (starting them and importing sympy costs seconds).
+def _judge_item(item: tuple[str, Any, float, bool]) -> Verdict:
+    """`judge` on one (completion, truth, timeout_s, number_fallback), in a worker process."""
+    completion, truth, timeout_s, number_fallback = item
+    return judge(completion, truth, timeout_s, number_fallback=number_fallback)
 
-    `spawn` workers, never `fork`: the parent may hold torch or vLLM threads, and a forked
-    copy of a lock held by one of them deadlocks the child.
+
+def verifier_pool(workers: int) -> WorkerPool:
+    """The long-lived pool of math workers (0 = all cores), the one SQL uses too.
+
+    Each item keeps its own deadline (the alarm in `judge`); the pool kills a worker stuck
+    `KILL_GRACE_S` past it, where the alarm cannot reach (C code), and replaces it alone.
     """
-
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self._pool: Any = None
-
-    def run(
-        self,
-        completions: Sequence[str],
-        truths: Sequence[Any],
-        timeout_s: float,
-        number_fallback: bool,
-    ) -> list[Verdict]:
-        """Verdicts in order; an item no worker answers in time scores 0 as a timeout."""
-        if self._pool is None:
-            context = multiprocessing.get_context("spawn")
-            self._pool = context.Pool(self.workers, initializer=_quiet_worker)
-            weakref.finalize(self, self._pool.terminate)
-        pending = {
-            i: self._pool.apply_async(
-                judge, (c, t, timeout_s), {"number_fallback": number_fallback}
-            )
-            for i, (c, t) in enumerate(zip(completions, truths, strict=True))
-        }
-        verdicts: list[Verdict | None] = [None] * len(pending)
-        last_progress = time.monotonic()
-        while pending:
-            next(iter(pending.values())).wait(0.05)
-            done = [i for i, result in pending.items() if result.ready()]
-            for i in done:
-                verdicts[i] = pending.pop(i).get()
-            if done:
-                last_progress = time.monotonic()
-            elif time.monotonic() - last_progress > timeout_s + WATCHDOG_GRACE_S:
-                # A worker is stuck where the alarm cannot reach (C code) or has died.
-                self.close()
-                for i in pending:
-                    verdicts[i] = Verdict(0.0, None, "timeout")
-                break
-        return verdicts  # type: ignore[return-value]
-
-    def close(self) -> None:
-        """End the workers now (also what happens at interpreter exit)."""
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-            self._pool = None
+    return shared_pool(_judge_item, workers, initializer=_quiet_worker, grace_s=KILL_GRACE_S)
 
 
-def default_workers(workers: int) -> int:
-    """`task.workers`: 0 means every core this process may use."""
-    if workers > 0:
-        return workers
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+_OUTCOMES = {"killed": "timeout", "crashed": "exception", "error": "exception"}
+
+
+def _run_in_pool(
+    pool: WorkerPool,
+    completions: Sequence[str],
+    truths: Sequence[Any],
+    timeout_s: float,
+    number_fallback: bool,
+) -> list[Verdict]:
+    """Verdicts in order; an item killed past its deadline scores 0 as a timeout."""
+    items = [(c, t, timeout_s, number_fallback) for c, t in zip(completions, truths, strict=True)]
+    return [
+        done.value if done.status == "ok" else Verdict(0.0, None, _OUTCOMES[done.status])
+        for done in pool.map(items, [timeout_s] * len(items))
+    ]
 
 
 def _in_main_thread_or_pool(
@@ -261,7 +227,7 @@ def _in_main_thread_or_pool(
     timeout_s: float,
     workers: int,
     number_fallback: bool,
-    pool: VerifierPool | None = None,
+    pool: WorkerPool | None = None,
 ) -> list[Verdict]:
     main = threading.current_thread() is threading.main_thread()
     if main and (workers <= 1 or len(completions) < PARALLEL_MIN):
@@ -270,13 +236,8 @@ def _in_main_thread_or_pool(
             judge(c, t, timeout_s, number_fallback=number_fallback)
             for c, t in zip(completions, truths, strict=True)
         ]
-    own = pool is None
-    pool = pool or VerifierPool(max(1, min(workers, len(completions))))
-    try:
-        return pool.run(completions, truths, timeout_s, number_fallback)
-    finally:
-        if own:
-            pool.close()
+    pool = pool or verifier_pool(workers)
+    return _run_in_pool(pool, completions, truths, timeout_s, number_fallback)
 
 
 def verify_batch(
@@ -286,21 +247,21 @@ def verify_batch(
     workers: int = 0,
     *,
     number_fallback: bool = False,
-    pool: VerifierPool | None = None,
+    pool: WorkerPool | None = None,
 ) -> list[Verdict]:
     """One verdict per completion, using `workers` processes (0 = all cores) for big batches.
 
     Batches under `PARALLEL_MIN` items run in-process (start-up would dominate) unless the
-    caller is not the main thread. Pass a `VerifierPool` to keep workers across calls. Workers
-    are spawned, so a script that calls this must keep its top level under
-    `if __name__ == "__main__":` (else every item ends as a timeout, after the watchdog).
+    caller is not the main thread. Workers stay warm across calls (`verifier_pool`); they are
+    not forked from the caller, so a script that calls this must keep its top level under
+    `if __name__ == "__main__":`.
     """
     if len(completions) != len(ground_truths):
         raise ValueError(f"{len(completions)} completions but {len(ground_truths)} ground truths")
     if not completions:
         return []
     return _in_main_thread_or_pool(
-        completions, ground_truths, timeout_s, default_workers(workers), number_fallback, pool
+        completions, ground_truths, timeout_s, workers or cpu_count(), number_fallback, pool
     )
 
 
@@ -374,7 +335,7 @@ class MathTask:
 
     def __init__(self, name: str = "math") -> None:
         self.name = name
-        self._pool: VerifierPool | None = None
+        self._pool: WorkerPool | None = None
 
     def load(self, cfg: Any, split: str = "train") -> list[dict]:
         """Rows of `task.path` ("train") or `task.eval_path` ("eval"), the first `cfg.limit`."""
@@ -388,11 +349,8 @@ class MathTask:
 
     def verify(self, completions: list[str], ground_truths: list[Any], cfg: Any) -> list[Verdict]:
         """Verdicts under `cfg.timeout_s` per item, across `cfg.workers` processes for big batches."""
-        workers = default_workers(cfg.workers)
-        if self._pool is None or self._pool.workers != workers:
-            if self._pool is not None:
-                self._pool.close()
-            self._pool = VerifierPool(workers)
+        workers = cfg.workers or cpu_count()
+        self._pool = verifier_pool(workers)
         return verify_batch(
             completions,
             ground_truths,
