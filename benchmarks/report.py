@@ -14,6 +14,8 @@ import re
 import sys
 from pathlib import Path
 
+from dphrl.data import write_text
+
 ROOT = Path(__file__).resolve().parent.parent
 MARKDOWN = ROOT / "BENCHMARKS.md"
 RESULTS = ROOT / "benchmarks" / "results.json"
@@ -30,12 +32,6 @@ def machine() -> str:
     except ImportError:
         dev, tv = "no torch", "-"
     return f"{platform.machine()}, {os.cpu_count()} cores, {dev}, Python {platform.python_version()}, torch {tv}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def update_section(name: str, title: str, body: str, measured_on: str | None = None) -> None:
@@ -57,14 +53,14 @@ def update_section(name: str, title: str, body: str, measured_on: str | None = N
         if pattern.search(text)
         else text.rstrip("\n") + "\n\n" + section
     )
-    _atomic_write(MARKDOWN, text)
+    write_text(MARKDOWN, text)
 
 
 def record(results: dict[str, float]) -> None:
     """Merge {name: ratio} into benchmarks/results.json."""
     current = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     current.update(results)
-    _atomic_write(RESULTS, json.dumps(current, indent=2, sort_keys=True) + "\n")
+    write_text(RESULTS, json.dumps(current, indent=2, sort_keys=True) + "\n")
 
 
 def publish(name: str, title: str, body: str, results: dict[str, float], quick: bool) -> dict:

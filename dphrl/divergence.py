@@ -19,8 +19,12 @@ Two families, told apart by where the tokens y come from:
 
 Every function maps `(logp, ref_logp)` of any shape (typically `# (B, T)`) to per-token values
 of the same shape; masking and averaging belong to `dphrl.rl.aggregate`. `clamp_log_ratio`
-clamps log u before use, `clamp_value` clamps the per-token value after, as the official
-forward-KL estimator does (both stop the gradient outside the clamp); None turns a clamp off.
+clamps log u before use, `clamp_value` clamps the per-token value after (both stop the gradient
+outside the clamp); None turns a clamp off. Called directly, only `forward_kl` clamps by default
+(the official estimator's |log u| <= 20, value <= 10; its JS and alpha are unclamped). `train`
+builds the divergence through `make_divergence` with `divergence.clamp_log_ratio` /
+`divergence.clamp_value` (20 / 10 by default), so there every divergence is clamped, JS and
+alpha included.
 """
 
 from __future__ import annotations
@@ -223,8 +227,9 @@ def make_divergence(
 ) -> Divergence:
     """The ref-sample divergence `name` with its keywords bound (alpha only for "alpha").
 
-    Clamps given here apply to whichever divergence is chosen; None keeps the function's own
-    default (forward KL keeps the official 20 / 10, the others none).
+    Clamps given here apply to whichever divergence is chosen, JS and alpha included (the
+    trainer passes the config's, 20 / 10 by default); None keeps the function's own default
+    (forward KL's official 20 / 10, no clamp for the others).
     """
     if name not in DIVERGENCES:
         raise KeyError(f"unknown divergence {name!r}; known: {', '.join(DIVERGENCES)}")
