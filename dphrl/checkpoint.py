@@ -48,6 +48,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from dphrl.config import DphrlConfig
 from dphrl.data import write_json
 from dphrl.errors import ConfigError, DphrlError
 
@@ -79,11 +80,8 @@ RESUMABLE_KEYS = (
 )
 
 
-def run_settings(cfg: Any) -> dict[str, Any]:
-    """The run-defining settings of a train config as flat `section.key` -> JSON value.
-
-    `cfg` is the command's `DphrlConfig` dataclass (or any nested dataclass of plain values).
-    """
+def run_settings(cfg: DphrlConfig) -> dict[str, Any]:
+    """The run-defining settings of a train config as flat `section.key` -> JSON value."""
     import dataclasses
 
     def plain(value: Any) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 from dphrl.data import output_error
 from dphrl.errors import FolderLocked
 
+log = logging.getLogger(__name__)
 LOCK = ".dphrl.lock"
 
 
@@ -52,6 +54,15 @@ def folder_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
                 f"{h.get('pid', '?')} on host {h.get('host', '?')}, since {h.get('since', '?')}); "
                 "wait for it to finish, or use another output folder"
             ) from None
+        gone = _holder(fd)
+        if gone:  # released only by the kernel: its holder died without unlocking
+            log.warning(
+                "%s: taking over the lock of %s (pid %s on host %s), which ended without releasing it",
+                folder,
+                gone.get("command"),
+                gone.get("pid"),
+                gone.get("host"),
+            )
         me = {
             "pid": os.getpid(),
             "host": socket.gethostname(),

@@ -168,7 +168,7 @@ with folder_lock(sys.argv[1], "dphrl split"):
 """
 
 
-def test_a_second_writer_stops_naming_the_holder_and_a_dead_holder_is_stale(tmp_path):
+def test_a_second_writer_stops_naming_the_holder_and_a_dead_holder_is_stale(tmp_path, caplog):
     out = tmp_path / "split"
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True
@@ -183,8 +183,11 @@ def test_a_second_writer_stops_naming_the_holder_and_a_dead_holder_is_stale(tmp_
         holder.kill()  # as kill -9: the lock file stays, naming a dead process
         holder.wait()
     assert str(holder.pid) in (out / ".dphrl.lock").read_text()
-    with folder_lock(out, "test"):
+    with caplog.at_level("WARNING"), folder_lock(out, "test"):
         pass
+    assert (
+        f"pid {holder.pid} on host" in caplog.text and "ended without releasing it" in caplog.text
+    )
 
 
 def test_two_locks_in_one_process_conflict(tmp_path):
