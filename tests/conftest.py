@@ -22,24 +22,32 @@ def real_model_path() -> str:
     return resolve_model_path("embedded:smollm2-135m")
 
 
+def tiny_llama_config(**changes):
+    """The suite's one tiny Llama shape (hidden 32, 2 layers, 4 heads / 2 KV heads, tied
+    embeddings, vocab 128); `changes` override fields (vocab and token ids for a tokenizer)."""
+    from transformers import LlamaConfig
+
+    shape = {
+        "vocab_size": 128,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+        "tie_word_embeddings": True,
+    }
+    return LlamaConfig(**{**shape, **changes})
+
+
 @pytest.fixture
 def tiny_model():
     """A tiny random Llama (vocab 128, hidden 32, 2 layers), seeded, in fp32."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(tiny_llama_config(max_position_embeddings=256)).eval()
 
 
 @pytest.fixture(scope="session")
@@ -50,19 +58,12 @@ def tiny_model_dir(tmp_path_factory, real_model_path) -> str:
     tokens are the real ones, so every code path but the model's skill is exercised.
     """
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(real_model_path)
     torch.manual_seed(0)
-    config = LlamaConfig(
+    config = tiny_llama_config(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

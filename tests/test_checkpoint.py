@@ -212,23 +212,25 @@ def test_resume_on_cuda_restores_device_state_and_cuda_rng(tiny_model, tmp_path)
 
 
 def _pythonpath() -> str:
-    """This checkout first, so the torchrun script imports this dphrl, installed or not."""
-    root = str(Path(__file__).resolve().parent.parent)
-    return os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    """This checkout first, so the torchrun script imports this dphrl, installed or not, and
+    the tests' conftest (the tiny model's shape)."""
+    tests = Path(__file__).resolve().parent
+    return os.pathsep.join(
+        filter(None, [str(tests.parent), str(tests), os.environ.get("PYTHONPATH")])
+    )
 
 
 _FSDP_SCRIPT = """
 import sys, torch, torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_llama_config
+from transformers import LlamaForCausalLM
 from dphrl.checkpoint import load_checkpoint, save_checkpoint, save_hf_model
 
 dist.init_process_group("gloo")
 torch.manual_seed(0)
-config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-model = LlamaForCausalLM(config)
+model = LlamaForCausalLM(tiny_llama_config())
 for layer in model.model.layers:
     fully_shard(layer)
 fully_shard(model)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_llama_config
+from transformers import LlamaForCausalLM
 
 from dphrl.logprobs import hidden_logprobs, response_logprobs, token_logprobs
 
@@ -23,16 +24,8 @@ def _naive_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tens
 @pytest.fixture(scope="module")
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=V,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+    # untied: the head is its own weight, as in the 7-8B models
+    config = tiny_llama_config(vocab_size=V, tie_word_embeddings=False)
     return LlamaForCausalLM(config).float().eval()
 
 
