@@ -28,7 +28,7 @@ from types import SimpleNamespace
 
 from dphrl.tasks import get_task
 from dphrl.tasks.sql import verify_batch
-from dphrl.tasks.sqlexec import run_query
+from dphrl.tasks.sql.sandbox import run_query
 from dphrl.tasks.workerpool import Done, cpu_count
 
 N = 512

@@ -19,7 +19,7 @@ from dphrl.tasks.sql import (
     spider_equal,
     verify_batch,
 )
-from dphrl.tasks.sqlexec import GOLD_CACHE
+from dphrl.tasks.sql.sandbox import GOLD_CACHE
 
 
 def test_extract_takes_the_last_closed_sql_block() -> None:

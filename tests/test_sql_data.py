@@ -15,8 +15,9 @@ import pytest
 from dphrl.config import TaskConfig
 from dphrl.data import read_jsonl
 from dphrl.errors import ConfigError, DataError
-from dphrl.tasks import get_task, minisql
-from dphrl.tasks.sqldata import describe_schema, load_sql_rows
+from dphrl.tasks import get_task
+from dphrl.tasks.sql import minisql
+from dphrl.tasks.sql.data import describe_schema, load_sql_rows
 
 
 @pytest.fixture

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from dphrl.errors import VerifyError
-from dphrl.tasks import minisql
-from dphrl.tasks.sql import SQLExecutionError, execute, score, verify_batch
-from dphrl.tasks.sqlexec import (
+from dphrl.tasks.sql import SQLExecutionError, execute, minisql, score, verify_batch
+from dphrl.tasks.sql.sandbox import (
     SQLDeniedError,
     SQLSyntaxError,
     SQLTimeoutError,

@@ -22,7 +22,7 @@ query that runs but does not match earns at most 0.8, here
 `0.8 * matched / max(gold columns, predicted columns)`, where a gold column is matched by a
 distinct predicted column holding the same set of values.
 
-Execution is `dphrl.tasks.sqlexec` (read-only sandbox, time limit, row cap, worker processes);
+Execution is `dphrl.tasks.sql.sandbox` (read-only sandbox, time limit, row cap, worker processes);
 `execute` is re-exported here. `score` and `execute` are the stable public functions.
 """
 
@@ -39,8 +39,8 @@ from typing import Any
 
 from dphrl.errors import ConfigError, DataError, VerifyError
 from dphrl.tasks import Verdict
-from dphrl.tasks.sqldata import load_sql_rows, parse_ground_truth, resolve_db
-from dphrl.tasks.sqlexec import (
+from dphrl.tasks.sql.data import load_sql_rows, parse_ground_truth, resolve_db
+from dphrl.tasks.sql.sandbox import (
     DEFAULT_MAX_ROWS,
     DEFAULT_TIMEOUT_S,
     Query,
@@ -280,7 +280,7 @@ def score(completion: str, ground_truth: Any, db_root: str | Path | None) -> flo
 
 
 def _minisql_root() -> Path:
-    from dphrl.tasks import minisql
+    from dphrl.tasks.sql import minisql
 
     return minisql.db_root()
 
@@ -313,7 +313,7 @@ class SqlTask:
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         path = getattr(cfg, key)
         if path is None and self.embedded:
-            from dphrl.tasks import minisql
+            from dphrl.tasks.sql import minisql
 
             path = minisql.questions_path(split, "jsonl")
         if path is None:

@@ -4,7 +4,7 @@ SQL scripts on first use, and 100 question / gold-SQL pairs over them.
 The questions ship twice, as the two input formats dphrl reads: raw BIRD (`train.json`,
 `dev.json`: question, evidence, SQL, db_id, difficulty) and the official DPH-RL row format
 (`train.jsonl`, `dev.jsonl`), whose prompts are the BIRD questions rendered by
-`dphrl.tasks.sqldata` from the built databases; a test checks that the two agree.
+`dphrl.tasks.sql.data` from the built databases; a test checks that the two agree.
 `train` has 80 questions, `dev` (the held-out eval split) 20.
 
 Databases are built into `<cache>/minisql/<hash of the scripts>/<db>/<db>.sqlite`, the layout of
@@ -78,9 +78,9 @@ def render_rows(split: str, cache_dir: str | None = None) -> list[dict]:
 
     The shipped `<split>.jsonl` files are this function's output; regenerate them after editing
     the questions or the scripts with
-    `python -c "from dphrl.tasks import minisql; minisql.write_rows()"`.
+    `python -c "from dphrl.tasks.sql import minisql; minisql.write_rows()"`.
     """
-    from dphrl.tasks.sqldata import load_sql_rows
+    from dphrl.tasks.sql.data import load_sql_rows
 
     return load_sql_rows(
         questions_path(split, "json"),
