@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -48,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from dphrl import dist
 from dphrl.config import DphrlConfig
 from dphrl.data import write_json
 from dphrl.errors import ConfigError, DphrlError
@@ -165,13 +165,13 @@ def save_checkpoint(
     )
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(_TMP + final.name)
-    rank, world = _rank(), _world_size()
+    rank, world = dist.rank(), dist.world_size()
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed save of the same step
         tmp.mkdir(parents=True)
-    _barrier()
+    dist.barrier()
     _write_tree(tmp, f"rng_rank{rank:05d}", rng_state())
-    _barrier()
+    dist.barrier()
     if rank == 0:
         _write_model(tmp, model_sd)
         if optim_sd is not None:
@@ -184,7 +184,7 @@ def save_checkpoint(
         _fsync(tmp / MARKER)
         _replace_dir(tmp, final)
         prune_checkpoints(run_dir, keep)
-    _barrier()
+    dist.barrier()
     return final
 
 
@@ -204,16 +204,16 @@ def load_checkpoint(
         raise DphrlError(
             f"{path}: not a complete checkpoint (no {MARKER}); resume from another one or delete it"
         )
-    distributed = _world_size() > 1
+    distributed = dist.world_size() > 1
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
-    reads = _rank() == 0 or not distributed
+    reads = dist.rank() == 0 or not distributed
     set_model_state_dict(model, _read_model(path) if reads else {}, options=options)
     if optimizer is not None:
         optim_sd = _read_tree(path, "optimizer") if reads else {}
         set_optimizer_state_dict(model, optimizer, optim_sd, options=options)
     if scheduler is not None:
         scheduler.load_state_dict(_read_tree(path, "scheduler"))
-    rng_name = f"rng_rank{_rank():05d}"
+    rng_name = f"rng_rank{dist.rank():05d}"
     if not (path / f"{rng_name}.json").exists():
         rng_name = "rng_rank00000"
     set_rng_state(_read_tree(path, rng_name))
@@ -264,7 +264,7 @@ def save_hf_model(
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
     out = Path(out_dir)
-    if _rank() == 0:
+    if dist.rank() == 0:
         tied = getattr(model, "all_tied_weights_keys", None) or {}
         state = {k: v for k, v in state.items() if not (k in tied and tied[k] in state)}
         tmp = out.with_name(_TMP + out.name)
@@ -274,7 +274,7 @@ def save_hf_model(
             tokenizer.save_pretrained(tmp)
         _fsync_files(tmp)
         _replace_dir(tmp, out)
-    _barrier()
+    dist.barrier()
     return out
 
 
@@ -411,16 +411,3 @@ def _fsync(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if _world_size() > 1:
-        dist.barrier()

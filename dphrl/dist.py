@@ -79,8 +79,19 @@ def shutdown() -> None:
 
 
 def barrier() -> None:
+    """Wait for every rank (a no-op outside a process group)."""
     if dist.is_initialized():
         dist.barrier()
+
+
+def rank() -> int:
+    """This process's rank in the default group; 0 outside one."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """Processes in the default group; 1 outside one."""
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def shard(model: torch.nn.Module, layout: Layout) -> torch.nn.Module:
