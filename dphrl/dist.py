@@ -12,10 +12,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from dphrl.config import LayoutConfig
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,7 @@ class Layout:
         return self.rank == 0
 
 
-def resolve_layout(cfg: Any) -> Layout:
+def resolve_layout(cfg: LayoutConfig) -> Layout:
     """Turn `layout.*` into a concrete layout; `auto` is gpu1 with CUDA, else cpu."""
     cuda = torch.cuda.is_available()
     name = cfg.name if cfg.name != "auto" else ("gpu1" if cuda else "cpu")

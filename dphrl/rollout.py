@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dphrl.data import render_prompts
 from dphrl.engine import Completion, Engine, Sampling
 from dphrl.tasks import Task, Verdict
+
+if TYPE_CHECKING:
+    from dphrl.config import TaskConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,7 @@ def render_rows(
 def sample_and_score(
     engine: Engine,
     task: Task,
-    task_cfg: Any,
+    task_cfg: TaskConfig,
     prompt_ids: list[list[int]],
     rows: list[dict],
     n: int,
@@ -59,7 +62,7 @@ def sample_and_score(
 
 
 def score_outputs(
-    task: Task, task_cfg: Any, rows: list[dict], outputs: list[list[Completion]]
+    task: Task, task_cfg: TaskConfig, rows: list[dict], outputs: list[list[Completion]]
 ) -> list[list[Scored]]:
     """Verify every completion of every prompt in one batched verifier call."""
     texts = [c.text for outs in outputs for c in outs]

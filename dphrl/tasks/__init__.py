@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dphrl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dphrl.config import TaskConfig
 
 
 @dataclass(frozen=True)
@@ -34,13 +37,15 @@ class Verdict:
 class Task(Protocol):
     name: str
 
-    def load(self, cfg: Any, split: str = "train") -> list[dict]:
+    def load(self, cfg: TaskConfig, split: str = "train") -> list[dict]:
         """Rows in the official shape (`dphrl.data`), the first `cfg.limit` of them.
 
         split is "train" (task.path) or "eval" (task.eval_path, or the embedded held-out set).
         """
 
-    def verify(self, completions: list[str], ground_truths: list[Any], cfg: Any) -> list[Verdict]:
+    def verify(
+        self, completions: list[str], ground_truths: list[Any], cfg: TaskConfig
+    ) -> list[Verdict]:
         """One verdict per completion; uses all cores; never raises for a bad completion."""
 
 

@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sympy
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
@@ -33,6 +33,9 @@ from dphrl.data import check_rows, limit_rows, read_rows
 from dphrl.errors import ConfigError, DataError
 from dphrl.tasks import Verdict
 from dphrl.tasks.workerpool import WorkerPool, cpu_count, shared_pool
+
+if TYPE_CHECKING:
+    from dphrl.config import TaskConfig
 
 # Below this many items, verifying in-process beats starting and feeding worker processes.
 PARALLEL_MIN = 64
@@ -337,7 +340,7 @@ class MathTask:
         self.name = name
         self._pool: WorkerPool | None = None
 
-    def load(self, cfg: Any, split: str = "train") -> list[dict]:
+    def load(self, cfg: TaskConfig, split: str = "train") -> list[dict]:
         """Rows of `task.path` ("train") or `task.eval_path` ("eval"), the first `cfg.limit`."""
         key = {"train": "path", "eval": "eval_path"}.get(split)
         if key is None:
@@ -347,7 +350,9 @@ class MathTask:
             raise ConfigError(f"task={self.name} has no {split} data: set task.{key}=<rows file>")
         return load_math_rows(path, self.name, cfg.limit)
 
-    def verify(self, completions: list[str], ground_truths: list[Any], cfg: Any) -> list[Verdict]:
+    def verify(
+        self, completions: list[str], ground_truths: list[Any], cfg: TaskConfig
+    ) -> list[Verdict]:
         """Verdicts under `cfg.timeout_s` per item, across `cfg.workers` processes for big batches."""
         workers = cfg.workers or cpu_count()
         self._pool = verifier_pool(workers)

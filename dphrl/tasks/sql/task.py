@@ -35,7 +35,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dphrl.errors import ConfigError, DataError, VerifyError
 from dphrl.tasks import Verdict
@@ -50,6 +50,9 @@ from dphrl.tasks.sql.sandbox import (
     run_batch,
 )
 from dphrl.tasks.workerpool import WorkerPool
+
+if TYPE_CHECKING:
+    from dphrl.config import TaskConfig
 
 __all__ = ["SQLExecutionError", "SqlTask", "execute", "extract_sql", "score", "verify_batch"]
 
@@ -299,13 +302,13 @@ class SqlTask:
         self.name = name
         self.embedded = name == "minisql"
 
-    def db_root(self, cfg: Any) -> Path | None:
+    def db_root(self, cfg: TaskConfig) -> Path | None:
         """`task.db_root`, or for minisql the built databases in the cache."""
         if cfg.db_root is not None:
             return Path(cfg.db_root).expanduser()
         return _minisql_root() if self.embedded else None
 
-    def load(self, cfg: Any, split: str = "train") -> list[dict]:
+    def load(self, cfg: TaskConfig, split: str = "train") -> list[dict]:
         """Rows of `task.path` ("train") or `task.eval_path` ("eval"), the first `cfg.limit`;
         minisql without a path gives its own 80 train / 20 dev questions."""
         key = {"train": "path", "eval": "eval_path"}.get(split)
@@ -328,7 +331,9 @@ class SqlTask:
             limit=cfg.limit,
         )
 
-    def verify(self, completions: list[str], ground_truths: list[Any], cfg: Any) -> list[Verdict]:
+    def verify(
+        self, completions: list[str], ground_truths: list[Any], cfg: TaskConfig
+    ) -> list[Verdict]:
         """Verdicts under `cfg.timeout_s` per query, across `cfg.workers` processes (0 = all)."""
         root = self.db_root(cfg)
         if root is None:
