@@ -93,7 +93,7 @@ class LayoutConfig:
 class AlgoConfig:
     """The RL part on D_exp: GRPO group advantages with PPO-clip, or DAPO's variants."""
 
-    name: str = "grpo"  # grpo | dapo | gspo
+    name: str = "grpo"  # grpo | dapo | gspo | dr_grpo
     group_size: int = 8
     prompts_per_step: int = 4
     temperature: float = 1.0
@@ -103,7 +103,8 @@ class AlgoConfig:
     clip_high: float = 0.2
     ppo_epochs: int = 1
     minibatch_size: int = 0  # sequences per optimizer minibatch; 0 = the whole batch
-    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean
+    # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm (Dr. GRPO)
+    loss_agg: str = "token-mean"
     dynamic_sampling: bool = False
     max_refill_rounds: int = 4
     overlong_filter: bool = False
@@ -216,12 +217,17 @@ DIVERGENCE_NAMES = ("forward_kl", "js", "js_full", "alpha", "reverse_kl", "none"
 TASK_NAMES = ("arith", "minisql", "bird", "spider", "math", "gsm8k")
 ENGINE_NAMES = ("auto", "vllm", "hf")
 LAYOUT_NAMES = ("auto", "cpu", "gpu1", "gpu8", "multinode")
-ALGO_NAMES = ("grpo", "dapo", "gspo")
+ALGO_NAMES = ("grpo", "dapo", "gspo", "dr_grpo")
 POLICY_LOSS_NAMES = ("ppo_clip", "gspo", "clip_cov", "kl_cov")
 ADVANTAGE_NAMES = ("grpo", "passk")
 ROLLOUT_CORRECTION_NAMES = ("none", "tis", "mis_token", "mis_seq")
 ESTIMATORS = ("k1", "k2", "k3")
-LOSS_AGGS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+LOSS_AGGS = (
+    "token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+)
 SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
 

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from dphrl.mismatch import correct, mismatch_stats
+
 if TYPE_CHECKING:
     from dphrl.batching import Packed
     from dphrl.divergence import Divergence
@@ -96,6 +98,15 @@ def seq_mean_token_mean(values: Tensor, mask: Tensor, denom: float | None = None
     return per_seq.sum() / (_num_seqs(mask) if denom is None else denom)
 
 
+def seq_mean_token_sum_norm(values: Tensor, mask: Tensor, denom: float | None = None) -> Tensor:
+    """Each response's token sum over a constant L, then the mean over responses (Dr. GRPO, Liu
+    et al. 2025, arXiv 2503.20783): sum / (responses * L), so no response's tokens weigh more for
+    being short. `denom` is that product (the trainer passes the responses on all ranks times
+    `model.max_new_tokens`); without it L is the mask's width."""
+    per_seq = (values * mask).sum(dim=-1)  # (N,)
+    return per_seq.sum() / (_num_seqs(mask) * mask.shape[-1] if denom is None else denom)
+
+
 def _num_seqs(mask: Tensor) -> Tensor:
     """Responses with at least one unmasked token: a fully masked one (e.g. overlong) counts 0."""
     return (mask.sum(dim=-1) > 0).sum().clamp(min=1)
@@ -108,6 +119,7 @@ AGGREGATIONS: dict[str, Aggregation] = {
     "token-mean": token_mean,
     "seq-mean-token-sum": seq_mean_token_sum,
     "seq-mean-token-mean": seq_mean_token_mean,
+    "seq-mean-token-sum-norm": seq_mean_token_sum_norm,
 }
 
 
@@ -157,6 +169,7 @@ class StepBatch:
     online_ref_logp: Tensor | None = None  # (N, T) online reference model (reverse_kl, js_full)
     store: Packed | None = None  # ref-store ids (M, P'+S), response_mask (M, S)
     store_ref_logp: Tensor | None = None  # (M, S) pi_ref, as precompute-ref stored it
+    engine_logp: Tensor | None = None  # (N, T) the engine's log-probs of the sampled tokens
 
     def __len__(self) -> int:
         return 0 if self.rollouts is None else len(self.rollouts)
@@ -174,6 +187,7 @@ class StepBatch:
             advantages=self.advantages[rows],
             old_logp=cut(self.old_logp),
             online_ref_logp=cut(self.online_ref_logp),
+            engine_logp=cut(self.engine_logp),
             store=self.store.select(store_rows) if has_store else None,
             store_ref_logp=self.store_ref_logp[store_rows] if has_store else None,
         )
@@ -196,6 +210,9 @@ def hybrid_loss(
     loss_agg: str = "token-mean",
     denom: float | None = None,
     store_denom: float | None = None,
+    rollout_correction: str = "none",
+    correction_low: float = 0.5,
+    correction_high: float = 2.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """DPH-RL's per-step objective (arXiv 2509.07430, Sec. 3) on one minibatch:
 
@@ -211,15 +228,27 @@ def hybrid_loss(
     responses) so that minibatches and ranks add up to the global mean. Returns the scalar loss
     and the statistics of `LOSS_STATS` as floats: the clip fraction and, on the ref store, the
     KL(pi_ref || pi_theta) estimate `kl_ref` (k3 form, no gradient).
+
+    With the engine's log-probs in the batch, `rollout_correction` (`dphrl.mismatch`) weighs or
+    masks the policy loss's tokens by pi_old / pi_engine (bounds `correction_low` / `_high`);
+    masked tokens add 0 and keep their place in the denominator. The mismatch and correction
+    statistics are added, taken over the tokens of responses with a nonzero advantage.
     """
     loss = torch.zeros((), device=batch.advantages.device)
     stats = dict.fromkeys(LOSS_STATS, 0.0)
     if logp is not None and batch.rollouts is not None:
         mask = batch.rollouts.response_mask
         old = logp.detach() if batch.old_logp is None else batch.old_logp
+        weights, pg_mask = None, mask
+        if batch.engine_logp is not None:
+            bounds = (correction_low, correction_high)
+            weights, pg_mask, _ = correct(rollout_correction, old, batch.engine_logp, mask, *bounds)
+            stats.update(_mismatch_report(batch, old, mask, rollout_correction, bounds))
         pg_tok, clip_frac = policy_loss(
-            logp, old, batch.advantages, mask, clip_low=clip_low, clip_high=clip_high
+            logp, old, batch.advantages, pg_mask, clip_low=clip_low, clip_high=clip_high
         )
+        if weights is not None:
+            pg_tok = pg_tok * weights
         pg = aggregate(pg_tok, mask, loss_agg, denom)
         loss = loss + pg
         stats["pg_loss"], stats["clip_frac"] = float(pg.detach()), float(clip_frac)
@@ -236,3 +265,17 @@ def hybrid_loss(
             kl = aggregate(torch.expm1(log_u) - log_u, mask, "token-mean", store_denom)
         stats["div_loss"], stats["kl_ref"] = float(div.detach()), float(kl)
     return loss, stats
+
+
+def _mismatch_report(
+    batch: StepBatch, old: Tensor, mask: Tensor, name: str, bounds: tuple[float, float]
+) -> dict[str, float]:
+    """Mismatch and correction statistics over the tokens of responses with a nonzero
+    advantage: those the correction acts on, and those the trainer forwards when it skips the
+    rest (whose `old` is then a placeholder)."""
+    adv = batch.advantages
+    live = adv != 0 if adv.dim() == 1 else (adv != 0).any(-1)  # (N,)
+    live_mask = mask * live.unsqueeze(-1).to(mask.dtype)
+    _, _, report = correct(name, old, batch.engine_logp, live_mask, *bounds)
+    report.update(mismatch_stats(old, batch.engine_logp, live_mask))
+    return {key: float(value) for key, value in report.items()}

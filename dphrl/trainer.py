@@ -32,7 +32,8 @@ from dphrl.divergence import POLICY_SAMPLE_TERMS, REVERSE_KL_ESTIMATORS, make_di
 from dphrl.engine import Sampling, engine_from_config
 from dphrl.logprobs import batch_logprobs
 from dphrl.metrics import MetricsLogger, Timer
-from dphrl.rl import StepBatch, group_advantages, hybrid_loss, informative_groups, overlong_filter
+from dphrl.objectives import ZERO_ADVANTAGE_INERT, make_advantage, make_policy_loss
+from dphrl.rl import StepBatch, hybrid_loss, informative_groups, overlong_filter
 from dphrl.rollout import Scored, render_rows, score_outputs
 from dphrl.sampler import EpochSampler
 from dphrl.tasks import get_task
@@ -99,6 +100,20 @@ class Trainer:
             if self.div.name == "reverse_kl"
             else POLICY_SAMPLE_TERMS.get(self.div.name)
         )
+        a = self.algo
+        self.advantage_fn = make_advantage(a.advantage, norm_std=a.norm_std, k=a.passk_k)
+        # Clip-Cov's random token picks: reseeded each step (`step`), so a resumed run draws the same
+        self.cov_generator = torch.Generator()
+        self.policy_loss = make_policy_loss(
+            a.loss,
+            clip_low=a.clip_low,
+            clip_high=a.clip_high,
+            ratio=a.clip_cov_ratio if a.loss == "clip_cov" else a.kl_cov_ratio,
+            cov_low=a.clip_cov_low,
+            cov_high=a.clip_cov_high,
+            coef=a.kl_cov_coef,
+            generator=self.cov_generator,
+        )
         self.ref_model = None
         if self.policy_term is not None:
             self.ref_model = load_policy(model_path, cfg.model.dtype, layout.device).eval()
@@ -153,6 +168,7 @@ class Trainer:
         """One optimizer step of the hybrid objective; returns this step's metrics."""
         self.timer.reset()
         rollouts = self.rollout()  # G responses per D_exp prompt, with their rewards
+        self.cov_generator.manual_seed(self.cfg.seed * 1_000_003 + self.step_num)
         self.engine.sleep()  # gpu layouts with engine.sleep_mode: free the engine's memory to train
         with self.timer("train"):
             advantages = self.advantages(rollouts)
@@ -197,20 +213,21 @@ class Trainer:
         return Rollouts(flat_prompts, [s for g in groups for s in g], a.group_size)
 
     def advantages(self, r: Rollouts) -> torch.Tensor:
-        """GRPO group advantages `# (B*G,)` of the rollouts' rewards."""
+        """Group advantages `# (B*G,)` of the rollouts' rewards (`algo.advantage`: GRPO, pass@k)."""
         if not r.scored:
             return torch.zeros(0)
-        return group_advantages(r.rewards, r.group_size, norm_std=self.algo.norm_std)
+        return self.advantage_fn(r.rewards, r.group_size)
 
     def batch(self, r: Rollouts, advantages: torch.Tensor) -> StepBatch:
-        """Pack the rollouts with their old and online-reference log-probs (trainer forwards),
-        and draw this rank's share of the ref store."""
+        """Pack the rollouts with the engine's log-probs of their tokens, their old and
+        online-reference log-probs (trainer forwards), and draw this rank's share of the ref store."""
         store, store_ref_logp = self.ref_batch()
         if not r.scored:
             return StepBatch(None, advantages, store=store, store_ref_logp=store_ref_logp)
         rollouts = pack(
             r.prompt_ids, [s.completion.token_ids for s in r.scored], self.tokenizer.pad_token_id
         )
+        engine_logp = repad([s.completion.logprobs for s in r.scored], rollouts.response_mask)
         if self.algo.overlong_filter:
             finished = torch.tensor([s.completion.finish_reason != "length" for s in r.scored])
             rollouts.response_mask = overlong_filter(
@@ -227,7 +244,13 @@ class Trainer:
             old = None if single_pass else self.logprobs(self.policy, rollouts, t)
             online = None if self.ref_model is None else self.logprobs(self.ref_model, rollouts, t)
         return StepBatch(
-            rollouts, advantages.to(self.layout.device), old, online, store, store_ref_logp
+            rollouts,
+            advantages.to(self.layout.device),
+            old,
+            online,
+            store,
+            store_ref_logp,
+            engine_logp.to(self.layout.device),
         )
 
     def ref_batch(self) -> tuple[Packed | None, torch.Tensor | None]:
@@ -298,11 +321,15 @@ class Trainer:
             beta=beta,
             divergence=self.divergence,
             policy_term=self.policy_term,
+            policy_loss=self.policy_loss,
             clip_low=a.clip_low,
             clip_high=a.clip_high,
             loss_agg=a.loss_agg,
             denom=denom,
             store_denom=store_denom,
+            rollout_correction=a.rollout_correction,
+            correction_low=a.rollout_correction_low,
+            correction_high=a.rollout_correction_high,
         )
 
     def _policy_logprobs(self, mb: StepBatch) -> torch.Tensor:
@@ -312,13 +339,15 @@ class Trainer:
         A response whose advantage is exactly 0 (a group whose rewards are all equal: the
         usual case on hard or easy prompts) adds -min(rho 0, clip(rho) 0) = 0 to the PPO-clip
         loss and nothing to its gradient or clip fraction, whatever rho is. When that loss is
-        all the rollouts carry (no online reference term), such rows skip the forward; they
-        hold their old log-probs (rho = 1), so the loss, its gradient and every statistic
-        equal the full forward's, at the cost of the informative rows alone.
+        all the rollouts carry (no online reference term; a loss in `ZERO_ADVANTAGE_INERT`, not
+        Clip-Cov / KL-Cov, whose covariance is centred over every token), such rows skip the
+        forward; they hold their old log-probs (rho = 1), so the loss, its gradient and every
+        statistic equal the full forward's, at the cost of the informative rows alone.
         """
         t, adv, packed = self.algo.temperature, mb.advantages, mb.rollouts
         live = adv != 0 if adv.dim() == 1 else (adv != 0).any(-1)  # (n,)
-        if mb.online_ref_logp is not None or bool(live.all()):
+        inert = self.algo.loss in ZERO_ADVANTAGE_INERT
+        if mb.online_ref_logp is not None or not inert or bool(live.all()):
             return self.logprobs(self.policy, packed, t, grad=True)
         base = (
             torch.zeros_like(packed.response_mask)
@@ -335,9 +364,12 @@ class Trainer:
         return base.index_put((rows,), computed)
 
     def _denominator(self, mask: torch.Tensor, mode: str) -> float:
-        """Tokens (token-mean) or responses (seq-mean-*) over all ranks, divided by the world size."""
+        """Tokens (token-mean) or responses (seq-mean-*; times `model.max_new_tokens` for
+        Dr. GRPO's seq-mean-token-sum-norm) over all ranks, divided by the world size."""
         local = mask.sum() if mode == "token-mean" else (mask.sum(-1) > 0).sum()
         total = dist.all_reduce_sum([float(local)], self.layout.device)[0]
+        if mode == "seq-mean-token-sum-norm":
+            total *= self.cfg.model.max_new_tokens
         return max(total, 1.0) / self.layout.world_size
 
     def logprobs(

@@ -90,3 +90,48 @@ def test_config_names_match_the_registry():
     from dphrl.config import ROLLOUT_CORRECTION_NAMES
 
     assert tuple(mm.ROLLOUT_CORRECTIONS) == ROLLOUT_CORRECTION_NAMES
+
+
+def _step_batch(engine_logp):
+    """Three responses of two tokens, A = +1, -1, 0, under a policy with log-prob -1 each."""
+    from dphrl.batching import Packed
+    from dphrl.rl import StepBatch
+
+    mask = torch.ones(3, 2, dtype=torch.float64)
+    packed = Packed(torch.zeros(3, 4, dtype=torch.long), torch.ones(3, 4), mask)
+    adv = torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64)
+    return StepBatch(packed, adv, engine_logp=engine_logp)
+
+
+def test_hybrid_loss_weighs_tokens_by_tis_and_reports_over_live_rows():
+    # log w = old - engine: [0, ln 4], [0, -ln 2], [5, 5] (the A = 0 row: no part in the stats).
+    # TIS weights at C = 2: [1, 2], [1, 1/2]; PPO-clip at ratio 1 is -A: [-1, -2], [1, 1/2], [0, 0].
+    from dphrl.rl import hybrid_loss
+
+    logp = torch.full((3, 2), -1.0, dtype=torch.float64, requires_grad=True)
+    engine = torch.tensor([[-1, -1 - LN2 * 2], [-1, -1 + LN2], [-6, -6]], dtype=torch.float64)
+    loss, stats = hybrid_loss(
+        _step_batch(engine), logp, None, beta=0.0, rollout_correction="tis", correction_high=2.0
+    )
+    assert loss.item() == pytest.approx((-1 - 2 + 1 + 0.5) / 6)  # token-mean over all 6 tokens
+    loss.backward()
+    grad = torch.tensor([[-1, -2], [1, 0.5], [0, 0]], dtype=torch.float64) / 6
+    torch.testing.assert_close(logp.grad, grad)
+    assert stats["mismatch_abs_mean"] == pytest.approx(3 * LN2 / 4)
+    assert stats["mismatch_abs_max"] == pytest.approx(2 * LN2)
+    assert stats["rc_frac_truncated"] == pytest.approx(1 / 4)
+    assert stats["rc_weight_mean"] == pytest.approx((1 + 2 + 1 + 0.5) / 4)
+
+
+def test_hybrid_loss_masks_tokens_with_mis_token():
+    # w = 1, 4, 1, 1/2 on the live rows: only the 4 leaves [1/2, 2]; the denominator keeps it.
+    from dphrl.rl import hybrid_loss
+
+    logp = torch.full((3, 2), -1.0, dtype=torch.float64, requires_grad=True)
+    engine = torch.tensor([[-1, -1 - LN2 * 2], [-1, -1 + LN2], [-6, -6]], dtype=torch.float64)
+    loss, stats = hybrid_loss(
+        _step_batch(engine), logp, None, beta=0.0, rollout_correction="mis_token"
+    )
+    assert loss.item() == pytest.approx((-1 + 0 + 1 + 1) / 6)
+    assert stats["rc_frac_masked"] == pytest.approx(1 / 4)
+    assert stats["mismatch_frac_large"] == pytest.approx(1 / 4)

@@ -167,3 +167,13 @@ def test_zero_advantage_rows_are_inert_exactly_where_declared(name):
         (g,) = torch.autograd.grad(fn(rows, old, adv, mask)[0].sum(), logp)
         grads.append(g[:2])
     assert torch.allclose(grads[0], grads[1]) == (name in ob.ZERO_ADVANTAGE_INERT)
+
+
+def test_dr_grpo_sums_tokens_over_a_constant_length():
+    # Token sums 6 and 4 over 2 responses x L: L = the mask's width 3, or given via denom.
+    values = torch.tensor([[1.0, 2, 3], [4, 9, 9]])
+    mask = torch.tensor([[1.0, 1, 1], [1, 0, 0]])
+    assert rl.aggregate(values, mask, "seq-mean-token-sum-norm").item() == pytest.approx(10 / 6)
+    assert rl.aggregate(values, mask, "seq-mean-token-sum-norm", 2 * 8).item() == pytest.approx(
+        10 / 16
+    )

@@ -4,9 +4,15 @@ ratio is exactly the nucleus mass, the importance weight of sampling from the tr
 
 from __future__ import annotations
 
-import torch
+import json
+from pathlib import Path
 
-from dphrl import mismatch
+import pytest
+import torch
+import toytask
+from conftest import compose_config
+
+from dphrl import mismatch, trainer
 from dphrl.batching import pack, repad
 from dphrl.engine import Sampling
 from dphrl.engine.hf import HFEngine
@@ -83,3 +89,80 @@ def test_top_p_weight_is_the_nucleus_mass(tiny_model_dir):
     assert rc["rc_frac_truncated"] == 0
     kl = mismatch.mismatch_stats(old, eng, mask)["mismatch_kl_k3"]
     assert kl > 0
+
+
+# ---- through the trainer: every objective and correction trains a step, with DPH-JS ----------
+
+TRAIN = [
+    "engine=hf",
+    "model.max_new_tokens=8",
+    "algo.group_size=4",
+    "algo.prompts_per_step=2",
+    "split.k=2",
+    "ref.keep=all",
+    "trainer.ref_batch_size=4",
+    "trainer.lr=1e-2",
+    "trainer.max_steps=1",
+    "trainer.tensorboard=false",
+    "task.name=coin",
+    "task.limit=8",
+]
+
+
+@pytest.fixture(scope="module")
+def coin_data(tmp_path_factory, tiny_model_dir):
+    """The coin toy task registered, and its split and ref store for the tiny model."""
+    mp = pytest.MonkeyPatch()
+    toytask.register(mp)
+    data = tmp_path_factory.mktemp("coin")
+    trainer.run(_cfg(data, tiny_model_dir, data), data)
+    yield data
+    mp.undo()
+
+
+def _cfg(tmp, model, data, *extra):
+    return compose_config(
+        [
+            *TRAIN,
+            f"model.path={model}",
+            f"split.out={data}/split",
+            f"ref.out={data}/ref",
+            f"trainer.run_dir={tmp}/run",
+            "divergence=js",
+            *extra,
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["algo=gspo"],
+        ["algo=dr_grpo"],
+        ["algo.advantage=passk", "algo.passk_k=2"],
+        ["algo.loss=clip_cov", "algo.clip_cov_ratio=0.1", "algo.clip_cov_low=-9"],
+        ["algo.loss=kl_cov", "algo.kl_cov_ratio=0.1"],
+        ["algo.rollout_correction=tis", "engine.dtype=bfloat16"],
+        ["algo.rollout_correction=mis_token", "algo.ppo_epochs=2", "algo.minibatch_size=4"],
+        ["algo.rollout_correction=mis_seq"],
+    ],
+    ids=lambda o: "+".join(o),
+)
+def test_each_objective_and_correction_trains_with_dph_js(
+    extra, coin_data, tiny_model_dir, tmp_path
+):
+    from safetensors.torch import load_file
+
+    out = trainer.run(_cfg(tmp_path, tiny_model_dir, coin_data, *extra), tmp_path)
+    before = load_file(Path(tiny_model_dir) / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    assert sum(float((before[k] - after[k]).abs().max()) for k in before) > 0
+    (m,) = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for key in ("mismatch_abs_mean", "mismatch_abs_max", "mismatch_kl_k3", "mismatch_frac_large"):
+        assert key in m
+    for key in ("rc_weight_mean", "rc_weight_max", "rc_frac_truncated", "rc_frac_masked"):
+        assert key in m
+    if "engine.dtype=bfloat16" in extra:
+        assert m["mismatch_abs_mean"] > 1e-5 and m["rc_weight_max"] <= 2.0
+    elif "algo.ppo_epochs=2" not in extra:  # fp32 engine and trainer, before any update
+        assert m["mismatch_abs_max"] < 1e-3 and m["rc_frac_masked"] == 0
