@@ -67,7 +67,7 @@ def training_data(
     from dphrl.data import read_jsonl
     from dphrl.divergence import DIVERGENCES
     from dphrl.models import weights_hash
-    from dphrl.refstore import is_current, load_ref_store
+    from dphrl.refstore import identity, is_current, load_ref_store
     from dphrl.tasks import get_task
 
     if cfg.divergence.name not in DIVERGENCES or cfg.divergence.beta == 0:
@@ -79,14 +79,17 @@ def training_data(
         )
         return rows, []
     split_dir, ref_dir = Path(cfg.split.out), Path(cfg.ref.out)
+    weights = weights_hash(model_path)
     if is_main:
         if not (split_dir / "exp.jsonl").exists():
             print(f"train: no split in {split_dir}: making it (as `dphrl split` does)")
             make_split(cfg)
-        if not is_current(ref_dir, split_dir / "pef.jsonl"):
+        wanted = identity(cfg.ref, cfg.task, cfg.model, weights, cfg.seed)
+        # Another store's settings make make_ref_store refuse, naming them.
+        if not is_current(ref_dir, split_dir / "pef.jsonl", wanted):
             print(
-                f"train: no finished ref store for this split in {ref_dir}: "
-                "making it (as `dphrl precompute-ref` does)"
+                f"train: {ref_dir} holds no finished ref store of this split and these settings: "
+                "making or updating it (as `dphrl precompute-ref` does)"
             )
             make_ref_store(cfg)
     dist.barrier()
@@ -95,9 +98,7 @@ def training_data(
         raise DataError(
             f"{split_dir / 'exp.jsonl'} is empty: the initial policy solves every prompt; nothing to explore"
         )
-    ref_rows = load_ref_store(
-        ref_dir, split_dir / "pef.jsonl", weights_hash(model_path), cfg.model.dtype
-    )
+    ref_rows = load_ref_store(ref_dir, split_dir / "pef.jsonl", weights, cfg.model.dtype)
     pef = len(read_jsonl(split_dir / "pef.jsonl"))
     if not ref_rows and pef == 0:
         print(

@@ -97,13 +97,15 @@ def read_manifest(folder: str | os.PathLike) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def is_current(folder: str | os.PathLike, pef_path: Path) -> bool:
-    """Whether a finished store exists and was built from this `pef.jsonl`."""
+def is_current(folder: str | os.PathLike, pef_path: Path, wanted: dict) -> bool:
+    """Whether a finished store exists, built from this `pef.jsonl` with the `wanted` settings
+    (`identity`). The dtype is left out: `load_ref_store` warns about a dtype mismatch."""
     manifest = read_manifest(folder)
     return bool(
         manifest
         and manifest.get("complete")
         and manifest.get("split", {}).get("pef_sha256") == split_record(pef_path)["pef_sha256"]
+        and all(manifest.get(k) == v for k, v in wanted.items() if k != "dtype")
     )
 
 

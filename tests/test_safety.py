@@ -126,12 +126,29 @@ def test_a_corrupt_shard_is_named_and_only_it_is_rebuilt(
 # 9. dtype of the store vs training --------------------------------------------------------------
 
 
-def test_a_store_in_another_dtype_than_training_is_named(store, tiny_model_dir, caplog):
-    _, folder, pef = store
+def _train_data(store, model: str, *extra: str):
+    """What train reads through `pipeline.training_data` from the fixture's split and store."""
+    from dphrl.pipeline import training_data
+
+    cfg, folder, pef = store
+    write_jsonl(pef.parent / "exp.jsonl", [{"id": 9, "prompt": "x", "reward_model": {}}])
+    overrides = [f"split.out={pef.parent}", f"ref.out={folder}", "divergence=js", *extra]
+    return training_data(_cfg("train", model, *overrides), True, model)
+
+
+def test_train_warns_about_a_store_in_another_dtype(store, tiny_model_dir, caplog, monkeypatch):
+    _, folder, _ = store
     assert json.loads((folder / "manifest.json").read_text())["dtype"] == "float32"
+    sampled = _sampled_chunks(monkeypatch)
     with caplog.at_level("WARNING"):
-        _load(folder, pef, tiny_model_dir, dtype="bfloat16")
+        _, rows = _train_data(store, tiny_model_dir, "model.dtype=bfloat16")
+    assert sampled == [] and len(rows) == 3  # the store is used, not rebuilt
     assert "float32 log-probs but training runs in bfloat16" in caplog.text
+
+
+def test_train_refuses_a_store_made_with_other_sampling_settings(store, tiny_model_dir):
+    with pytest.raises(ConfigError, match=r"temperature: folder has [0-9.]+, config has 0.5"):
+        _train_data(store, tiny_model_dir, "ref.temperature=0.5")
 
 
 # 5. a failed start leaves no settings behind --------------------------------------------------
