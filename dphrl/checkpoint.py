@@ -105,6 +105,15 @@ def run_settings(cfg: DphrlConfig) -> dict[str, Any]:
     }
 
 
+def data_settings(prompts: list[dict], ref_rows: list[dict]) -> dict[str, str]:
+    """What a run trains on, as hashes: a resume over changed prompts or a rebuilt ref store
+    (same config, other data) is refused like a changed setting."""
+    from dphrl.data import rows_sha256
+
+    ref = [{"id": r["id"], "response_ids": r["response_ids"]} for r in ref_rows]
+    return {"data.prompts_sha256": rows_sha256(prompts), "data.ref_rows_sha256": rows_sha256(ref)}
+
+
 def check_resume(run_dir: str | os.PathLike, resume: bool, settings: dict[str, Any]) -> Path | None:
     """The checkpoint a train run continues from, or None for a fresh run; refuses to train over
     an earlier run's checkpoints without `trainer.resume=true`, and to resume with changed

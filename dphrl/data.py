@@ -103,6 +103,16 @@ def append_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
         raise output_error(path, err) from err
 
 
+def rows_sha256(rows: Iterable[dict]) -> str:
+    """SHA-256 of rows' content, independent of key order: what a derived file was made from."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+    return digest.hexdigest()
+
+
 def read_jsonl(path: str | os.PathLike, *, tolerate_torn_tail: bool = False) -> list[dict]:
     """Read JSON lines; a bad line is a `DataError` naming file and line.
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from dphrl.chunks import Chunk, Settings, run_chunks
 from dphrl.config import EngineConfig, ModelConfig, RefConfig, TaskConfig
-from dphrl.data import atomic_path, read_jsonl, write_json
+from dphrl.data import atomic_path, read_jsonl, rows_sha256, write_json
 from dphrl.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -50,12 +50,6 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def rows_sha256(rows: list[dict]) -> str:
-    """SHA-256 of rows' content, independent of key order."""
-    text = "\n".join(json.dumps(r, sort_keys=True, ensure_ascii=False) for r in rows)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def identity(ref: RefConfig, task: TaskConfig, model: ModelConfig, weights: str, seed: int) -> dict:

@@ -499,6 +499,7 @@ def fit(trainer: Trainer) -> Path:
     """Steps until `trainer.max_steps`, with checkpoints, exact resume and the final HF model."""
     from dphrl.checkpoint import (
         check_resume,
+        data_settings,
         load_checkpoint,
         run_settings,
         save_checkpoint,
@@ -507,7 +508,7 @@ def fit(trainer: Trainer) -> Path:
     from dphrl.metrics import reduce_metrics
 
     tr, run_dir = trainer.cfg.trainer, trainer.run_dir
-    settings = run_settings(trainer.cfg)
+    settings = {**run_settings(trainer.cfg), **data_settings(trainer.prompts, trainer.ref_rows)}
     found = check_resume(run_dir, tr.resume, settings)
     if found is None:
         trainer.metrics.truncate_after(0)  # a killed run's steps before any checkpoint: one history

@@ -332,3 +332,12 @@ def test_resume_with_changed_settings_is_refused_naming_the_keys(
         "trainer.save_every=1",
     )
     assert _steps(tmp_path) == [1, 2]
+
+
+def test_resume_over_changed_training_data_is_refused(tmp_path, tiny_model_dir, monkeypatch):
+    toytask.register(monkeypatch)
+    _train(tmp_path, tiny_model_dir)
+    monkeypatch.setattr(toytask, "PROMPTS", [p.upper() for p in toytask.PROMPTS])  # same count
+    with pytest.raises(ConfigError, match="data.prompts_sha256: checkpoint has"):
+        _train(tmp_path, tiny_model_dir, "trainer.resume=true", "trainer.max_steps=2")
+    assert _steps(tmp_path) == [1]
