@@ -23,11 +23,15 @@ import logging
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dphrl.chunks import Chunk, SampleLog, Settings, run_chunks
 from dphrl.config import DphrlConfig, TaskConfig
 from dphrl.estimators import mean, pass_at_k, prompt_stats
+
+if TYPE_CHECKING:
+    from dphrl.rollout import Scored
+    from dphrl.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +234,7 @@ class _Evaluator:
 
     def evaluate(
         self,
-        task: Any,
+        task: Task,
         task_cfg: TaskConfig,
         ids: list[list[int]],
         rows: list[dict],
@@ -274,8 +278,8 @@ class _Evaluator:
         )
 
     def sample(
-        self, task: Any, task_cfg: TaskConfig, ids: list[list[int]], rows: list[dict], start: int
-    ) -> list[list[Any]]:
+        self, task: Task, task_cfg: TaskConfig, ids: list[list[int]], rows: list[dict], start: int
+    ) -> list[list[Scored]]:
         """n samples (+ the greedy one) of each prompt of a chunk starting at prompt `start`, scored."""
         from dphrl.engine import engine_from_config
         from dphrl.rollout import score_outputs
@@ -298,7 +302,9 @@ class _Evaluator:
             self.engine = None
 
 
-def _sample_row(model: str, dataset: str, pid: Any, j: int, scored: Any, is_greedy: bool) -> dict:
+def _sample_row(
+    model: str, dataset: str, pid: Any, j: int, scored: Scored, is_greedy: bool
+) -> dict:
     c, v = scored.completion, scored.verdict
     return {
         "model": model,
