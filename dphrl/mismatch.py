@@ -26,7 +26,11 @@ untruncated policy, the one PPO optimises. For a token inside the nucleus,
 log pi_engine = log pi_old - log Z (Z the nucleus mass, in [top_p, 1]), so w_t = Z <= 1 even
 with identical numerics: that is the correct importance weight for sampling from the truncated
 policy while training the full one, and the metrics then include the truncation's
-KL(pi_engine || pi_old) = -E[log Z]. With top_p = 1 they measure numerics alone.
+KL(pi_engine || pi_old) = -E[log Z]. With top_p = 1 they measure numerics alone. A top_k cut
+(not a dphrl sampling option; vLLM's `processed_logprobs` would include it) acts the same way,
+with Z the mass of the k most likely tokens. Comparing the untruncated engine distribution
+instead (vLLM's `raw_logprobs`) would not be the distribution the tokens came from, and at
+temperature != 1 not the trainer's either.
 """
 
 from __future__ import annotations
