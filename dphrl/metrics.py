@@ -267,3 +267,35 @@ def reduce_metrics(metrics: Mapping[str, float], sum_keys: Iterable[str] = ()) -
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
     world, summed = dist.get_world_size(), set(sum_keys)
     return {k: v if k in summed else v / world for k, v in zip(keys, values.tolist(), strict=True)}
+
+
+def step_metrics(
+    scored: list[Any],
+    group_size: int,
+    stats: Mapping[str, float],
+    seconds: Mapping[str, float],
+    device: str,
+) -> dict[str, float]:
+    """One train step's metrics from its verified rollouts (`dphrl.rollout.Scored`), the loss
+    statistics and the phase times: reward, pass rate, groups, entropy of the sampled tokens,
+    response length, verifier errors, throughput (and peak GPU memory on CUDA)."""
+    import torch
+
+    rewards = torch.tensor([s.verdict.reward for s in scored], dtype=torch.float32)
+    lengths = [len(s.completion.token_ids) for s in scored]
+    logps = [lp for s in scored for lp in s.completion.logprobs]
+    tokens = sum(lengths)
+    out = {
+        "reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
+        "pass_rate": float((rewards >= 1.0).float().mean()) if len(rewards) else 0.0,
+        "groups": len(scored) // max(group_size, 1),
+        "entropy": -sum(logps) / max(len(logps), 1),
+        "response_len": tokens / max(len(lengths), 1),
+        "verify_errors": sum(1 for s in scored if s.verdict.error in ("timeout", "exception")),
+        **stats,
+        **{f"time_{k}": v for k, v in seconds.items()},
+        "tokens_per_s": tokens / max(seconds.get("rollout", 0.0), 1e-9),
+    }
+    if device.startswith("cuda"):
+        out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out

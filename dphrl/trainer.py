@@ -21,7 +21,6 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -31,8 +30,9 @@ from dphrl.config import DphrlConfig
 from dphrl.divergence import POLICY_SAMPLE_TERMS, REVERSE_KL_ESTIMATORS, make_divergence
 from dphrl.engine import Sampling, engine_from_config
 from dphrl.logprobs import batch_logprobs
-from dphrl.metrics import MetricsLogger, Timer
+from dphrl.metrics import MetricsLogger, Timer, step_metrics
 from dphrl.objectives import ZERO_ADVANTAGE_INERT, make_advantage, make_policy_loss
+from dphrl.optim import make_optimizer
 from dphrl.rl import StepBatch, hybrid_loss, informative_groups, overlong_filter
 from dphrl.rollout import Scored, render_rows, score_outputs
 from dphrl.sampler import EpochSampler
@@ -54,28 +54,12 @@ class Rollouts:
         return torch.tensor([s.verdict.reward for s in self.scored], dtype=torch.float32)  # (B*G,)
 
 
-def lr_lambda(warmup: int, schedule: str, max_steps: int):
-    """Multiplier of the base lr at a step: linear warm-up, then constant / linear / cosine decay."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, max_steps - warmup)
-        if schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-
-    return factor
-
-
 class Trainer:
     """Holds the policy, the optional online reference, the engine, the optimizer and the data."""
 
     def __init__(
         self,
-        cfg: Any,
+        cfg: DphrlConfig,
         run_dir: Path,
         layout: dist.Layout,
         prompts: list[dict],
@@ -129,17 +113,7 @@ class Trainer:
             else None
         )
         tr = cfg.trainer
-        # fused: one kernel over all parameters (CPU and CUDA), a third of foreach's time here
-        self.optimizer = torch.optim.AdamW(
-            self.policy.parameters(),
-            lr=tr.lr,
-            betas=tuple(tr.adam_betas),
-            weight_decay=tr.weight_decay,
-            fused=layout.device.split(":")[0] in ("cpu", "cuda"),
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(tr.warmup_steps, tr.schedule, tr.max_steps)
-        )
+        self.optimizer, self.scheduler = make_optimizer(self.policy.parameters(), tr, layout.device)
         self.prompt_sampler = EpochSampler(len(prompts), cfg.seed)
         self.ref_sampler = EpochSampler(len(ref_rows), cfg.seed + 1) if ref_rows else None
         self.engine = engine_from_config(
@@ -418,27 +392,8 @@ class Trainer:
         self.engine.load_weights(dist.full_tensors(self.policy))
 
     def summarize(self, r: Rollouts, stats: dict[str, float]) -> dict[str, float]:
-        rewards = r.rewards
-        lengths = [len(s.completion.token_ids) for s in r.scored]
-        logps = [lp for s in r.scored for lp in s.completion.logprobs]
-        seconds = self.timer.totals()
-        tokens = sum(lengths)
-        out = {
-            "reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
-            "pass_rate": float((rewards >= 1.0).float().mean()) if len(rewards) else 0.0,
-            "groups": len(r.scored) // max(r.group_size, 1),
-            "entropy": -sum(logps) / max(len(logps), 1),
-            "response_len": tokens / max(len(lengths), 1),
-            "verify_errors": sum(
-                1 for s in r.scored if s.verdict.error in ("timeout", "exception")
-            ),
-            **stats,
-            **{f"time_{k}": v for k, v in seconds.items()},
-            "tokens_per_s": tokens / max(seconds.get("rollout", 0.0), 1e-9),
-        }
-        if self.layout.device.startswith("cuda"):
-            out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        return out
+        """The step's metrics: rollouts (rewards, lengths, entropy), loss statistics, times."""
+        return step_metrics(r.scored, r.group_size, stats, self.timer.totals(), self.layout.device)
 
 
 def _share(n: int, parts: int, k: int) -> slice:
@@ -468,7 +423,7 @@ def training_data(
     return pipeline_training_data(cfg, layout.is_main, model_path)
 
 
-def run(cfg: DphrlConfig, run_dir: Path) -> Path:
+def run(cfg: DphrlConfig, run_dir: Path, *, stop_after_step: int | None = None) -> Path:
     """Train; return the folder of the final HF model.
 
     Rank 0 holds the run folder's lock; a folder with checkpoints is resumed
@@ -490,13 +445,17 @@ def run(cfg: DphrlConfig, run_dir: Path) -> Path:
             model_path = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
             prompts, ref_rows = training_data(cfg, layout, model_path)
             trainer = Trainer(cfg, run_dir, layout, prompts, ref_rows, model_path)
-            return fit(trainer)
+            return fit(trainer, stop_after_step)
     finally:
         dist.shutdown()
 
 
-def fit(trainer: Trainer) -> Path:
-    """Steps until `trainer.max_steps`, with checkpoints, exact resume and the final HF model."""
+def fit(trainer: Trainer, stop_after_step: int | None = None) -> Path:
+    """Steps until `trainer.max_steps`, with checkpoints, exact resume and the final HF model.
+
+    `stop_after_step` (a test hook, not a config key) stops as a killed run would: after that
+    step's checkpoint, before the final model.
+    """
     from dphrl.checkpoint import (
         check_resume,
         data_settings,
@@ -547,10 +506,8 @@ def fit(trainer: Trainer) -> Path:
                 state,
                 tr.keep,
             )
-        if tr.stop_after_step is not None and trainer.step_num >= tr.stop_after_step:
-            print(
-                f"train: stopping after step {trainer.step_num} (trainer.stop_after_step, a test hook)"
-            )
+        if stop_after_step is not None and trainer.step_num >= stop_after_step:
+            print(f"train: stopping after step {trainer.step_num} (stop_after_step, a test hook)")
             return run_dir
     out = run_dir / "model"
     save_hf_model(trainer.policy, trainer.tokenizer, out)  # collective; rank 0 writes

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dphrl import divergence as dv
-from dphrl.config import DIVERGENCE_NAMES, ESTIMATORS
+from dphrl.config import DivergenceName, Estimator
 
 LOG2 = math.log(2.0)
 ALL = {
@@ -43,8 +43,8 @@ def _alpha_exact(logp: torch.Tensor, logq: torch.Tensor, a: float) -> torch.Tens
 
 
 def test_registry_matches_config_names():
-    assert set(dv.DIVERGENCES) == set(DIVERGENCE_NAMES) - {"none", "reverse_kl"}
-    assert set(dv.REVERSE_KL_ESTIMATORS) == set(ESTIMATORS)
+    assert set(dv.DIVERGENCES) == set(DivergenceName) - {"none", "reverse_kl"}
+    assert set(dv.REVERSE_KL_ESTIMATORS) == set(Estimator)
     assert set(dv.POLICY_SAMPLE_TERMS) <= set(dv.DIVERGENCES)
 
 

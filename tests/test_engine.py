@@ -144,10 +144,10 @@ def test_weight_push_changes_greedy_output_and_originals_restore_it(
 
 @pytest.mark.slow
 def test_engine_from_config_sizes_the_hf_engine(real_model_path):
-    from dphrl.config import EngineConfig, ModelConfig
+    from dphrl.config import EngineConfig, HfConfig, ModelConfig
 
     eng = engine_from_config(
-        EngineConfig(name="hf", batch_size=3),
+        EngineConfig(name="hf", hf=HfConfig(batch_size=3)),
         ModelConfig(max_prompt_len=100, max_new_tokens=20),
         real_model_path,
     )

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dphrl import rl
-from dphrl.config import LOSS_AGGS
+from dphrl.config import LossAgg
 
 REWARDS = torch.tensor([1.0, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 1])  # three groups of G = 4
 
@@ -102,7 +102,7 @@ def test_aggregation_on_ragged_masks():
 
 
 def test_aggregation_registry_matches_config():
-    assert tuple(rl.AGGREGATIONS) == LOSS_AGGS
+    assert tuple(rl.AGGREGATIONS) == tuple(LossAgg)
 
 
 def test_micro_batches_with_global_denominator_add_up_to_the_full_batch():

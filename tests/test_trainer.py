@@ -175,8 +175,9 @@ def test_killed_run_resumes_exactly(data_dir, tiny_model_dir, tmp_path):
     steps = ["trainer.max_steps=4", "trainer.save_every=1", "ref.keep=all", "divergence=js"]
     whole = trainer.run(_cfg(tmp_path / "a", tiny_model_dir, *steps, data=data_dir), tmp_path)
     trainer.run(
-        _cfg(tmp_path / "b", tiny_model_dir, *steps, "trainer.stop_after_step=2", data=data_dir),
+        _cfg(tmp_path / "b", tiny_model_dir, *steps, data=data_dir),
         tmp_path,
+        stop_after_step=2,
     )
     resumed = trainer.run(
         _cfg(tmp_path / "b", tiny_model_dir, *steps, "trainer.resume=true", data=data_dir), tmp_path

@@ -35,12 +35,10 @@ class CoinTask:
 
 
 def register(monkeypatch=None) -> None:
-    """Make `task=coin` known to the registry and to config validation."""
-    from dphrl import config, tasks
+    """Make `task=coin` known: the task registry is the one list config validation reads."""
+    from dphrl import tasks
 
     if monkeypatch is not None:
         monkeypatch.setitem(tasks.TASKS, "coin", "toytask:CoinTask")
-        monkeypatch.setattr(config, "TASK_NAMES", (*config.TASK_NAMES, "coin"))
     else:
         tasks.TASKS["coin"] = "toytask:CoinTask"
-        config.TASK_NAMES = (*config.TASK_NAMES, "coin")

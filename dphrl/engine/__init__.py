@@ -14,10 +14,13 @@ import importlib
 import importlib.util
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dphrl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dphrl.config import EngineConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -96,24 +99,28 @@ def make_engine(name: str, model_path: str, **options: Any) -> Engine:
 
 
 def engine_from_config(
-    engine_cfg: Any, model_cfg: Any, model_path: str, device: str = "auto", seed: int = 0
+    engine_cfg: EngineConfig,
+    model_cfg: ModelConfig,
+    model_path: str,
+    device: str = "auto",
+    seed: int = 0,
 ) -> Engine:
     """Build the configured engine for a resolved `model_path` (split, train and eval share this).
 
-    `engine_cfg` is an `EngineConfig`, `model_cfg` a `ModelConfig` (its dtype, unless
-    `engine.dtype` sets another, and the prompt and response lengths size the engine); `device`
-    is `layout.device`.
+    The engine gets the settings all engines share and its own section (`engine.vllm`,
+    `engine.hf`); `model_cfg`'s dtype (unless `engine.dtype` sets another) and prompt and
+    response lengths size it; `device` is `layout.device`.
     """
+    name = resolve_engine_name(engine_cfg.name)
+    own = getattr(engine_cfg, name, None)
+    options = {f.name: getattr(own, f.name) for f in fields(own)} if own is not None else {}
     return make_engine(
-        engine_cfg.name,
+        name,
         model_path,
-        dtype=engine_cfg.dtype or model_cfg.dtype,
+        dtype=str(engine_cfg.dtype or model_cfg.dtype),
         device=device,
         seed=seed,
-        gpu_memory_utilization=engine_cfg.gpu_memory_utilization,
-        enforce_eager=engine_cfg.enforce_eager,
-        tensor_parallel_size=engine_cfg.tensor_parallel_size,
-        batch_size=engine_cfg.batch_size,
         max_model_len=model_cfg.max_prompt_len + model_cfg.max_new_tokens,
         sleep_mode=engine_cfg.sleep_mode,
+        **options,
     )
