@@ -249,6 +249,7 @@ def test_the_command_edge_turns_a_full_disk_into_exit_2(
     from dphrl.cli import run_command
 
     monkeypatch.setattr(os, "fsync", _raise(errno.ENOSPC, "No space left on device"))
+    monkeypatch.setenv("COLUMNS", "500")  # rich wraps the one-line error at the terminal width
     out = tmp_path / "split"
     args = [*SAMPLING, f"model.path={tiny_model_dir}", "task.limit=2", f"split.out={out}"]
     with pytest.raises(SystemExit) as exit_:
