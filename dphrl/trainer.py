@@ -29,6 +29,7 @@ from dphrl.batching import Packed, pack, repad
 from dphrl.config import DphrlConfig
 from dphrl.divergence import POLICY_SAMPLE_TERMS, REVERSE_KL_ESTIMATORS, make_divergence
 from dphrl.engine import Sampling, engine_from_config
+from dphrl.heldout import heldout_pass_at_k, heldout_rows
 from dphrl.logprobs import batch_logprobs
 from dphrl.metrics import MetricsLogger, Timer, step_metrics
 from dphrl.objectives import ZERO_ADVANTAGE_INERT, make_advantage, make_policy_loss
@@ -124,18 +125,7 @@ class Trainer:
         )
         self.timer = Timer()
         self.step_num = 0
-        self.eval_rows = self._eval_rows() if cfg.eval.every else []
-
-    def _eval_rows(self) -> list[dict]:
-        """Held-out prompts for `eval.every` (the task's eval split), checked before any rollout."""
-        from dphrl.errors import ConfigError
-
-        rows = self.task.load(self.cfg.task, "eval")[: self.cfg.eval.limit or 32]
-        if not rows:
-            raise ConfigError(
-                "eval.every>0 needs held-out prompts: set task.eval_path (the embedded tasks have their own)"
-            )
-        return rows
+        self.eval_rows = heldout_rows(self.task, cfg.task, cfg.eval.limit) if cfg.eval.every else []
 
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> dict[str, float]:
@@ -365,27 +355,12 @@ class Trainer:
         return logp
 
     def evaluate(self) -> dict[str, float]:
-        """pass@k of the current policy on the held-out prompts (`eval.every`), via the engine.
-
-        The unbiased estimator of `dphrl.estimators.pass_at_k`, averaged over prompts; the full
-        report (diversity, plots) is `dphrl eval-passk` on a saved model.
-        """
-        from dphrl.estimators import pass_at_k
-        from dphrl.rollout import sample_and_score
-
-        ev = self.cfg.eval
-        ids, kept = render_rows(
-            self.tokenizer, self.eval_rows, self.cfg.model.max_prompt_len, "eval"
-        )
-        sampling = Sampling(
-            ev.temperature, ev.top_p, self.cfg.model.max_new_tokens, self.cfg.seed + 7
-        )
-        scored = sample_and_score(self.engine, self.task, self.cfg.task, ids, kept, ev.n, sampling)
-        correct = [sum(s.verdict.reward >= 1.0 for s in group) for group in scored]
-        return {
-            f"eval_pass@{k}": sum(pass_at_k(ev.n, c, k) for c in correct) / max(len(correct), 1)
-            for k in ev.k
-        }
+        """pass@k of the current policy on the held-out prompts (`eval.every`)."""
+        m = self.cfg.model
+        return heldout_pass_at_k(
+            self.engine, self.task, self.cfg.task, self.tokenizer, self.eval_rows,
+            self.cfg.eval, m.max_prompt_len, m.max_new_tokens, self.cfg.seed + 7,
+        )  # fmt: skip
 
     def push_weights(self) -> None:
         """Push the updated weights to the rollout engine, one full tensor at a time."""

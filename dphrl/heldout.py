@@ -1,0 +1,52 @@
+"""`eval.every`: the training policy's pass@k on held-out prompts, through the rollout engine.
+
+The unbiased estimator of `dphrl.estimators.pass_at_k`, averaged over prompts; the full report
+(diversity, plots, greedy column) is `dphrl eval-passk` on a saved model.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from dphrl.engine import Engine, Sampling
+from dphrl.errors import ConfigError
+from dphrl.estimators import pass_at_k
+from dphrl.rollout import render_rows, sample_and_score
+from dphrl.tasks import Task
+
+if TYPE_CHECKING:
+    from dphrl.config import EvalConfig, TaskConfig
+
+DEFAULT_LIMIT = 32  # held-out prompts when eval.limit is not set
+
+
+def heldout_rows(task: Task, task_cfg: TaskConfig, limit: int | None) -> list[dict]:
+    """The task's eval split (its first `limit` rows), checked before any rollout."""
+    rows = task.load(task_cfg, "eval")[: limit or DEFAULT_LIMIT]
+    if not rows:
+        raise ConfigError(
+            "eval.every>0 needs held-out prompts: set task.eval_path (the embedded tasks have their own)"
+        )
+    return rows
+
+
+def heldout_pass_at_k(
+    engine: Engine,
+    task: Task,
+    task_cfg: TaskConfig,
+    tokenizer: Any,
+    rows: list[dict],
+    ev: EvalConfig,
+    max_prompt_len: int,
+    max_new_tokens: int,
+    seed: int,
+) -> dict[str, float]:
+    """`eval_pass@k` for each k of `eval.k`, from `eval.n` samples of each held-out prompt."""
+    ids, kept = render_rows(tokenizer, rows, max_prompt_len, "eval")
+    sampling = Sampling(ev.temperature, ev.top_p, max_new_tokens, seed)
+    scored = sample_and_score(engine, task, task_cfg, ids, kept, ev.n, sampling)
+    correct = [sum(s.verdict.reward >= 1.0 for s in group) for group in scored]
+    return {
+        f"eval_pass@{k}": sum(pass_at_k(ev.n, c, k) for c in correct) / max(len(correct), 1)
+        for k in ev.k
+    }
