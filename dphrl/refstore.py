@@ -166,22 +166,35 @@ def build_ref_store(
     finally:
         sampler.close()
     settings.record()
-    n_chunks = math.ceil(len(pef) / ref.chunk_size)
+    return _finish(out, settings.expected, shards, pef_path, len(pef), ref, model_path)
+
+
+def _finish(
+    out: Path,
+    expected: dict,
+    shards: dict[str, dict],
+    pef_path: Path,
+    n_prompts: int,
+    ref: RefConfig,
+    model_path: str,
+) -> dict:
+    """Drop shards the split no longer has and write the finished manifest."""
+    from dphrl.models import load_tokenizer
+
+    n_chunks = math.ceil(n_prompts / ref.chunk_size)
     current = [shards[f"shard_{j:05d}.parquet"] for j in range(n_chunks)]
     for path in out.glob("shard_*.parquet"):  # shards of a longer, older D_pef
         if path.name not in {s["name"] for s in current}:
             path.unlink()
-    from dphrl.models import load_tokenizer
-
     manifest = {
-        **settings.expected,
+        **expected,
         "complete": True,
         "model_path": model_path,
         "tokenizer": tokenizer_fingerprint(load_tokenizer(model_path)),
         "split": split_record(pef_path),
         "counts": {
-            "prompts": len(pef),
-            "sampled": len(pef) * ref.samples_per_prompt,
+            "prompts": n_prompts,
+            "sampled": n_prompts * ref.samples_per_prompt,
             "kept": sum(s["responses"] for s in current),
         },
         "shards": [s["name"] for s in current],
