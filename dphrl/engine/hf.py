@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from dphrl.engine import Completion, Sampling
-from dphrl.errors import ConfigError, EngineError
+from dphrl.errors import EngineError
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,8 @@ class HFEngine:
 
     Options: `dtype`, `device` (auto | cpu | cuda), `seed`, `batch_size` (sequences decoded
     together), `max_model_len` (checked: prompt + max_new_tokens must fit), `sleep_mode`
-    (on CUDA, `sleep()` moves the weights to CPU memory). `gpu_memory_utilization` and
-    `enforce_eager` are vLLM's and ignored here; `tensor_parallel_size` must be 1.
+    (on CUDA, `sleep()` moves the weights to CPU memory): the shared engine settings and
+    `engine.hf`'s.
     """
 
     name = "hf"
@@ -45,18 +45,10 @@ class HFEngine:
         batch_size: int = 64,
         max_model_len: int | None = None,
         sleep_mode: bool = False,
-        gpu_memory_utilization: float | None = None,
-        enforce_eager: bool = True,
-        tensor_parallel_size: int = 1,
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if tensor_parallel_size != 1:
-            raise ConfigError(
-                f"engine.tensor_parallel_size={tensor_parallel_size}: the hf engine runs on one "
-                "device; use engine=vllm for tensor parallelism"
-            )
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)

@@ -39,8 +39,8 @@ class VLLMEngine:
     Options: `dtype` (float32 | bfloat16 | float16), `device` (auto | cpu | cuda: informative,
     the installed wheel decides), `seed`, `gpu_memory_utilization`, `enforce_eager`,
     `tensor_parallel_size`, `max_model_len` (prompt + response tokens; default the model's), `sleep_mode` (GPU only:
-    `sleep()` frees weights and KV cache), `kv_cache_gib` (CPU only: KV cache size).
-    `batch_size` is the hf engine's and ignored: vLLM schedules its own batches.
+    `sleep()` frees weights and KV cache), `kv_cache_gib` (CPU only: KV cache size): the
+    shared engine settings and `engine.vllm`'s. vLLM schedules its own batches.
     """
 
     name = "vllm"
@@ -55,7 +55,6 @@ class VLLMEngine:
         gpu_memory_utilization: float = 0.3,
         enforce_eager: bool = True,
         tensor_parallel_size: int = 1,
-        batch_size: int | None = None,
         max_model_len: int | None = None,
         sleep_mode: bool = False,
         kv_cache_gib: int | None = None,
