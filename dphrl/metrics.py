@@ -249,7 +249,8 @@ class Timer:
 
 
 def reduce_metrics(metrics: Mapping[str, float], sum_keys: Iterable[str] = ()) -> dict[str, float]:
-    """Average each metric across ranks (sum those in `sum_keys`, e.g. token counts).
+    """Average each metric across ranks (sum those in `sum_keys`, e.g. token counts; take the
+    maximum of those named `*_max`, e.g. `mismatch_abs_max`).
 
     Identity outside torch.distributed. Collective inside it: every rank must call it with the
     same keys, or the ranks disagree on what the numbers mean.
@@ -266,7 +267,13 @@ def reduce_metrics(metrics: Mapping[str, float], sum_keys: Iterable[str] = ()) -
     values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
     world, summed = dist.get_world_size(), set(sum_keys)
-    return {k: v if k in summed else v / world for k, v in zip(keys, values.tolist(), strict=True)}
+    out = {k: v if k in summed else v / world for k, v in zip(keys, values.tolist(), strict=True)}
+    maxed = [k for k in keys if k.endswith("_max")]
+    if maxed:
+        peaks = torch.tensor([float(metrics[k]) for k in maxed], dtype=torch.float64, device=device)
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+        out.update(zip(maxed, peaks.tolist(), strict=True))
+    return out
 
 
 def step_metrics(

@@ -179,24 +179,34 @@ POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
     "kl_cov": kl_cov_loss,
 }
 
-# Which options each loss takes beyond the clip range (the rest of `make_policy_loss`'s are ignored).
-_LOSS_OPTIONS: dict[str, tuple[str, ...]] = {
-    "ppo_clip": (),
-    "gspo": (),
-    "clip_cov": ("ratio", "cov_low", "cov_high", "generator"),
-    "kl_cov": ("ratio", "coef"),
-}
 
-
-def make_policy_loss(name: str, *, clip_low: float, clip_high: float, **options) -> PolicyLoss:
-    """The loss registered under `name` with its clip range and its own options bound.
-
-    `options` may hold every loss's options (ratio, cov_low, cov_high, coef, generator); each
-    loss takes the ones it declares in `_LOSS_OPTIONS`.
-    """
+def make_policy_loss(
+    name: str,
+    *,
+    clip_low: float,
+    clip_high: float,
+    clip_cov_ratio: float = 2e-4,
+    clip_cov_low: float = 1.0,
+    clip_cov_high: float = 5.0,
+    kl_cov_ratio: float = 2e-3,
+    kl_cov_coef: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> PolicyLoss:
+    """The loss registered under `name` with its clip range and its own options bound; the
+    options are named as the `algo.*` keys, and each loss takes only its own."""
     if name not in POLICY_LOSSES:
         raise KeyError(f"unknown policy loss {name!r}; known: {', '.join(POLICY_LOSSES)}")
-    own = {k: v for k, v in options.items() if k in _LOSS_OPTIONS[name]}
+    own = {
+        "ppo_clip": {},
+        "gspo": {},
+        "clip_cov": {
+            "ratio": clip_cov_ratio,
+            "cov_low": clip_cov_low,
+            "cov_high": clip_cov_high,
+            "generator": generator,
+        },
+        "kl_cov": {"ratio": kl_cov_ratio, "coef": kl_cov_coef},
+    }[name]
     return partial(POLICY_LOSSES[name], clip_low=clip_low, clip_high=clip_high, **own)
 
 

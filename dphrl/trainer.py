@@ -93,10 +93,11 @@ class Trainer:
             a.loss,
             clip_low=a.clip_low,
             clip_high=a.clip_high,
-            ratio=a.clip_cov_ratio if a.loss == "clip_cov" else a.kl_cov_ratio,
-            cov_low=a.clip_cov_low,
-            cov_high=a.clip_cov_high,
-            coef=a.kl_cov_coef,
+            clip_cov_ratio=a.clip_cov_ratio,
+            clip_cov_low=a.clip_cov_low,
+            clip_cov_high=a.clip_cov_high,
+            kl_cov_ratio=a.kl_cov_ratio,
+            kl_cov_coef=a.kl_cov_coef,
             generator=self.cov_generator,
         )
         self.ref_model = None
@@ -252,7 +253,10 @@ class Trainer:
                     continue
                 stats["grad_norm"] = self.optimizer_step()
                 for key, value in stats.items():
-                    totals[key] = totals.get(key, 0.0) + value / (a.ppo_epochs * n_mb)
+                    if key.endswith("_max"):  # a maximum stays one over minibatches
+                        totals[key] = max(totals.get(key, value), value)
+                    else:
+                        totals[key] = totals.get(key, 0.0) + value / (a.ppo_epochs * n_mb)
         totals["lr"] = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         return totals

@@ -145,15 +145,16 @@ import torch.distributed as dist
 from dphrl.metrics import reduce_metrics
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-out = reduce_metrics({"reward_mean": float(rank), "tokens": 10.0 * (rank + 1)}, sum_keys=["tokens"])
-assert out == {"reward_mean": 0.5, "tokens": 30.0}, out
+mine = {"reward_mean": float(rank), "tokens": 10.0 * (rank + 1), "x_max": 3.0 - 2 * rank}
+out = reduce_metrics(mine, sum_keys=["tokens"])
+assert out == {"reward_mean": 0.5, "tokens": 30.0, "x_max": 3.0}, out
 print("reduced", flush=True)
 dist.destroy_process_group()
 """
 
 
 @pytest.mark.slow
-def test_reduce_averages_across_gloo_ranks(tmp_path):
+def test_reduce_averages_across_gloo_ranks_and_keeps_maxima(tmp_path):
     script = tmp_path / "reduce.py"
     script.write_text(_REDUCE_SCRIPT)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]

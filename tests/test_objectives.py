@@ -129,9 +129,7 @@ def test_registries_build_each_loss_and_advantage():
     logp = torch.zeros(2, 3)
     adv, mask = torch.tensor([1.0, -1.0]), torch.ones(2, 3)
     for name in ob.POLICY_LOSSES:
-        fn = ob.make_policy_loss(
-            name, clip_low=0.2, clip_high=0.2, ratio=0.1, cov_low=1.0, cov_high=5.0, coef=1.0
-        )
+        fn = ob.make_policy_loss(name, clip_low=0.2, clip_high=0.2, clip_cov_ratio=0.1)
         loss, _ = fn(logp, logp, adv, mask)
         torch.testing.assert_close(loss, -adv[:, None].expand(2, 3))  # ratio 1 everywhere
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0])
@@ -160,8 +158,8 @@ def test_zero_advantage_rows_are_inert_exactly_where_declared(name):
     grads = []
     for third_row in (logp[2:], old[2:] - 5.0):  # the A = 0 row, then far lower log-probs
         fn = ob.make_policy_loss(
-            name, clip_low=0.2, clip_high=0.2, ratio=0.3, cov_low=0.0, cov_high=9.0,
-            coef=1.0, generator=torch.Generator().manual_seed(1),
+            name, clip_low=0.2, clip_high=0.2, clip_cov_ratio=0.3, clip_cov_low=0.0,
+            kl_cov_ratio=0.3, generator=torch.Generator().manual_seed(1),
         )  # fmt: skip
         rows = torch.cat([logp[:2], third_row])
         (g,) = torch.autograd.grad(fn(rows, old, adv, mask)[0].sum(), logp)
