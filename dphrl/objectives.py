@@ -20,7 +20,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from dphrl.rl import group_advantages, ppo_clip_loss
+from dphrl.rl import PolicyLoss, group_advantages, ppo_clip_loss
 
 
 def gspo_loss(
@@ -168,8 +168,6 @@ def kl_cov_loss(
     loss = loss + torch.where(top, coef * (logp - old_logp).abs(), torch.zeros_like(loss))
     return loss * m, (top.sum() / max(n_valid, 1)).to(m.dtype)
 
-
-PolicyLoss = Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 # `algo.loss` -> the per-token policy loss; options bound by `make_policy_loss`.
 POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
