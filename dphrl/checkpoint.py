@@ -79,12 +79,9 @@ RESUMABLE_KEYS = (
 )
 
 
-def run_settings(cfg: DphrlConfig) -> dict[str, Any]:
-    """The run-defining settings of a train config as flat `section.key` -> JSON value."""
+def config_items(cfg: DphrlConfig) -> dict[str, Any]:
+    """Every key of a config as flat `section.key` -> JSON value."""
     import dataclasses
-
-    def plain(value: Any) -> Any:
-        return json.loads(json.dumps(value, default=lambda o: getattr(o, "value", str(o))))
 
     flat: dict[str, Any] = {}
 
@@ -94,14 +91,22 @@ def run_settings(cfg: DphrlConfig) -> dict[str, Any]:
             if dataclasses.is_dataclass(value):
                 walk(f"{prefix}{f.name}.", value)
             else:
-                flat[f"{prefix}{f.name}"] = plain(value)
+                flat[f"{prefix}{f.name}"] = json.loads(
+                    json.dumps(value, default=lambda o: getattr(o, "value", str(o)))
+                )
 
     walk("", cfg)
-    return {
-        k: v
-        for k, v in flat.items()
-        if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_KEYS)
-    }
+    return flat
+
+
+def is_resumable(key: str) -> bool:
+    """Whether `key` may change between a checkpoint and its resume (`RESUMABLE_KEYS`)."""
+    return any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE_KEYS)
+
+
+def run_settings(cfg: DphrlConfig) -> dict[str, Any]:
+    """The run-defining settings of a train config: every key but the resumable ones."""
+    return {k: v for k, v in config_items(cfg).items() if not is_resumable(k)}
 
 
 def data_settings(prompts: list[dict], ref_rows: list[dict]) -> dict[str, str]:

@@ -342,3 +342,11 @@ def test_resume_over_changed_training_data_is_refused(tmp_path, tiny_model_dir, 
     with pytest.raises(ConfigError, match="data.prompts_sha256: checkpoint has"):
         _train(tmp_path, tiny_model_dir, "trainer.resume=true", "trainer.max_steps=2")
     assert _steps(tmp_path) == [1]
+
+
+def test_every_key_allowed_to_change_on_resume_exists():
+    from dphrl.checkpoint import RESUMABLE_KEYS, config_items
+
+    keys = config_items(compose_config([]))
+    for allowed in RESUMABLE_KEYS:
+        assert any(k == allowed or k.startswith(allowed) for k in keys), allowed
