@@ -59,8 +59,19 @@ def write_markdown(path: str | os.PathLike, payload: dict) -> None:
 
 
 def plot_curves(path: str | os.PathLike, payload: dict) -> None:
+    """Write `figure(payload)` as a png, atomically."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(payload)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def figure(payload: dict):
     """pass@k against k (log2 axis), one panel per dataset, one line per model; greedy
-    accuracy, when reported, is a hollow marker at k=1."""
+    accuracy, when reported, is a hollow diamond at k=1 in the model's colour, with one
+    legend entry saying what the diamonds are."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,6 +82,7 @@ def plot_curves(path: str | os.PathLike, payload: dict) -> None:
     models = list(dict.fromkeys(r["model"] for r in results))
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.8), squeeze=False)
     for ax, dataset in zip(axes[0], datasets, strict=True):
+        greedy_drawn = False
         for m, model in enumerate(models):
             r = next((r for r in results if r["dataset"] == dataset and r["model"] == model), None)
             if r is None or r["prompts"] == 0:
@@ -80,6 +92,11 @@ def plot_curves(path: str | os.PathLike, payload: dict) -> None:
             ax.plot(ks, [r["pass_at_k"][str(k)] for k in ks], marker="o", color=color, label=model)
             if r["greedy"] is not None:
                 ax.plot([1], [r["greedy"]], marker="D", mfc="none", color=color, linestyle="none")
+                greedy_drawn = True
+        if greedy_drawn:
+            ax.plot(
+                [], [], marker="D", mfc="none", color="gray", linestyle="none", label="greedy (T=0)"
+            )
         ks = [int(k) for k in payload["settings"]["k"]]
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks, [str(k) for k in ks])
@@ -90,6 +107,4 @@ def plot_curves(path: str | os.PathLike, payload: dict) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small", loc="lower right")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    return fig

@@ -10,7 +10,7 @@ import pytest
 
 from dphrl.estimators import pass_at_k, prompt_stats
 from dphrl.passk import summarize
-from dphrl.passk_report import markdown, plot_curves
+from dphrl.passk_report import figure, markdown, plot_curves
 
 
 def brute_force(n: int, c: int, k: int) -> float:
@@ -137,6 +137,15 @@ def test_report_files(tmp_path):
     assert "| `m` | 0.250 | 0.417 | 0.500 | 0.500 |" in table
     plot_curves(tmp_path / "passk.png", payload)
     assert (tmp_path / "passk.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_legend_names_the_greedy_markers():
+    import matplotlib.pyplot as plt
+
+    fig = figure(_payload())
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    plt.close(fig)
+    assert labels == ["m", "greedy (T=0)"]
 
 
 def test_each_eval_dataset_takes_its_own_databases(tmp_path):
