@@ -29,7 +29,9 @@ def group_advantages(
 
     mean_g and std_g are over the G responses to the same prompt; std is the unbiased sample
     std (torch.std, as GRPO implementations use). `norm_std=False` keeps only r_i - mean_g
-    (Dr. GRPO). A group whose rewards are all equal gets zero advantage either way.
+    (Dr. GRPO). A group whose rewards are all equal gets exactly zero advantage either way: the
+    float32 mean of equal values that are not 0/1 (partial credit, 0.3) can miss them by an ulp,
+    and dividing that by a near-zero std would give every response the same nonzero advantage.
     """
     if rewards.dim() != 1 or rewards.numel() % group_size != 0:
         raise ValueError(f"rewards must be (B*G,) with G={group_size}; got {tuple(rewards.shape)}")
@@ -37,7 +39,8 @@ def group_advantages(
     centred = grouped - grouped.mean(dim=-1, keepdim=True)  # (B, G)
     if norm_std:
         centred = centred / (grouped.std(dim=-1, keepdim=True) + eps)
-    return centred.reshape(-1)  # (B*G,)
+    equal = grouped.amax(dim=-1, keepdim=True) == grouped.amin(dim=-1, keepdim=True)  # (B, 1)
+    return centred.masked_fill(equal, 0.0).reshape(-1)  # (B*G,)
 
 
 def ppo_clip_loss(

@@ -36,6 +36,17 @@ def test_all_equal_group_has_zero_advantage(norm_std):
     assert torch.equal(rl.group_advantages(rewards, 3, norm_std=norm_std), torch.zeros(6))
 
 
+@pytest.mark.parametrize("norm_std", [True, False])
+@pytest.mark.parametrize("value", [0.3, 0.7, 0.1, 1 / 3])
+def test_equal_partial_credit_rewards_give_exactly_zero_advantage(norm_std, value):
+    # Sixteen rewards of 0.3: the float32 mean is 0.3 + 1 ulp, the std ~1e-8, so the plain
+    # formula gave each response +0.0289 (issue 13, 9a). Equal rewards carry no signal.
+    rewards = torch.cat([torch.full((16,), value), torch.tensor([0.0, 1.0] * 8)])
+    adv = rl.group_advantages(rewards, 16, norm_std=norm_std)
+    assert torch.equal(adv[:16], torch.zeros(16))
+    assert adv[16:].abs().min() > 0.4
+
+
 def test_advantages_reject_a_ragged_group():
     with pytest.raises(ValueError, match="G=4"):
         rl.group_advantages(torch.zeros(6), 4)
