@@ -152,3 +152,13 @@ def all_reduce_sum(values: list[float], device: str) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def all_reduce_max(values: list[float], device: str) -> list[float]:
+    """Elementwise maximum of floats across ranks (identity in one process); the minimum is
+    minus the maximum of the negated values."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()

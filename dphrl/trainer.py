@@ -150,9 +150,13 @@ class Trainer:
 
         DAPO's dynamic sampling drops groups whose rewards are all equal (zero advantage) and
         draws further prompts until the batch is full or `algo.max_refill_rounds` is spent.
+        Under torchrun the ranks decide together: a refill round runs while any rank is short,
+        so every prompt sampler advances alike, and each rank keeps as many groups as the
+        rank with fewest, so every rank runs the same minibatches (FSDP's collectives match).
         """
         a, want = self.algo, self.algo.prompts_per_step
         share = _share(want, self.layout.world_size, self.layout.rank)  # seeds match 1 process
+        need = share.stop - share.start
         prompt_ids: list[list[int]] = []
         groups: list[list[Scored]] = []
         for round_ in range(a.max_refill_rounds + 1 if a.dynamic_sampling else 1):
@@ -171,9 +175,13 @@ class Trainer:
                 if not a.dynamic_sampling or informative_groups(rewards, len(group)).item():
                     prompt_ids.append(p)
                     groups.append(group)
-            if len(groups) >= share.stop - share.start:
+            short = max(need - len(groups), 0)
+            if not a.dynamic_sampling or dist.all_reduce_sum([short], self.layout.device)[0] == 0:
                 break
-        groups = groups[: share.stop - share.start]
+        keep = min(len(groups), need)
+        if a.dynamic_sampling:
+            keep = -int(dist.all_reduce_max([-keep], self.layout.device)[0])
+        groups, prompt_ids = groups[:keep], prompt_ids[:keep]
         flat_prompts = [p for p, g in zip(prompt_ids, groups) for _ in g]
         return Rollouts(flat_prompts, [s for g in groups for s in g], a.group_size)
 
