@@ -91,10 +91,11 @@ class DivergenceConfig:
     beta: float = bounded(0.1, ge=0.0)
     alpha: float = 0.5  # alpha divergence only, in (0, 1)
     estimator: Estimator = Estimator.k3  # reverse_kl only
-    # Clamps of |log u| and of the per-token value, for every divergence (JS and alpha too);
-    # the official estimator clamps forward KL alone, at these values.
-    clamp_log_ratio: float = bounded(20.0, gt=0.0)
-    clamp_value: float = bounded(10.0, gt=0.0)
+    # Clamps of |log u| and of the per-token value. None: each divergence's own, the official
+    # code's (forward KL and k3 reverse KL at 20 / 10; JS and alpha unclamped); a number clamps
+    # whichever divergence is chosen.
+    clamp_log_ratio: float | None = bounded(None, gt=0.0)
+    clamp_value: float | None = bounded(None, gt=0.0)
 
     @staticmethod
     def check(d: DivergenceConfig) -> None:
@@ -218,6 +219,10 @@ class AlgoConfig:
     ppo_epochs: int = bounded(1, ge=1)
     minibatch_size: int = bounded(0, ge=0)  # sequences per optimizer minibatch; 0 = the batch
     loss_agg: LossAgg = LossAgg["token-mean"]  # seq-mean-token-sum-norm: Dr. GRPO's
+    # loss=ppo_clip: dual-clip's c (A < 0 losses capped at -c A) and the |log ratio| clamp
+    # before exp; None is off. The official code uses 3 and 20 (on in the paper presets).
+    dual_clip: float | None = bounded(None, gt=1.0)
+    clamp_log_ratio: float | None = bounded(None, gt=0.0)
     dynamic_sampling: bool = False
     max_refill_rounds: int = bounded(4, ge=0)
     overlong_filter: bool = False

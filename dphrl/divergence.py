@@ -20,11 +20,12 @@ Two families, told apart by where the tokens y come from:
 Every function maps `(logp, ref_logp)` of any shape (typically `# (B, T)`) to per-token values
 of the same shape; masking and averaging belong to `dphrl.rl.aggregate`. `clamp_log_ratio`
 clamps log u before use, `clamp_value` clamps the per-token value after (both stop the gradient
-outside the clamp); None turns a clamp off. Called directly, only `forward_kl` clamps by default
-(the official estimator's |log u| <= 20, value <= 10; its JS and alpha are unclamped). `train`
-builds the divergence through `make_divergence` with `divergence.clamp_log_ratio` /
-`divergence.clamp_value` (20 / 10 by default), so there every divergence is clamped, JS and
-alpha included.
+outside the clamp); None turns a clamp off. Each function's defaults are the official DPH-RL
+code's (verl `core_algos.py`): forward KL and the k3 reverse KL clamp |log u| <= 20 and the
+value to [-10, 10] (verl's `kl_penalty`, which both go through); JS and alpha are unclamped
+(`js_low_var`, `alpha_divergence_f`); k1 and k2 are unclamped. `train` keeps these defaults
+unless `divergence.clamp_log_ratio` / `divergence.clamp_value` are set, which then clamp
+whichever divergence is chosen.
 """
 
 from __future__ import annotations
@@ -189,12 +190,13 @@ def kl_k3(
     logp: Tensor,
     ref_logp: Tensor,
     *,
-    clamp_log_ratio: float | None = None,
-    clamp_value: float | None = None,
+    clamp_log_ratio: float | None = 20.0,
+    clamp_value: float | None = 10.0,
 ) -> Tensor:
     """Reverse KL, k3 estimator on policy samples: exp(-log r) - 1 + log r = 1/r - 1 - log(1/r).
 
-    Unbiased (E_P[1/r] = E_P[Q/P] = 1) and >= 0 (Schulman 2020); GRPO's KL term.
+    Unbiased (E_P[1/r] = E_P[Q/P] = 1) and >= 0 (Schulman 2020); GRPO's KL term. Defaults are
+    the official clamps (verl's `low_var_kl`: |log r| <= 20, value <= 10), as for forward KL.
     """
     log_r = _log_ratio(logp, ref_logp, clamp_log_ratio)
     return _clamp(torch.expm1(-log_r) + log_r, clamp_value)
@@ -227,9 +229,9 @@ def make_divergence(
 ) -> Divergence:
     """The ref-sample divergence `name` with its keywords bound (alpha only for "alpha").
 
-    Clamps given here apply to whichever divergence is chosen, JS and alpha included (the
-    trainer passes the config's, 20 / 10 by default); None keeps the function's own default
-    (forward KL's official 20 / 10, no clamp for the others).
+    Clamps given here apply to whichever divergence is chosen, JS and alpha included; None
+    (the config's default) keeps the function's own, the official code's: forward KL clamped
+    at 20 / 10, JS, js_full and alpha unclamped.
     """
     if name not in DIVERGENCES:
         raise KeyError(f"unknown divergence {name!r}; known: {', '.join(DIVERGENCES)}")

@@ -188,6 +188,8 @@ def make_policy_loss(
     clip_cov_high: float = 5.0,
     kl_cov_ratio: float = 2e-3,
     kl_cov_coef: float = 1.0,
+    dual_clip: float | None = None,
+    clamp_log_ratio: float | None = None,
     generator: torch.Generator | None = None,
 ) -> PolicyLoss:
     """The loss registered under `name` with its clip range and its own options bound; the
@@ -195,7 +197,7 @@ def make_policy_loss(
     if name not in POLICY_LOSSES:
         raise KeyError(f"unknown policy loss {name!r}; known: {', '.join(POLICY_LOSSES)}")
     own = {
-        "ppo_clip": {},
+        "ppo_clip": {"dual_clip": dual_clip, "clamp_log_ratio": clamp_log_ratio},
         "gspo": {},
         "clip_cov": {
             "ratio": clip_cov_ratio,

@@ -51,6 +51,8 @@ def ppo_clip_loss(
     *,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    clamp_log_ratio: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-token PPO-clip loss with DAPO's decoupled clip range, and the clip fraction.
 
@@ -60,15 +62,26 @@ def ppo_clip_loss(
     clip_high > clip_low ("clip-higher") lets low-probability tokens with A > 0 grow further
     before the gradient stops, which DAPO found keeps entropy from collapsing.
 
+    `dual_clip` = c > 1 (dual-clip PPO, Ye et al. 2020, arXiv 1912.09729): where A < 0 the loss
+    is also capped at -c A, so a token whose ratio has grown far past 1 cannot push an unbounded
+    step. `clamp_log_ratio` clamps logp - old_logp to [-x, x] before the exponential. The
+    official DPH-RL code (verl `compute_policy_loss`) uses both, c = 3 and x = 20; None is off.
+
     Shapes: logp, old_logp, mask `# (N, T)`; advantages `# (N,)` (one per response) or `# (N, T)`.
     Returns the per-token loss `# (N, T)` (zero where mask is 0; aggregate it with `aggregate`)
     and the fraction of unmasked tokens where the clipped term is the active one (a scalar).
     """
     adv = advantages.unsqueeze(-1) if advantages.dim() == logp.dim() - 1 else advantages
-    ratio = torch.exp(logp - old_logp)
+    log_ratio = logp - old_logp
+    if clamp_log_ratio is not None:
+        log_ratio = log_ratio.clamp(-clamp_log_ratio, clamp_log_ratio)
+    ratio = torch.exp(log_ratio)
     unclipped = -ratio * adv
     clipped = -ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv
-    loss = torch.maximum(unclipped, clipped) * mask
+    loss = torch.maximum(unclipped, clipped)
+    if dual_clip is not None:
+        loss = torch.where(adv < 0, torch.minimum(loss, -dual_clip * adv), loss)
+    loss = loss * mask
     was_clipped = (clipped > unclipped).to(mask.dtype) * mask
     clip_frac = was_clipped.sum() / mask.sum().clamp(min=1)
     return loss, clip_frac.detach()

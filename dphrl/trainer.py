@@ -98,6 +98,8 @@ class Trainer:
             clip_cov_high=a.clip_cov_high,
             kl_cov_ratio=a.kl_cov_ratio,
             kl_cov_coef=a.kl_cov_coef,
+            dual_clip=a.dual_clip,
+            clamp_log_ratio=a.clamp_log_ratio,
             generator=self.cov_generator,
         )
         self.ref_model = None

@@ -126,8 +126,9 @@ def test_expectations_over_full_categorical_are_exact(seed):
     }
     for name, fn in fns.items():
         torch.testing.assert_close((q * fn(logp, logq)).sum(), exact[name], rtol=1e-10, atol=1e-12)
-    for name in ("k1", "k3"):
-        expectation = (p * dv.REVERSE_KL_ESTIMATORS[name](logp, logq)).sum()
+    unclamped_k3 = partial(dv.kl_k3, clamp_log_ratio=None, clamp_value=None)  # clamped as fkl
+    for fn in (dv.kl_k1, unclamped_k3):
+        expectation = (p * fn(logp, logq)).sum()
         torch.testing.assert_close(expectation, _kl(logp, logq), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close((p * dv.js_policy_half(logp, logq)).sum(), _kl(logp, logm))
     full = (q * dv.js_ref_half(logp, logq)).sum() + (p * dv.js_policy_half(logp, logq)).sum()
@@ -212,3 +213,13 @@ def test_make_divergence_binds_keywords():
         dv.make_divergence("reverse_kl")
     with pytest.raises(ValueError, match="alpha"):
         dv.alpha_divergence(log_u, zero, alpha=1.0)
+
+
+def test_default_clamps_are_the_official_codes():
+    # verl's kl_penalty (forward KL, k3 reverse KL) clamps |log u| at 20 and the value at 10;
+    # js_low_var and alpha_divergence_f are unclamped: at log u = 30 JS is still growing.
+    big, zero = torch.tensor([30.0]), torch.tensor([0.0])
+    assert dv.kl_k3(-big, zero).item() == 10.0
+    assert dv.forward_kl(-big, zero).item() == 10.0
+    assert dv.make_divergence("js")(big, zero).item() > 1e12
+    assert dv.make_divergence("alpha", alpha=0.2)(big, zero).item() > 1e12

@@ -230,3 +230,30 @@ def test_step_batch_minibatch_cuts_rollouts_and_store():
     assert mb.old_logp.shape == mb.online_ref_logp.shape == (1, 3)
     assert mb.store_ref_logp.shape == (1, 2) and len(mb.store) == 1
     assert batch.minibatch(slice(0, 1), None).store is None
+
+
+def test_dual_clip_caps_negative_advantage_losses():
+    # A = -1: rho 5 -> unclipped loss 5, clip keeps the max 5; dual-clip c = 3 caps it at 3 (and
+    # its gradient is 0). rho 2 -> 2 < 3, unchanged. A = +1 rows are untouched by dual-clip.
+    ratios = torch.tensor([[5.0, 2.0], [5.0, 0.5]], dtype=torch.float64)
+    logp = ratios.log().requires_grad_(True)
+    adv = torch.tensor([-1.0, 1.0], dtype=torch.float64)
+    mask = torch.ones_like(ratios)
+    loss, _ = rl.ppo_clip_loss(logp, torch.zeros_like(ratios), adv, mask, dual_clip=3.0)
+    torch.testing.assert_close(loss, torch.tensor([[3.0, 2.0], [-1.2, -0.5]], dtype=torch.float64))
+    loss.sum().backward()
+    torch.testing.assert_close(
+        logp.grad, torch.tensor([[0.0, 2.0], [0.0, -0.5]], dtype=torch.float64)
+    )
+    plain, _ = rl.ppo_clip_loss(logp.detach(), torch.zeros_like(ratios), adv, mask)
+    assert plain[0, 0].item() == pytest.approx(5.0)
+
+
+def test_log_ratio_clamp_bounds_the_ratio():
+    # logp - old = 30 with A = -1: exp(30) unclamped; clamped at 20 the loss is e^20.
+    logp, old = torch.tensor([[30.0]]), torch.zeros(1, 1)
+    adv, mask = torch.tensor([-1.0]), torch.ones(1, 1)
+    loss, _ = rl.ppo_clip_loss(logp, old, adv, mask, clamp_log_ratio=20.0)
+    assert loss.item() == pytest.approx(math.exp(20.0), rel=1e-6)
+    both, _ = rl.ppo_clip_loss(logp, old, adv, mask, clamp_log_ratio=20.0, dual_clip=3.0)
+    assert both.item() == pytest.approx(3.0)
