@@ -22,6 +22,7 @@ from typing import TypeVar
 
 from dphrl.data import append_jsonl, read_jsonl, write_json, write_jsonl
 from dphrl.errors import ConfigError
+from dphrl.progress import track
 
 T = TypeVar("T")
 
@@ -107,17 +108,23 @@ def run_chunks(
     done: Callable[[Chunk], bool],
     compute: Callable[[Chunk], T],
     write: Callable[[Chunk, T], None],
+    label: str = "sampling",
+    unit: str = "prompts",
 ) -> int:
     """Compute and write every chunk that is not `done`; return how many were computed.
 
     `settings` are recorded just before the first write, never before any work succeeded.
+    Progress (`label`, counted in `unit`s of items) shows as a bar or as plain lines.
     """
     computed = 0
-    for chunk in chunks(n_items, size):
-        if done(chunk):
-            continue
-        result = compute(chunk)
-        settings.record()
-        write(chunk, result)
-        computed += 1
+    with track(label, n_items, unit) as progress:
+        for chunk in chunks(n_items, size):
+            if done(chunk):
+                progress.skip(chunk.stop - chunk.start)
+                continue
+            result = compute(chunk)
+            settings.record()
+            write(chunk, result)
+            computed += 1
+            progress.advance(chunk.stop - chunk.start)
     return computed

@@ -46,6 +46,9 @@ def _job(command: str):
         try:
             validate(cfg)
             typed = OmegaConf.to_object(cfg)
+            from dphrl.logs import route
+
+            route(typed.verbose)
             run_dir = Path(HydraConfig.get().runtime.output_dir)
             if typed.dry_run:
                 _dry_run(command, typed, run_dir)

@@ -354,6 +354,7 @@ class DphrlConfig:
 
     seed: int = 0
     dry_run: bool = False  # compose, validate, resolve model and data, then stop before any work
+    verbose: bool = False  # third-party logging (vLLM, transformers, warnings) on the console too
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

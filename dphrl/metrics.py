@@ -17,7 +17,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -215,9 +215,12 @@ class Timer:
     def __init__(self, cuda_sync: bool = False) -> None:
         self.seconds: dict[str, float] = {}
         self.cuda_sync = cuda_sync
+        self.on_phase: Callable[[str], None] | None = None  # told each phase as it starts
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        if self.on_phase is not None:
+            self.on_phase(name)
         self._sync()
         start = time.perf_counter()
         try:

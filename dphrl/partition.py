@@ -122,6 +122,7 @@ def build_split(
             done=lambda c: all(row["id"] in done_ids for row in rendered[c.index][1]),
             compute=compute,
             write=lambda c, new: samples.append(new),
+            label=f"split: {split.k} samples per prompt",
         )
     finally:
         if engine is not None:

@@ -133,8 +133,6 @@ def run(cfg: DphrlConfig, run_dir: Path) -> dict:
 
 
 def _evaluate_all(cfg: DphrlConfig, out: Path) -> dict:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from dphrl.data import write_json
     from dphrl.engine import resolve_engine_name
     from dphrl.models import load_tokenizer, resolve_model_path
@@ -163,37 +161,28 @@ def _evaluate_all(cfg: DphrlConfig, out: Path) -> dict:
     )
     device = sampling_device(cfg.layout)
     datasets = []
-    columns = [
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    ]
-    with Progress(*columns) as progress:
-        for label in model_labels(cfg):
-            model_path = resolve_model_path(label, cfg.model.cache_dir)
-            tokenizer = load_tokenizer(model_path)
-            evaluator = _Evaluator(cfg, model_path, device, samples, folder, progress)
-            for spec in dataset_specs(cfg):
-                task_cfg = task_config(cfg.task, spec, cfg.eval.db_roots)
-                task = get_task(task_cfg.name)
-                rows = task.load(task_cfg, "eval")
-                if cfg.eval.limit is not None:
-                    rows = rows[: cfg.eval.limit]
-                ids, kept = render_rows(
-                    tokenizer, rows, cfg.model.max_prompt_len, f"eval-passk {spec}"
-                )
-                todo = [(label, spec, row["id"]) not in done_keys for row in kept]
-                evaluator.evaluate(task, task_cfg, ids, kept, todo, label, spec)
-                datasets.append(
-                    {
-                        "model": label,
-                        "dataset": spec,
-                        "ids": [r["id"] for r in kept],
-                        "dropped": len(rows) - len(kept),
-                    }
-                )
-            evaluator.close()
+    for label in model_labels(cfg):
+        model_path = resolve_model_path(label, cfg.model.cache_dir)
+        tokenizer = load_tokenizer(model_path)
+        evaluator = _Evaluator(cfg, model_path, device, samples, folder)
+        for spec in dataset_specs(cfg):
+            task_cfg = task_config(cfg.task, spec, cfg.eval.db_roots)
+            task = get_task(task_cfg.name)
+            rows = task.load(task_cfg, "eval")
+            if cfg.eval.limit is not None:
+                rows = rows[: cfg.eval.limit]
+            ids, kept = render_rows(tokenizer, rows, cfg.model.max_prompt_len, f"eval-passk {spec}")
+            todo = [(label, spec, row["id"]) not in done_keys for row in kept]
+            evaluator.evaluate(task, task_cfg, ids, kept, todo, label, spec)
+            datasets.append(
+                {
+                    "model": label,
+                    "dataset": spec,
+                    "ids": [r["id"] for r in kept],
+                    "dropped": len(rows) - len(kept),
+                }
+            )
+        evaluator.close()
 
     folder.record()
     results = summarize(samples.read(), datasets, list(cfg.eval.k), cfg.eval.greedy)
@@ -215,7 +204,6 @@ class _Evaluator:
         device: str,
         samples: SampleLog,
         folder: Settings,
-        progress: Any,
     ) -> None:
         from dphrl.engine import Sampling
 
@@ -226,7 +214,6 @@ class _Evaluator:
             samples,
             folder,
         )
-        self.progress = progress
         ev = cfg.eval
         self.sampling = Sampling(ev.temperature, ev.top_p, cfg.model.max_new_tokens, cfg.seed)
         self.greedy = Sampling(0.0, 1.0, cfg.model.max_new_tokens, cfg.seed) if ev.greedy else None
@@ -243,22 +230,14 @@ class _Evaluator:
         spec: str,
     ) -> None:
         """Run every chunk of this dataset that holds a prompt still to do."""
-        gen = self.progress.add_task(f"generate {label} / {spec}", total=len(rows))
-        ver = self.progress.add_task(f"verify   {label} / {spec}", total=len(rows))
 
         def done(c: Chunk) -> bool:
-            if any(todo[c.start : c.stop]):
-                return False
-            self.progress.advance(gen, c.stop - c.start)
-            self.progress.advance(ver, c.stop - c.start)
-            return True
+            return not any(todo[c.start : c.stop])
 
         def compute(c: Chunk) -> list[dict]:
             scored = self.sample(
                 task, task_cfg, ids[c.start : c.stop], rows[c.start : c.stop], c.start
             )
-            self.progress.advance(gen, c.stop - c.start)
-            self.progress.advance(ver, c.stop - c.start)
             return [
                 _sample_row(label, spec, row["id"], j, s, is_greedy=j == self.n)
                 for row, group, keep in zip(
@@ -275,6 +254,7 @@ class _Evaluator:
             done,
             compute,
             lambda c, new: self.samples.append(new),
+            label=f"eval-passk: {label} on {spec}",
         )
 
     def sample(

@@ -162,7 +162,9 @@ def build_ref_store(
         log.info("precompute-ref: shard %s: %d responses kept", name, len(records))
 
     try:
-        run_chunks(len(pef), ref.chunk_size, settings, done, sampler.sample, write)
+        run_chunks(
+            len(pef), ref.chunk_size, settings, done, sampler.sample, write, "precompute-ref: D_pef"
+        )
     finally:
         sampler.close()
     settings.record()

@@ -450,10 +450,10 @@ def fit(trainer: Trainer, stop_after_step: int | None = None) -> Path:
         data_settings,
         load_checkpoint,
         run_settings,
-        save_checkpoint,
         save_hf_model,
     )
     from dphrl.metrics import reduce_metrics
+    from dphrl.progress import track
 
     tr, run_dir = trainer.cfg.trainer, trainer.run_dir
     settings = {**run_settings(trainer.cfg), **data_settings(trainer.prompts, trainer.ref_rows)}
@@ -469,40 +469,62 @@ def fit(trainer: Trainer, stop_after_step: int | None = None) -> Path:
         trainer.push_weights()
         trainer.metrics.truncate_after(trainer.step_num)
         print(f"train: resumed from {found} at step {trainer.step_num}")
-    while trainer.step_num < tr.max_steps:
-        metrics = reduce_metrics(trainer.step())
-        if (
-            trainer.cfg.eval.every
-            and trainer.step_num % trainer.cfg.eval.every == 0
-            and trainer.layout.is_main
-        ):
-            metrics.update(trainer.evaluate())
-        trainer.metrics.log(trainer.step_num, metrics)
-        last = trainer.step_num == tr.max_steps
-        if (tr.save_every and trainer.step_num % tr.save_every == 0) or last:
-            state = {
-                "step": trainer.step_num,
-                "prompt_sampler": trainer.prompt_sampler.state_dict(),
-                "ref_sampler": trainer.ref_sampler.state_dict() if trainer.ref_sampler else None,
-                "settings": settings,
-            }
-            save_checkpoint(
-                run_dir,
-                trainer.step_num,
-                trainer.policy,
-                trainer.optimizer,
-                trainer.scheduler,
-                state,
-                tr.keep,
-            )
-        if stop_after_step is not None and trainer.step_num >= stop_after_step:
-            print(f"train: stopping after step {trainer.step_num} (stop_after_step, a test hook)")
-            return run_dir
+    with track("train", tr.max_steps, "steps") as progress:
+        progress.skip(trainer.step_num)
+        trainer.timer.on_phase = lambda phase: progress.describe(
+            f"step {trainer.step_num + 1}: {phase}"
+        )
+        metrics: dict[str, float] = {}
+        while trainer.step_num < tr.max_steps:
+            metrics = reduce_metrics(trainer.step())
+            if (
+                trainer.cfg.eval.every
+                and trainer.step_num % trainer.cfg.eval.every == 0
+                and trainer.layout.is_main
+            ):
+                metrics.update(trainer.evaluate())
+            trainer.metrics.log(trainer.step_num, metrics)
+            last = trainer.step_num == tr.max_steps
+            if (tr.save_every and trainer.step_num % tr.save_every == 0) or last:
+                _save(trainer, settings)
+            if stop_after_step is not None and trainer.step_num >= stop_after_step:
+                print(
+                    f"train: stopping after step {trainer.step_num} (stop_after_step, a test hook)"
+                )
+                return run_dir
     out = run_dir / "model"
     save_hf_model(trainer.policy, trainer.tokenizer, out)  # collective; rank 0 writes
     trainer.metrics.close()
     if trainer.layout.is_main:
+        figures = ", ".join(
+            f"{name} {metrics[key]:.3f}"
+            for key, name in (("reward_mean", "reward"), ("pass_rate", "pass rate"))
+            if key in metrics
+        )
         print(
-            f"train: done. run folder {run_dir}\n  metrics: {run_dir / 'metrics.jsonl'}\n  model:   {out}"
+            f"train: done, {trainer.step_num} steps; last step: {figures or 'no metrics'}\n"
+            f"  run folder: {run_dir}\n  metrics:    {run_dir / 'metrics.jsonl'}\n  model:      {out}"
         )
     return out
+
+
+def _save(trainer: Trainer, settings: dict) -> None:
+    """A checkpoint of this step: weights, optimizer, schedule, the data position, settings."""
+    from dphrl.checkpoint import save_checkpoint
+
+    state = {
+        "step": trainer.step_num,
+        "prompt_sampler": trainer.prompt_sampler.state_dict(),
+        "ref_sampler": trainer.ref_sampler.state_dict() if trainer.ref_sampler else None,
+        "settings": settings,
+    }
+    tr = trainer.cfg.trainer
+    save_checkpoint(
+        trainer.run_dir,
+        trainer.step_num,
+        trainer.policy,
+        trainer.optimizer,
+        trainer.scheduler,
+        state,
+        tr.keep,
+    )
