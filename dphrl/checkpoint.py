@@ -63,6 +63,7 @@ FORMAT = 1
 # run computes (a prefix ending in "." allows a whole section).
 RESUMABLE_KEYS = (
     "trainer.max_steps",
+    "trainer.epochs",  # a budget, as max_steps
     "trainer.save_every",
     "trainer.keep",
     "trainer.resume",

@@ -40,7 +40,7 @@ DType = _choices("DType", ("float32", "bfloat16", "float16"))
 LayoutName = _choices("LayoutName", ("auto", "cpu", "gpu1", "gpu8", "multinode"))
 Device = _choices("Device", ("auto", "cpu", "cuda"))
 Backend = _choices("Backend", ("auto", "gloo", "nccl"))
-AlgoName = _choices("AlgoName", ("grpo", "dapo", "gspo", "dr_grpo"))
+AlgoName = _choices("AlgoName", ("grpo", "dapo", "dapo_ds", "gspo", "dr_grpo"))
 PolicyLossName = _choices("PolicyLossName", ("ppo_clip", "gspo", "clip_cov", "kl_cov"))
 AdvantageName = _choices("AdvantageName", ("grpo", "passk"))
 RolloutCorrection = _choices("RolloutCorrection", ("none", "tis", "mis_token", "mis_seq"))
@@ -226,6 +226,10 @@ class AlgoConfig:
     dynamic_sampling: bool = False
     max_refill_rounds: int = bounded(4, ge=0)
     overlong_filter: bool = False
+    # DAPO's soft overlong penalty: the last `overlong_buffer` tokens before model.max_new_tokens
+    # cost up to `overlong_penalty` reward, linearly (dphrl.rl.soft_overlong_penalty); 0 = off.
+    overlong_buffer: int = bounded(0, ge=0)
+    overlong_penalty: float = bounded(1.0, ge=0.0)
     # The policy loss and the advantage (dphrl.objectives.POLICY_LOSSES / ADVANTAGES).
     loss: PolicyLossName = PolicyLossName.ppo_clip
     advantage: AdvantageName = AdvantageName.grpo
@@ -247,6 +251,11 @@ class AlgoConfig:
                 f"algo.passk_k={a.passk_k} is out of range: it must be in "
                 f"[1, algo.group_size={a.group_size}]"
             )
+        if a.overlong_buffer and a.overlong_filter:
+            raise ConfigError(
+                f"algo.overlong_buffer={a.overlong_buffer} with algo.overlong_filter=true: the "
+                "filter drops the responses the penalty is for; choose one"
+            )
         if a.clip_cov_low > a.clip_cov_high:
             raise ConfigError(
                 f"algo.clip_cov_low={a.clip_cov_low} > algo.clip_cov_high={a.clip_cov_high}: "
@@ -264,6 +273,9 @@ class TrainerConfig:
     """The optimisation loop, checkpoints and resume."""
 
     max_steps: int = bounded(4, ge=1)
+    # A budget in passes over the RL prompts instead: ceil(epochs * prompts / prompts_per_step)
+    # steps, replacing max_steps (the official runs count epochs: 5 over D_exp for DPH-RL).
+    epochs: float | None = bounded(None, gt=0.0)
     lr: float = bounded(1e-6, gt=0.0)
     weight_decay: float = bounded(0.0, ge=0.0)
     adam_betas: list[float] = bounded(factory=lambda: [0.9, 0.999], ge=0.0, lt=1.0)
@@ -367,11 +379,22 @@ class DphrlConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+def pick(key: str, table: dict[str, Any]) -> Any:
+    """`${dphrl.pick:${divergence.name},{js: 0.00125, none: 0.0}}`: the value a preset gives
+    for a choice made elsewhere (a paper preset's beta per divergence); a missing key says so."""
+    if key not in table:
+        raise ConfigError(f"no value for {key!r} here; this preset gives one for {', '.join(table)}")
+    return table[key]
+
+
 def register() -> None:
-    """Store the schema under the name the YAML defaults lists refer to."""
+    """Store the schema under the name the YAML defaults lists refer to, and the resolver
+    `dphrl.pick` the presets use."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     ConfigStore.instance().store(name="dphrl_schema", node=DphrlConfig)
+    OmegaConf.register_new_resolver("dphrl.pick", pick, replace=True)
 
 
 def validate(cfg: DphrlConfig) -> None:

@@ -170,6 +170,22 @@ def overlong_filter(mask: Tensor, finished: Tensor, max_len: int) -> Tensor:
     return mask * (~truncated).unsqueeze(-1).to(mask.dtype)
 
 
+def soft_overlong_penalty(
+    lengths: Tensor, max_len: int, buffer: int, factor: float = 1.0
+) -> Tensor:
+    """DAPO's soft overlong punishment, added to each response's reward:
+
+        0                                   if L <= max_len - buffer
+        factor * (max_len - buffer - L) / buffer   in between (linear from 0 to -factor)
+        -factor                             if L >= max_len
+
+    Responses near the length limit lose reward gradually instead of being cut off unseen.
+    lengths `# (N,)` response token counts -> penalty `# (N,)` (<= 0).
+    """
+    over = (lengths.to(torch.float32) - (max_len - buffer)).clamp(min=0.0, max=float(buffer))
+    return -factor * over / buffer
+
+
 @dataclass
 class StepBatch:
     """A step's tensors, carried from `Trainer.step` into `hybrid_loss`.

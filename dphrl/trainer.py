@@ -34,7 +34,13 @@ from dphrl.logprobs import batch_logprobs
 from dphrl.metrics import MetricsLogger, Timer, step_metrics
 from dphrl.objectives import ZERO_ADVANTAGE_INERT, make_advantage, make_policy_loss
 from dphrl.optim import make_optimizer
-from dphrl.rl import StepBatch, hybrid_loss, informative_groups, overlong_filter
+from dphrl.rl import (
+    StepBatch,
+    hybrid_loss,
+    informative_groups,
+    overlong_filter,
+    soft_overlong_penalty,
+)
 from dphrl.rollout import Scored, render_rows, score_outputs
 from dphrl.sampler import EpochSampler
 from dphrl.tasks import get_task
@@ -191,7 +197,14 @@ class Trainer:
         """Group advantages `# (B*G,)` of the rollouts' rewards (`algo.advantage`: GRPO, pass@k)."""
         if not r.scored:
             return torch.zeros(0)
-        return self.advantage_fn(r.rewards, r.group_size)
+        rewards, a = r.rewards, self.algo
+        if a.overlong_buffer:  # DAPO's soft overlong penalty
+            lengths = torch.tensor([len(s.completion.token_ids) for s in r.scored])
+            max_len = self.cfg.model.max_new_tokens
+            rewards = rewards + soft_overlong_penalty(
+                lengths, max_len, min(a.overlong_buffer, max_len), a.overlong_penalty
+            )
+        return self.advantage_fn(rewards, r.group_size)
 
     def batch(self, r: Rollouts, advantages: torch.Tensor) -> StepBatch:
         """Pack the rollouts with the engine's log-probs of their tokens, their old and
@@ -412,6 +425,12 @@ def training_data(
     return pipeline_training_data(cfg, layout.is_main, model_path)
 
 
+def steps_for_epochs(epochs: float, n_prompts: int, prompts_per_step: int) -> int:
+    """`trainer.epochs` as steps: enough batches of `prompts_per_step` to see every prompt
+    `epochs` times (the last batch may cross into the next epoch, as the sampler does)."""
+    return max(1, math.ceil(epochs * n_prompts / prompts_per_step))
+
+
 def run(cfg: DphrlConfig, run_dir: Path, *, stop_after_step: int | None = None) -> Path:
     """Train; return the folder of the final HF model.
 
@@ -433,6 +452,11 @@ def run(cfg: DphrlConfig, run_dir: Path, *, stop_after_step: int | None = None) 
             check_resume(run_dir, cfg.trainer.resume, run_settings(cfg))
             model_path = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
             prompts, ref_rows = training_data(cfg, layout, model_path)
+            if cfg.trainer.epochs is not None:
+                cfg.trainer.max_steps = steps_for_epochs(
+                    cfg.trainer.epochs, len(prompts), cfg.algo.prompts_per_step
+                )
+                print(f"train: {cfg.trainer.epochs} epochs = {cfg.trainer.max_steps} steps")
             trainer = Trainer(cfg, run_dir, layout, prompts, ref_rows, model_path)
             return fit(trainer, stop_after_step)
     finally:

@@ -43,7 +43,7 @@ def test_command_help_shows_groups_and_options():
 
 
 def test_cfg_job_prints_the_composed_config():
-    out = dphrl("train", "--cfg", "job", "divergence=forward_kl", "algo=dapo", "seed=3")
+    out = dphrl("train", "--cfg", "job", "divergence=forward_kl", "algo=dapo_ds", "seed=3")
     assert out.returncode == 0, out.stderr
     cfg = yaml.safe_load(out.stdout)
     assert cfg["divergence"]["name"] == "forward_kl"

@@ -257,3 +257,11 @@ def test_log_ratio_clamp_bounds_the_ratio():
     assert loss.item() == pytest.approx(math.exp(20.0), rel=1e-6)
     both, _ = rl.ppo_clip_loss(logp, old, adv, mask, clamp_log_ratio=20.0, dual_clip=3.0)
     assert both.item() == pytest.approx(3.0)
+
+
+def test_soft_overlong_penalty_is_dapos_linear_ramp():
+    # max_len 10, buffer 4: no penalty up to 6 tokens, then -1/4 per token, -1 at the limit.
+    lengths = torch.tensor([3, 6, 7, 8, 10])
+    expected = torch.tensor([0.0, 0.0, -0.25, -0.5, -1.0])
+    torch.testing.assert_close(rl.soft_overlong_penalty(lengths, 10, 4), expected)
+    torch.testing.assert_close(rl.soft_overlong_penalty(lengths, 10, 4, 0.5), expected * 0.5)

@@ -76,7 +76,7 @@ def _weights(path: Path):
         ["divergence=reverse_kl"],
         ["divergence=none"],
         # every tiny-model response hits max_new_tokens, so overlong filtering would mask them all
-        ["divergence=js", "algo=dapo", "algo.overlong_filter=false"],
+        ["divergence=js", "algo=dapo_ds", "algo.overlong_filter=false"],
         # several PPO passes: old log-probs come from their own forward before the first update
         ["divergence=js", "algo.ppo_epochs=2", "algo.minibatch_size=4"],
     ],
@@ -126,7 +126,7 @@ def test_dynamic_sampling_keeps_only_informative_groups_and_refills(
     cfg = _cfg(
         tmp_path,
         tiny_model_dir,
-        "algo=dapo",
+        "algo=dapo_ds",
         "algo.prompts_per_step=4",
         "ref.keep=all",
         data=data_dir,
