@@ -1,7 +1,8 @@
 """`eval.every`: the training policy's pass@k on held-out prompts, through the rollout engine.
 
-The unbiased estimator of `dphrl.estimators.pass_at_k`, averaged over prompts; the full report
-(diversity, plots, greedy column) is `dphrl eval-passk` on a saved model.
+The unbiased estimator of `dphrl.estimators.pass_at_k`, averaged over prompts, and with
+`eval.greedy` the greedy (temperature 0) accuracy, so a run's curve shows both what the paper's
+tables show; the full report (diversity, plots) is `dphrl eval-passk` on a saved model.
 """
 
 from __future__ import annotations
@@ -41,12 +42,18 @@ def heldout_pass_at_k(
     max_new_tokens: int,
     seed: int,
 ) -> dict[str, float]:
-    """`eval_pass@k` for each k of `eval.k`, from `eval.n` samples of each held-out prompt."""
+    """`eval_pass@k` for each k of `eval.k`, from `eval.n` samples of each held-out prompt,
+    and `eval_greedy` (share of prompts the greedy answer solves) when `eval.greedy`."""
     ids, kept = render_rows(tokenizer, rows, max_prompt_len, "eval")
     sampling = Sampling(ev.temperature, ev.top_p, max_new_tokens, seed)
     scored = sample_and_score(engine, task, task_cfg, ids, kept, ev.n, sampling)
     correct = [sum(s.verdict.reward >= 1.0 for s in group) for group in scored]
-    return {
-        f"eval_pass@{k}": sum(pass_at_k(ev.n, c, k) for c in correct) / max(len(correct), 1)
-        for k in ev.k
+    prompts = max(len(correct), 1)
+    metrics = {
+        f"eval_pass@{k}": sum(pass_at_k(ev.n, c, k) for c in correct) / prompts for k in ev.k
     }
+    if ev.greedy:
+        greedy = Sampling(0.0, 1.0, max_new_tokens, seed)
+        solved = sample_and_score(engine, task, task_cfg, ids, kept, 1, greedy)
+        metrics["eval_greedy"] = sum(g[0].verdict.reward >= 1.0 for g in solved) / prompts
+    return metrics

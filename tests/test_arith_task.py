@@ -69,7 +69,7 @@ def test_train_and_eval_are_disjoint_and_have_no_duplicates():
 def test_a_band_that_runs_out_drops_out_of_the_cycle():
     drawn = arith.problems(seed=7, count=200)
     assert len(drawn) == 200
-    assert sum(band == 0 for band, _, _ in drawn) <= 81  # single-digit sums: 9 x 9 questions
+    assert sum(band == 0 for band, *_ in drawn) <= 81  # single-digit sums: 9 x 9 questions
 
 
 def test_verify_reads_boxed_answers_and_falls_back_to_the_last_number():
@@ -94,3 +94,31 @@ def test_a_given_path_replaces_the_embedded_rows(tmp_path):
     path.write_text(json.dumps({"question": "What is 2 + 2?", "answer": "#### 4"}) + "\n")
     rows = get_task("arith").load(cfg(path=str(path)))
     assert [r["reward_model"]["ground_truth"] for r in rows] == ["4"]
+
+
+def test_out_of_domain_set_is_other_operations_disjoint_from_train_and_eval():
+    ood = arith.generate("ood")
+    assert len(ood) == arith.OOD_SIZE
+    seen = {question(r) for r in arith.generate("train") + arith.generate("eval")}
+    for row in ood:
+        q, truth = question(row), int(row["reward_model"]["ground_truth"])
+        assert q not in seen
+        a, op, b = re.fullmatch(r"What is (\d+) ([-x]) (\d+)\?", q).groups()
+        assert truth == (int(a) - int(b) if op == "-" else int(a) * int(b))
+    assert get_task("arith_ood").load(cfg(limit=3), "eval") == ood[:3]
+
+
+def test_warmup_examples_are_worked_boxed_answers_never_from_the_evaluated_sets():
+    examples = arith.warmup_examples(64, seed=0)
+    assert examples == arith.warmup_examples(64, seed=0)
+    taken = {question(r) for s in ("train", "eval", "ood") for r in arith.generate(s)}
+    verdicts = get_task("arith").verify(
+        [response for _, response in examples],
+        [re.search(r"\\boxed\{(-?\d+)\}", response).group(1) for _, response in examples],
+        cfg(),
+    )
+    assert all(v.reward == 1.0 for v in verdicts)
+    for messages, response in examples:
+        assert messages[0]["content"].removesuffix(arith.INSTRUCTION) not in taken
+        assert re.fullmatch(r"(\d+ [-+x] \d+ = -?\d+\. )+\\boxed\{-?\d+\}", response)
+    assert any(m[0]["content"].startswith("Add ") for m, _ in examples)  # the addition facts

@@ -85,6 +85,7 @@ def test_multirun_makes_one_folder_per_job(tmp_path):
         "seed=0,1",
         "dry_run=true",
         "task.limit=4",
+        "model=smollm2-135m",  # the converted instruct model: no warm-up to make first
         f"hydra.sweep.dir={tmp_path}/sweep",
         cwd=tmp_path,
     )

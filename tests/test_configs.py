@@ -31,7 +31,7 @@ def test_every_command_composes_with_defaults(command):
     C.validate(cfg)
     typed = OmegaConf.to_object(cfg)
     assert isinstance(typed, C.DphrlConfig)
-    assert typed.task.name == "arith" and typed.model.name == "smollm2-135m"
+    assert typed.task.name == "arith" and typed.model.name == "smollm2-135m-arith"
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])

@@ -220,6 +220,7 @@ def test_eval_every_reports_pass_at_k_during_training(data_dir, tiny_model_dir, 
     ]
     assert "eval_pass@1" not in rows[0]
     assert 0.0 <= rows[1]["eval_pass@1"] <= rows[1]["eval_pass@4"] <= 1.0
+    assert rows[1]["eval_greedy"] in {0.0, 1 / 3, 2 / 3, 1.0}  # eval.greedy: one answer a prompt
 
 
 def test_beta_below_zero_is_refused():

@@ -52,6 +52,7 @@ class Task(Protocol):
 # name -> "module:factory"; a factory takes the task name and returns a Task.
 TASKS: dict[str, str] = {
     "arith": "dphrl.tasks.arith:ArithTask",
+    "arith_ood": "dphrl.tasks.arith:ArithTask",  # arith's out-of-domain set, for eval-passk
     "math": "dphrl.tasks.math:MathTask",
     "gsm8k": "dphrl.tasks.math:MathTask",
     "minisql": "dphrl.tasks.sql:SqlTask",

@@ -43,33 +43,41 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from dphrl.data import limit_rows
 from dphrl.tasks.math import MathTask
 
+if TYPE_CHECKING:
+    from dphrl.config import TaskConfig
+
 TRAIN_SIZE = 300
 EVAL_SIZE = 100
-SEEDS = {"train": 1, "eval": 2}
+OOD_SIZE = 100
+SEEDS = {"train": 1, "eval": 2, "ood": 4, "warmup": 1000}
 INSTRUCTION = "\nPut the final answer in \\boxed{}."
 
 NAMES = ("Tom", "Ann", "Sam", "Lily", "Ben", "Mia", "Max", "Zoe", "Leo", "Eva")
 ITEMS = ("apples", "pencils", "stickers", "marbles", "books", "cookies", "stamps", "shells")
 
 
-def band0(rng: random.Random) -> tuple[str, int]:
+# A problem: (question, answer, worked answer: the short solution the warm-up teaches).
+Problem = tuple[str, int, str]
+
+
+def band0(rng: random.Random) -> Problem:
     """A bare sum of two single digits (81 distinct questions)."""
     a, b = rng.randint(1, 9), rng.randint(1, 9)
-    return f"What is {a} + {b}?", a + b
+    return f"What is {a} + {b}?", a + b, f"{a} + {b} = {a + b}."
 
 
-def band1(rng: random.Random) -> tuple[str, int]:
+def band1(rng: random.Random) -> Problem:
     """A bare sum of two two-digit numbers."""
     a, b = rng.randint(10, 49), rng.randint(10, 49)
-    return f"What is {a} + {b}?", a + b
+    return f"What is {a} + {b}?", a + b, f"{a} + {b} = {a + b}."
 
 
-def band2(rng: random.Random) -> tuple[str, int]:
+def band2(rng: random.Random) -> Problem:
     """A two-step story: a product, then an addition or subtraction."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     boxes, per_box, extra = rng.randint(3, 9), rng.randint(4, 12), rng.randint(5, 19)
@@ -79,40 +87,73 @@ def band2(rng: random.Random) -> tuple[str, int]:
             f"{name} buys {boxes} boxes of {item} with {per_box} {item} in each box, "
             f"then finds {extra} more {item}. How many {item} does {name} have?"
         )
-        return question, total + extra
+        worked = f"{boxes} x {per_box} = {total}. {total} + {extra} = {total + extra}."
+        return question, total + extra, worked
     extra = min(extra, total - 1)
     question = (
         f"{name} has {boxes} boxes of {item} with {per_box} {item} in each box "
         f"and gives away {extra} {item}. How many {item} are left?"
     )
-    return question, total - extra
+    return (
+        question,
+        total - extra,
+        f"{boxes} x {per_box} = {total}. {total} - {extra} = {total - extra}.",
+    )
 
 
-BANDS: tuple[Callable[[random.Random], tuple[str, int]], ...] = (band0, band1, band2)
+def ood_difference(rng: random.Random) -> Problem:
+    """Out of domain: a difference of two two-digit numbers (training sees no bare difference)."""
+    a = rng.randint(20, 99)
+    b = rng.randint(10, a - 1)
+    return f"What is {a} - {b}?", a - b, f"{a} - {b} = {a - b}."
+
+
+def ood_product(rng: random.Random) -> Problem:
+    """Out of domain: a bare product of two digits (training sees products only in stories)."""
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    return f"What is {a} x {b}?", a * b, f"{a} x {b} = {a * b}."
+
+
+def addition_fact(rng: random.Random) -> Problem:
+    """Warm-up only: a single-digit addition fact, phrased unlike any evaluated question.
+
+    Band 0's 81 questions all sit in train or eval, so the warm-up may not use them; the facts
+    themselves are what any instruct model knows, and without them the 135M model answers
+    "3 + 2 = 6" as often as not.
+    """
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    return f"Add {a} and {b}.", a + b, f"{a} + {b} = {a + b}."
+
+
+BANDS: tuple[Callable[[random.Random], Problem], ...] = (band0, band1, band2)
+OOD_BANDS: tuple[Callable[[random.Random], Problem], ...] = (ood_difference, ood_product)
 # Draws in a row that found nothing new before a band counts as used up (band 0 has 81).
 EXHAUSTED_AFTER = 200
 
 
 def problems(
-    seed: int, count: int, exclude: frozenset[str] = frozenset()
-) -> list[tuple[int, str, int]]:
-    """`count` distinct (band, question, answer) from `seed`, cycling through the bands.
+    seed: int,
+    count: int,
+    exclude: frozenset[str] = frozenset(),
+    bands: tuple[Callable[[random.Random], Problem], ...] = BANDS,
+) -> list[tuple[int, str, int, str]]:
+    """`count` distinct (band, question, answer, worked) from `seed`, cycling through `bands`.
 
     Questions already drawn or in `exclude` are redrawn, which keeps train and eval
     disjoint; a band whose questions run out drops out of the cycle (band 0 does in "train").
     """
     rng = random.Random(seed)
     seen = set(exclude)
-    live = list(range(len(BANDS)))
-    out: list[tuple[int, str, int]] = []
+    live = list(range(len(bands)))
+    out: list[tuple[int, str, int, str]] = []
     turn = 0
     while len(out) < count and live:
         band = live[turn % len(live)]
         for _ in range(EXHAUSTED_AFTER):
-            question, answer = BANDS[band](rng)
+            question, answer, worked = bands[band](rng)
             if question not in seen:
                 seen.add(question)
-                out.append((band, question, answer))
+                out.append((band, question, answer, worked))
                 turn += 1
                 break
         else:
@@ -120,15 +161,24 @@ def problems(
     return out
 
 
-def generate(split: str) -> list[dict]:
-    """The embedded rows of `split` ("train" or "eval") in the official row shape."""
-    if split not in SEEDS:
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+def _sets() -> dict[str, list[tuple[int, str, int, str]]]:
+    """Every embedded problem set, each disjoint from the ones drawn before it."""
     held_out = problems(SEEDS["eval"], EVAL_SIZE)
-    if split == "eval":
-        chosen = held_out
-    else:
-        chosen = problems(SEEDS["train"], TRAIN_SIZE, frozenset(q for _, q, _ in held_out))
+    taken = frozenset(q for _, q, _, _ in held_out)
+    train = problems(SEEDS["train"], TRAIN_SIZE, taken)
+    taken |= {q for _, q, _, _ in train}
+    ood = problems(SEEDS["ood"], OOD_SIZE, taken, OOD_BANDS)
+    return {"train": train, "eval": held_out, "ood": ood, "taken": train + held_out + ood}
+
+
+def generate(split: str) -> list[dict]:
+    """The embedded rows of `split` in the official row shape.
+
+    "train" (what split / train use), "eval" (the in-domain held-out set, another seed) or
+    "ood" (out of domain: bare differences and products, never trained on).
+    """
+    if split not in ("train", "eval", "ood"):
+        raise ValueError(f"split must be 'train', 'eval' or 'ood', got {split!r}")
     return [
         {
             "id": i,
@@ -137,7 +187,23 @@ def generate(split: str) -> list[dict]:
             "reward_model": {"ground_truth": str(answer)},
             "extra_info": {"band": band, "split": split},
         }
-        for i, (band, question, answer) in enumerate(chosen)
+        for i, (band, question, answer, _) in enumerate(_sets()[split])
+    ]
+
+
+def warmup_examples(count: int, seed: int) -> list[tuple[list[dict], str]]:
+    """`count` (prompt messages, worked answer) pairs for the supervised warm-up.
+
+    Drawn from their own seed stream over every band, the out-of-domain operations (an
+    instruct model has seen all kinds of arithmetic) and single-digit addition facts, never a
+    question of train, eval or ood.
+    A worked answer is the short solution and the boxed result, e.g. "3 + 4 = 7. \\boxed{7}".
+    """
+    taken = frozenset(q for _, q, _, _ in _sets()["taken"])
+    drawn = problems(SEEDS["warmup"] + seed, count, taken, (addition_fact, *BANDS, *OOD_BANDS))
+    return [
+        ([{"role": "user", "content": question + INSTRUCTION}], f"{worked} \\boxed{{{answer}}}")
+        for _, question, answer, worked in drawn
     ]
 
 
@@ -152,8 +218,14 @@ class ArithTask(MathTask):
     def __init__(self, name: str = "arith") -> None:
         super().__init__(name)
 
-    def load(self, cfg: Any, split: str = "train") -> list[dict]:
-        """The embedded rows (or task.path / task.eval_path when set), the first `cfg.limit`."""
+    def load(self, cfg: TaskConfig, split: str = "train") -> list[dict]:
+        """The embedded rows (or task.path / task.eval_path when set), the first `cfg.limit`.
+
+        `arith_ood` is the same task whose rows are the out-of-domain set, so that
+        `eval.datasets=[arith,arith_ood]` evaluates in and out of domain in one command.
+        """
         if getattr(cfg, {"train": "path", "eval": "eval_path"}.get(split, "path"), None):
             return super().load(cfg, split)
-        return limit_rows(generate(split), cfg.limit)
+        return limit_rows(generate("ood" if self.name == "arith_ood" else split), cfg.limit)
+
+    warmup_examples = staticmethod(warmup_examples)
