@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # package data: ships in the wheel
 
 # subcommand -> (Hydra config name, "module:function" that runs it)
 COMMANDS = {
