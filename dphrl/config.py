@@ -143,6 +143,27 @@ class TaskConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters through peft (r = 0: off, every weight trains). With LoRA the online
+    reference (reverse_kl, js_full) is the policy with its adapters disabled: no second copy."""
+
+    r: int = bounded(0, ge=0)
+    alpha: float = bounded(16.0, gt=0.0)
+    target_modules: list[str] = field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+    )
+    dropout: float = bounded(0.0, ge=0.0, lt=1.0)
+
+
+@dataclass
 class ModelConfig:
     """The initial policy. `path` is a local HF folder, a hub ID, or `embedded:<name>`."""
 
@@ -156,6 +177,7 @@ class ModelConfig:
     # Log-prob forwards (train, precompute-ref) put a prompt's responses in rows after one copy
     # of it, at most this many tokens a row (dphrl.batching.share_prefixes); 0 = padded rows.
     pack_tokens: int = bounded(4096, ge=0)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass

@@ -135,7 +135,7 @@ def run(cfg: DphrlConfig, run_dir: Path) -> dict:
 def _evaluate_all(cfg: DphrlConfig, out: Path) -> dict:
     from dphrl.data import write_json
     from dphrl.engine import resolve_engine_name
-    from dphrl.models import load_tokenizer, resolve_model_path
+    from dphrl.models import load_tokenizer
     from dphrl.passk_report import plot_curves, write_markdown
     from dphrl.pipeline import sampling_device
     from dphrl.rollout import render_rows
@@ -162,7 +162,7 @@ def _evaluate_all(cfg: DphrlConfig, out: Path) -> dict:
     device = sampling_device(cfg.layout)
     datasets = []
     for label in model_labels(cfg):
-        model_path = resolve_model_path(label, cfg.model.cache_dir)
+        model_path = _model_path(label, cfg.model.cache_dir, out)
         tokenizer = load_tokenizer(model_path)
         evaluator = _Evaluator(cfg, model_path, device, samples, folder)
         for spec in dataset_specs(cfg):
@@ -192,6 +192,19 @@ def _evaluate_all(cfg: DphrlConfig, out: Path) -> dict:
     plot_curves(out / "passk.png", payload)
     log.info("eval-passk: wrote %s\n%s", out / "passk.json", (out / "passk.md").read_text())
     return payload
+
+
+def _model_path(label: str, cache_dir: str | None, out: Path) -> str:
+    """A model folder the engine loads: `label` resolved, or for a LoRA adapter folder (what
+    `train` writes to `<run>/adapter` with model.lora.r > 0) its base with the adapter merged,
+    made once under `out/merged`."""
+    from dphrl.lora import base_of, is_adapter, merged_model_dir
+    from dphrl.models import resolve_model_path
+
+    if not is_adapter(label):
+        return resolve_model_path(label, cache_dir)
+    base = resolve_model_path(base_of(label), cache_dir)
+    return str(merged_model_dir(label, base, out / "merged"))
 
 
 class _Evaluator:

@@ -29,8 +29,10 @@ from dphrl.batching import Packed, pack, repad
 from dphrl.config import DphrlConfig
 from dphrl.divergence import POLICY_SAMPLE_TERMS, REVERSE_KL_ESTIMATORS, make_divergence
 from dphrl.engine import Sampling, engine_from_config
+from dphrl.errors import ConfigError
 from dphrl.heldout import heldout_pass_at_k, heldout_rows
 from dphrl.logprobs import batch_logprobs
+from dphrl.lora import add_adapters, merged_tensors, save_adapter
 from dphrl.metrics import MetricsLogger, Timer, step_metrics
 from dphrl.objectives import ZERO_ADVANTAGE_INERT, make_advantage, make_policy_loss
 from dphrl.optim import make_optimizer
@@ -82,8 +84,18 @@ class Trainer:
         self.tokenizer = load_tokenizer(model_path)
         torch.manual_seed(cfg.seed)
         self.policy = load_policy(model_path, cfg.model.dtype, layout.device)
+        self.peft = None  # with model.lora.r > 0: the PeftModel over self.policy (dphrl.lora)
+        if cfg.model.lora.r:
+            if layout.fsdp:
+                raise ConfigError(
+                    f"model.lora.r={cfg.model.lora.r} with layout {cfg.layout.name} (FSDP): LoRA "
+                    "runs unsharded for now; use layout=gpu1 or cpu, or model.lora.r=0"
+                )
+            self.peft = add_adapters(self.policy, cfg.model.lora)
         if cfg.model.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
+            if self.peft is not None:
+                self.policy.enable_input_require_grads()  # frozen embeddings: checkpoints need it
         self.policy = dist.shard(self.policy, layout)
         # reverse_kl's estimator, or js_full's policy half: on the rollouts, vs an online reference
         self.policy_term = (
@@ -108,8 +120,8 @@ class Trainer:
             clamp_log_ratio=a.clamp_log_ratio,
             generator=self.cov_generator,
         )
-        self.ref_model = None
-        if self.policy_term is not None:
+        self.ref_model = None  # under LoRA the reference is the policy with adapters disabled
+        if self.policy_term is not None and self.peft is None:
             self.ref_model = load_policy(model_path, cfg.model.dtype, layout.device).eval()
             self.ref_model.requires_grad_(False)
         self.divergence = (
@@ -123,7 +135,8 @@ class Trainer:
             else None
         )
         tr = cfg.trainer
-        self.optimizer, self.scheduler = make_optimizer(self.policy.parameters(), tr, layout.device)
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler = make_optimizer(trainable, tr, layout.device)
         self.prompt_sampler = EpochSampler(len(prompts), cfg.seed)
         self.ref_sampler = EpochSampler(len(ref_rows), cfg.seed + 1) if ref_rows else None
         self.engine = engine_from_config(
@@ -230,7 +243,7 @@ class Trainer:
         )
         with torch.no_grad():
             old = None if single_pass else self.logprobs(self.policy, rollouts, t)
-            online = None if self.ref_model is None else self.logprobs(self.ref_model, rollouts, t)
+            online = None if self.policy_term is None else self.reference_logprobs(rollouts, t)
         return StepBatch(
             rollouts,
             advantages.to(self.layout.device),
@@ -389,9 +402,32 @@ class Trainer:
             self.cfg.eval, m.max_prompt_len, m.max_new_tokens, self.cfg.seed + 7,
         )  # fmt: skip
 
+    def save_model(self, out: Path) -> Path:
+        """The final HF model in `out` (collective); under LoRA the adapter folder first
+        (`run_dir/adapter`), then the adapters merged into the weights for the HF model."""
+        from dphrl.checkpoint import save_hf_model
+
+        if self.peft is not None:
+            if self.layout.is_main:
+                save_adapter(
+                    self.peft, self.tokenizer, self.run_dir / "adapter", self.cfg.model.path
+                )
+            self.policy = self.peft.merge_and_unload()  # training is over: merge in place
+        return save_hf_model(self.policy, self.tokenizer, out)
+
+    def reference_logprobs(self, rollouts: Packed, temperature: float) -> torch.Tensor:
+        """The online reference's log-probs of the rollouts: the initial model's copy, or under
+        LoRA the policy itself with its adapters disabled."""
+        if self.peft is None:
+            return self.logprobs(self.ref_model, rollouts, temperature)
+        with self.peft.disable_adapter():
+            return self.logprobs(self.policy, rollouts, temperature)
+
     def push_weights(self) -> None:
-        """Push the updated weights to the rollout engine, one full tensor at a time."""
-        self.engine.load_weights(dist.full_tensors(self.policy))
+        """Push the updated weights to the rollout engine, one full tensor at a time (under
+        LoRA, each adapted weight merged: W + BA under the base name)."""
+        tensors = merged_tensors(self.policy) if self.peft else dist.full_tensors(self.policy)
+        self.engine.load_weights(tensors)
 
     def summarize(self, r: Rollouts, stats: dict[str, float]) -> dict[str, float]:
         """The step's metrics: rollouts (rewards, lengths, entropy), loss statistics, times."""
@@ -407,7 +443,8 @@ def _zero_gradients(model: torch.nn.Module) -> None:
     """Every advantage 0 and no divergence term: the gradient is exactly 0, found without a
     forward. AdamW still steps (momentum, weight decay), as it would on that gradient."""
     for param in model.parameters():
-        param.grad = torch.zeros_like(param)
+        if param.requires_grad:  # LoRA's frozen base weights stay without a gradient
+            param.grad = torch.zeros_like(param)
 
 
 def _forward_on_every_rank(layout: dist.Layout) -> bool:
@@ -474,7 +511,6 @@ def fit(trainer: Trainer, stop_after_step: int | None = None) -> Path:
         data_settings,
         load_checkpoint,
         run_settings,
-        save_hf_model,
     )
     from dphrl.metrics import reduce_metrics
     from dphrl.progress import track
@@ -517,7 +553,7 @@ def fit(trainer: Trainer, stop_after_step: int | None = None) -> Path:
                 )
                 return run_dir
     out = run_dir / "model"
-    save_hf_model(trainer.policy, trainer.tokenizer, out)  # collective; rank 0 writes
+    trainer.save_model(out)  # collective; rank 0 writes
     trainer.metrics.close()
     if trainer.layout.is_main:
         figures = ", ".join(
@@ -528,6 +564,7 @@ def fit(trainer: Trainer, stop_after_step: int | None = None) -> Path:
         print(
             f"train: done, {trainer.step_num} steps; last step: {figures or 'no metrics'}\n"
             f"  run folder: {run_dir}\n  metrics:    {run_dir / 'metrics.jsonl'}\n  model:      {out}"
+            + (f"\n  adapter:    {run_dir / 'adapter'}" if trainer.peft is not None else "")
         )
     return out
 
