@@ -1,6 +1,6 @@
 """Typed configs for every command, registered in Hydra's ConfigStore, and their validation.
 
-The YAML files in `conf/` mirror these dataclasses: a group file (`conf/divergence/js.yaml`)
+The YAML files in `dphrl/conf/` mirror these dataclasses: a group file (`divergence/js.yaml`)
 fills one section, and Hydra type-checks it against the schema here. A closed set of names is
 an `Enum` field, which OmegaConf checks as the config composes (naming the key, the value and
 the allowed ones); a bound sits next to its field (`bounded(0.1, ge=0)`), a rule across fields
