@@ -36,8 +36,8 @@ CONSOLE_FIELDS = (
     ("pass_rate", "pass", "{:.2f}"),
     ("pg_loss", "pg", "{:+.4f}"),
     ("clip_frac", "clip", "{:.3f}"),
-    ("div_loss", "div", "{:.4f}"),
-    ("kl_ref", "kl", "{:.4f}"),
+    ("div_loss", "div", "{:.3g}"),  # small but non-zero early in a run: keep the digits
+    ("kl_ref", "kl", "{:.3g}"),
     ("entropy", "ent", "{:.3f}"),
     ("response_len", "len", "{:.1f}"),
     ("grad_norm", "gnorm", "{:.3f}"),

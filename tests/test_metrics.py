@@ -102,6 +102,8 @@ def test_console_line_formats_key_metrics_and_time_split():
         line
         == "[bold]step 7[/bold] | reward 0.500 | lr 1.00e-06 | [dim]rollout 1.23s train 0.50s[/dim]"
     )
+    # a divergence that is small early in a run must not print as 0.0000
+    assert "div 2.5e-07" in format_line(1, {"div_loss": 2.5e-7})
 
 
 def test_timer_accumulates_per_phase_and_pops():
