@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 
@@ -77,6 +78,7 @@ def test_missing_data_file_names_the_path(tmp_path):
     assert str(missing) in out.stderr
 
 
+@pytest.mark.slow  # four jobs, each resolving the real model
 def test_multirun_makes_one_folder_per_job(tmp_path):
     out = dphrl(
         "train",

@@ -90,6 +90,7 @@ def test_reference_is_the_policy_without_adapters(tiny_model_dir, tmp_path):
     t.engine.close()
 
 
+@pytest.mark.slow  # a whole LoRA train run
 def test_lora_train_writes_adapter_and_merged_model_that_eval_loads(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 

@@ -148,6 +148,7 @@ def _cfg(tmp, model, data, *extra):
     ],
     ids=lambda o: "+".join(o),
 )
+@pytest.mark.slow  # a split, a ref store and a train step per case
 def test_each_objective_and_correction_trains_with_dph_js(
     extra, coin_data, tiny_model_dir, tmp_path
 ):

@@ -79,6 +79,7 @@ def _load(folder: Path, pef: Path, model: str, dtype: str = "float32") -> list[d
 # 1. a stale ref store after the split changes -------------------------------------------------
 
 
+@pytest.mark.slow  # runs the pipeline on the tiny model
 def test_a_ref_store_follows_the_split_and_train_refuses_a_stale_one(
     store, tiny_model_dir, tmp_path, monkeypatch
 ):
@@ -98,6 +99,7 @@ def test_a_ref_store_follows_the_split_and_train_refuses_a_stale_one(
 # 6. corrupt shards ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # runs the pipeline on the tiny model
 def test_a_corrupt_shard_is_named_and_only_it_is_rebuilt(
     store, tiny_model_dir, tmp_path, monkeypatch
 ):
@@ -136,6 +138,7 @@ def _train_data(store, model: str, *extra: str):
     return training_data(_cfg("train", model, *overrides), True, model)
 
 
+@pytest.mark.slow  # runs the pipeline on the tiny model
 def test_train_warns_about_a_store_in_another_dtype(store, tiny_model_dir, caplog, monkeypatch):
     _, folder, _ = store
     assert json.loads((folder / "manifest.json").read_text())["dtype"] == "float32"
@@ -146,6 +149,7 @@ def test_train_warns_about_a_store_in_another_dtype(store, tiny_model_dir, caplo
     assert "float32 log-probs but training runs in bfloat16" in caplog.text
 
 
+@pytest.mark.slow  # runs the pipeline on the tiny model
 def test_train_refuses_a_store_made_with_other_sampling_settings(store, tiny_model_dir):
     with pytest.raises(ConfigError, match=r"temperature: folder has [0-9.]+, config has 0.5"):
         _train_data(store, tiny_model_dir, "ref.temperature=0.5")
@@ -154,6 +158,7 @@ def test_train_refuses_a_store_made_with_other_sampling_settings(store, tiny_mod
 # 5. a failed start leaves no settings behind --------------------------------------------------
 
 
+@pytest.mark.slow  # runs the pipeline on the tiny model
 def test_a_failed_split_start_does_not_lock_the_folder_to_its_settings(tmp_path, tiny_model_dir):
     out = tmp_path / "split"
     missing = tmp_path / "no-such-model"
@@ -164,6 +169,7 @@ def test_a_failed_split_start_does_not_lock_the_folder_to_its_settings(tmp_path,
     assert stats["prompts"] == 2 and (out / "split_state.json").exists()
 
 
+@pytest.mark.slow  # runs the pipeline on the tiny model
 def test_a_failed_eval_start_does_not_lock_the_folder_to_its_settings(tmp_path, tiny_model_dir):
     common = ["eval.n=2", "eval.k=[1,2]", "eval.limit=2", "eval.greedy=false"]
     bad = _cfg("eval-passk", str(tmp_path / "no-such-model"), *common)
@@ -300,6 +306,7 @@ def _steps(tmp: Path) -> list[int]:
     return [json.loads(line)["step"] for line in lines]
 
 
+@pytest.mark.slow  # runs the pipeline on the tiny model
 def test_a_rerun_over_checkpoints_is_refused_not_overwritten(tmp_path, tiny_model_dir, monkeypatch):
     toytask.register(monkeypatch)
     _train(tmp_path, tiny_model_dir, "trainer.max_steps=2", "trainer.save_every=1")
@@ -312,6 +319,7 @@ def test_a_rerun_over_checkpoints_is_refused_not_overwritten(tmp_path, tiny_mode
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == saved
 
 
+@pytest.mark.slow  # runs the pipeline on the tiny model
 def test_resume_with_changed_settings_is_refused_naming_the_keys(
     tmp_path, tiny_model_dir, monkeypatch
 ):
@@ -335,6 +343,7 @@ def test_resume_with_changed_settings_is_refused_naming_the_keys(
     assert _steps(tmp_path) == [1, 2]
 
 
+@pytest.mark.slow  # runs the pipeline on the tiny model
 def test_resume_over_changed_training_data_is_refused(tmp_path, tiny_model_dir, monkeypatch):
     toytask.register(monkeypatch)
     _train(tmp_path, tiny_model_dir)

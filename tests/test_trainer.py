@@ -13,6 +13,10 @@ from conftest import compose_config
 from dphrl import trainer
 from dphrl.errors import ConfigError
 
+# Whole train runs (split, ref store, steps): the slow tier. tests/test_smoke.py keeps one
+# two-step run in the fast tier.
+pytestmark = pytest.mark.slow
+
 FAST = [
     "task=arith",  # replaced by coin below; arith composes the task group
     "engine=hf",

@@ -17,6 +17,7 @@ def test_padding_masks_the_prompt_and_the_padding_from_the_loss():
     assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
 
 
+@pytest.mark.slow  # trains the warm-up twice (~8-26 s)
 def test_warm_up_lowers_the_response_loss_and_is_deterministic(tiny_model_dir, tmp_path):
     from dphrl.tasks.arith import warmup_examples
 

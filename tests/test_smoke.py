@@ -1,0 +1,28 @@
+"""The fast tier's one whole run: `dphrl train` with DPH-JS on the tiny model, two steps,
+making its split and ref store first; the weights move and both steps are logged (TRL's key
+test). Every other whole-pipeline run is in the slow tier (tests/test_trainer.py, ...)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import toytask
+from test_trainer import _cfg, _weights
+
+from dphrl import trainer
+
+
+def test_two_steps_of_dph_js_make_their_data_and_move_the_weights(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    toytask.register(monkeypatch)
+    cfg = _cfg(tmp_path, tiny_model_dir, "divergence=js", "trainer.max_steps=2", "ref.keep=all")
+    out = trainer.run(cfg, tmp_path)
+    assert (tmp_path / "split" / "exp.jsonl").exists() and (tmp_path / "ref").is_dir()
+    before, after = _weights(Path(tiny_model_dir)), _weights(out)
+    assert sum(float((before[k] - after[k]).abs().max()) for k in before) > 0
+    run = tmp_path / "run"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(m["grad_norm"] > 0 for m in metrics) and "div_loss" in metrics[0]
