@@ -39,7 +39,7 @@ def test_eval_passk_cli_with_vllm(tmp_path):
 
     args = ["engine=vllm", "task.limit=4", "eval.n=4", "eval.k=[1,2,4]", "eval.greedy=true"]
     run_command("eval-passk", [*args, "model.max_new_tokens=32", f"hydra.run.dir={tmp_path}"])
-    payload = check_outputs(tmp_path, 4, [("embedded:smollm2-135m", "arith")])
+    payload = check_outputs(tmp_path, 4, [("embedded:smollm2-135m-arith", "arith")])  # the default
     assert payload["settings"]["engine"] == "vllm"
     assert payload["results"][0]["greedy"] is not None
     assert "rollout engine: vllm" in (tmp_path / "eval-passk.log").read_text()
