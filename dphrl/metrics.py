@@ -107,7 +107,7 @@ class MetricsLogger:
         row = {"step": step, **{k: v if math.isfinite(v) else None for k, v in values.items()}}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
-        self.console.print(format_line(step, values))
+        self.console.print(format_line(step, values), soft_wrap=True)  # a log keeps it one line
         writer = self._tensorboard()
         if writer is not None:
             for key, value in values.items():

@@ -80,7 +80,7 @@ class Tracker:
         self._last = time.monotonic()
         elapsed = self._last - self._start
         line = plain_line(self.label, self.done, self.total, elapsed, self.unit, self.skipped)
-        self.console.print(line, highlight=False, markup=False)
+        self.console.print(line, highlight=False, markup=False, soft_wrap=True)  # one line in a log
 
     def finish(self) -> None:
         self._print()

@@ -544,6 +544,7 @@ def fit(trainer: Trainer, stop_after_step: int | None = None) -> Path:
             ):
                 metrics.update(trainer.evaluate())
             trainer.metrics.log(trainer.step_num, metrics)
+            progress.advance()
             last = trainer.step_num == tr.max_steps
             if (tr.save_every and trainer.step_num % tr.save_every == 0) or last:
                 _save(trainer, settings)

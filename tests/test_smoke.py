@@ -14,7 +14,7 @@ from dphrl import trainer
 
 
 def test_two_steps_of_dph_js_make_their_data_and_move_the_weights(
-    tiny_model_dir, tmp_path, monkeypatch
+    tiny_model_dir, tmp_path, monkeypatch, capsys
 ):
     toytask.register(monkeypatch)
     cfg = _cfg(tmp_path, tiny_model_dir, "divergence=js", "trainer.max_steps=2", "ref.keep=all")
@@ -26,3 +26,6 @@ def test_two_steps_of_dph_js_make_their_data_and_move_the_weights(
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(m["grad_norm"] > 0 for m in metrics) and "div_loss" in metrics[0]
+    shown = capsys.readouterr().out  # not a terminal: plain progress lines, one line each
+    assert "train: 0/2 steps (0%)" in shown and "train: 2/2 steps (100%)" in shown
+    assert "train: done, 2 steps" in shown
