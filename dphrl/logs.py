@@ -5,7 +5,8 @@ Hydra's logging set-up gives the root logger a console handler and a file handle
 and to errors from anyone, unless `verbose=true`; the file keeps every record at INFO and
 above. vLLM and transformers each install their own console handler; they are told not to,
 and to pass their records to the root logger instead, and Python warnings (torch's among them)
-become `py.warnings` records, so they too land in the file.
+become `py.warnings` records, so they too land in the file. Third-party tqdm bars are off
+unless verbose. What a C++ extension prints to stderr itself is beyond Python's logging.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ def quiet_libraries() -> None:
 def route(verbose: bool) -> None:
     """Send third-party records to the root logger's handlers, and filter its console ones."""
     quiet_libraries()
+    if not verbose:
+        # Third-party tqdm bars (vLLM's "Loading safetensors checkpoint shards", hub downloads)
+        # write to stderr themselves; dphrl's own progress is rich's, not tqdm's.
+        os.environ.setdefault("TQDM_DISABLE", "1")
     warnings.simplefilter("default")  # each distinct warning once, into the log file
     logging.captureWarnings(True)
     try:

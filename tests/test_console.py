@@ -55,7 +55,9 @@ def test_console_filter_keeps_own_lines_and_any_error():
 
 
 def test_route_filters_the_console_not_the_file(tmp_path, monkeypatch):
-    monkeypatch.delenv("VLLM_CONFIGURE_LOGGING", raising=False)
+    for name in ("VLLM_CONFIGURE_LOGGING", "TQDM_DISABLE"):  # unset here, restored after
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     root = logging.getLogger()
     console_out = io.StringIO()
     console = logging.StreamHandler(console_out)
@@ -68,7 +70,7 @@ def test_route_filters_the_console_not_the_file(tmp_path, monkeypatch):
         logging.getLogger("vllm.worker").info("kernel registered")
         logging.getLogger("dphrl.split").info("chunk done")
         logging.getLogger("somelib.cuda").error("out of memory")
-        assert os.environ["VLLM_CONFIGURE_LOGGING"] == "0"
+        assert os.environ["VLLM_CONFIGURE_LOGGING"] == "0" and os.environ["TQDM_DISABLE"] == "1"
         route(verbose=True)
         logging.getLogger("vllm.worker").info("shown when verbose")
     finally:
