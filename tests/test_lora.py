@@ -115,3 +115,26 @@ def test_lora_train_writes_adapter_and_merged_model_that_eval_loads(tiny_model_d
     assert (
         merged_model_dir(adapter, tiny_model_dir, tmp_path / "eval" / "merged") == merged
     )  # reused
+
+
+@pytest.mark.slow  # the real 135M model: one LoRA step, then eval-passk on its adapter
+def test_lora_on_the_embedded_model_trains_and_its_adapter_evaluates(tmp_path):
+    from dphrl import passk
+
+    cfg = compose_config(
+        ["model=smollm2-135m", "model.lora.r=8", "divergence=reverse_kl", "engine=hf"]
+        + ["task.limit=4", "algo.prompts_per_step=2", "algo.group_size=2"]
+        + ["model.max_new_tokens=16", "trainer.max_steps=1", "trainer.tensorboard=false"]
+        + [f"trainer.run_dir={tmp_path}/run"]
+    )
+    trainer.run(cfg, tmp_path)
+    adapter = tmp_path / "run" / "adapter"
+    assert base_of(adapter) == "embedded:smollm2-135m"
+    ev = compose_config(
+        ["engine=hf", "task.limit=2", "eval.n=2", "eval.k=[1,2]", "model.max_new_tokens=16"]
+        + [f"eval.models=[{adapter}]", f"eval.out={tmp_path}/eval"],
+        "eval-passk",
+    )
+    payload = passk.run(ev, tmp_path / "eval")
+    (result,) = payload["results"]
+    assert result["model"] == str(adapter) and result["prompts"] == 2
