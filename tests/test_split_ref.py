@@ -16,6 +16,7 @@ from dphrl.errors import ConfigError, DataError
 pytestmark = pytest.mark.slow
 
 SMALL = [
+    "model=smollm2-135m",  # real_model_path, which the ref-store tests compare against
     "engine=hf",
     "model.max_new_tokens=24",
     "split.k=4",
