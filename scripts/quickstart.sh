@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set-up, then the main job on the embedded default (SmolLM2-135M-Instruct, task arith, CPU):
+# Set-up, then the main job on the embedded default (SmolLM2-135M-Instruct warmed up on arith's
+# answer format, task arith, CPU):
 # split -> precompute-ref -> train -> eval-passk of the base model vs the trained one.
 # Every step prints the command it runs. Extra arguments are Hydra overrides for every step.
 set -euo pipefail
@@ -11,6 +12,7 @@ step() { echo "+ $*"; "$@"; }
 step .venv/bin/dphrl split "hydra.run.dir=$RUN/split" "$@"
 step .venv/bin/dphrl precompute-ref "hydra.run.dir=$RUN/precompute-ref" "$@"
 step .venv/bin/dphrl train "hydra.run.dir=$RUN/train" "$@"
+base=$(.venv/bin/dphrl train "$@" --cfg job --package model | sed -n 's/^path: //p')
 step .venv/bin/dphrl eval-passk "hydra.run.dir=$RUN/eval" \
-  "eval.models=[embedded:smollm2-135m,$RUN/train/model]" task.limit=32 "$@"
+  "eval.models=[$base,$RUN/train/model]" task.limit=32 "$@"
 echo "quickstart: done; pass@k of base vs trained is in $RUN/eval/passk.md"

