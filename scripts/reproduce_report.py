@@ -1,0 +1,298 @@
+"""The small reproduction's table: RESULTS.md, results.json and two plots from one $OUT folder.
+
+Reads what `scripts/reproduce_small.sh` left in OUT: `eval/passk.json` (every model on every
+set), `arms/<arm>/seed<s>/metrics.jsonl` (the training curves, with `eval_*` every
+`eval.every` steps) and `split/split_stats.json`. Writes, atomically:
+
+- `results.json`: per arm and set, greedy and pass@k over seeds (mean, std, the values);
+- `RESULTS.md`: the paper's table shape (rows = arms; per set Greedy / pass@8 / pass@16 as
+  mean ± std over seeds) and the training settings; the reading of the result is written by a
+  person into the committed RESULTS.md, not generated;
+- `passk_curves.png`: pass@k vs k, one panel per set, one line per arm (mean over seeds);
+- `passk_over_steps.png`: held-out pass@k and greedy during training, one line per arm.
+
+    .venv/bin/python scripts/reproduce_report.py runs/reproduce_small --arms "grpo dph_js" --seeds "0 1"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from dphrl.data import read_jsonl, write_json, write_text
+
+SETS = ("held-out", "D_pef", "OOD")
+LABELS = {
+    "base": "base (no training)",
+    "grpo": "GRPO",
+    "dapo": "DAPO",
+    "grpo_rkl": "GRPO + reverse KL",
+    "dph_f": "DPH-F (forward KL)",
+    "dph_js": "DPH-JS",
+    "dph_alpha": "DPH-alpha",
+}
+
+
+def arm_of(model: str, out: Path) -> tuple[str, str]:
+    """(arm, seed) of a model path `OUT/arms/<arm>/seed<s>/model`; the base model otherwise."""
+    parts = Path(model).parts
+    if "arms" in parts:
+        i = parts.index("arms")
+        return parts[i + 1], parts[i + 2].removeprefix("seed")
+    return "base", "-"
+
+
+def collect(out: Path) -> dict:
+    """results[arm][set] = {"greedy": [per seed], "pass@k": {k: [per seed]}}."""
+    report = json.loads((out / "eval" / "passk.json").read_text())
+    # eval.datasets lists held-out, D_pef, OOD in that order (reproduce_small.sh's SETS)
+    order = list(dict.fromkeys(r["dataset"] for r in report["results"]))
+    set_of = dict(zip(order, SETS, strict=False))
+    table: dict = defaultdict(
+        lambda: defaultdict(lambda: {"greedy": [], "pass@k": defaultdict(list)})
+    )
+    for r in report["results"]:
+        arm, _ = arm_of(r["model"], out)
+        cell = table[arm][set_of[r["dataset"]]]
+        cell["greedy"].append(r["greedy"])
+        for k, v in r["pass_at_k"].items():
+            cell["pass@k"][int(k)].append(v)
+    return table
+
+
+def spread(values: list[float]) -> dict:
+    """Mean and sample std (0 for one value) of a list of per-seed figures."""
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": values,
+    }
+
+
+def table_md(table: dict, arms: list[str], ks: list[int]) -> str:
+    """The paper's table shape in markdown."""
+    shown = [k for k in (8, 16) if k in ks] or ks[-2:]
+    head = "| arm | " + " | ".join(
+        f"{s} {c}" for s in SETS for c in ["Greedy", *(f"pass@{k}" for k in shown)]
+    )
+    lines = [head + " |", "|" + " --- |" * (1 + len(SETS) * (1 + len(shown)))]
+    for arm in arms:
+        cells = []
+        for s in SETS:
+            cell = table[arm][s]
+            for values in [cell["greedy"], *(cell["pass@k"][k] for k in shown)]:
+                if not values:
+                    cells.append("-")
+                    continue
+                st = spread(values)
+                cells.append(
+                    f"{100 * st['mean']:.1f} ± {100 * st['std']:.1f}"
+                    if len(values) > 1
+                    else f"{100 * st['mean']:.1f}"
+                )
+        lines.append(f"| {LABELS.get(arm, arm)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(table: dict, arms: list[str], ks: list[int], path: Path) -> None:
+    """pass@k vs k, one panel per set, one line per arm (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(SETS), figsize=(5 * len(SETS), 4), sharey=True)
+    for ax, s in zip(axes, SETS, strict=True):
+        for arm in arms:
+            pk = table[arm][s]["pass@k"]
+            if pk:
+                ax.plot(
+                    ks,
+                    [statistics.fmean(pk[k]) for k in ks],
+                    marker="o",
+                    label=LABELS.get(arm, arm),
+                )
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_title(s)
+        ax.set_xlabel("k")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("pass@k")
+    axes[-1].legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+
+
+def training_curves(out: Path, arms: list[str], seeds: list[str]) -> dict:
+    """curves[arm][metric] = [(step, mean over seeds)] for the `eval_*` metrics of training."""
+    curves: dict = {}
+    for arm in arms:
+        per_step: dict = defaultdict(lambda: defaultdict(list))
+        for seed in seeds:
+            path = out / "arms" / arm / f"seed{seed}" / "metrics.jsonl"
+            if not path.exists():
+                continue
+            for row in read_jsonl(path, tolerate_torn_tail=True):
+                for key, value in row.items():
+                    if key.startswith("eval_"):
+                        per_step[key][row["step"]].append(value)
+        curves[arm] = {
+            key: [(step, statistics.fmean(v)) for step, v in sorted(steps.items())]
+            for key, steps in per_step.items()
+        }
+    return curves
+
+
+def with_base(curves: dict, table: dict) -> dict:
+    """Each arm's curve starts at step 0 from the base model's held-out figures (eval-passk on
+    the same prompts and n; its own samples)."""
+    base = table["base"]["held-out"]
+    start = {f"eval_pass@{k}": statistics.fmean(v) for k, v in base["pass@k"].items()}
+    if base["greedy"]:
+        start["eval_greedy"] = statistics.fmean(base["greedy"])
+    return {
+        arm: {
+            key: ([(0, start[key])] if key in start else []) + points for key, points in c.items()
+        }
+        for arm, c in curves.items()
+    }
+
+
+def plot_over_steps(curves: dict, arms: list[str], path: Path) -> None:
+    """Held-out pass@k (largest k) and greedy during training, one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({k for c in curves.values() for k in c})
+    passk = [k for k in keys if k.startswith("eval_pass@")]
+    shown = [
+        k
+        for k in [max(passk, key=lambda k: int(k.split("@")[1]), default=None), "eval_greedy"]
+        if k in keys
+    ]
+    fig, axes = plt.subplots(
+        1, max(len(shown), 1), figsize=(5 * max(len(shown), 1), 4), squeeze=False
+    )
+    for ax, key in zip(axes[0], shown, strict=False):
+        for arm in arms:
+            points = curves.get(arm, {}).get(key, [])
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=LABELS.get(arm, arm))
+        ax.set_title(f"held-out {key.removeprefix('eval_')} during training")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+
+
+def sweep(out: Path) -> None:
+    """The lr sweep's table (`OUT/sweep/lr*/metrics.jsonl`) -> `OUT/sweep.md` and `sweep.json`."""
+    rows = {}
+    for run in sorted((out / "sweep").glob("lr*")):
+        points = [
+            r
+            for r in read_jsonl(run / "metrics.jsonl", tolerate_torn_tail=True)
+            if "eval_greedy" in r
+        ]
+        rows[run.name.removeprefix("lr")] = points
+    lines = ["| lr | step | held-out greedy | held-out pass@k |", "| --- | --- | --- | --- |"]
+    for lr, points in rows.items():
+        for p in points:
+            passk = max(
+                (k for k in p if k.startswith("eval_pass@")), key=lambda k: int(k.split("@")[1])
+            )
+            lines.append(
+                f"| {lr} | {p['step']} | {100 * p['eval_greedy']:.1f} | {passk.removeprefix('eval_')} {100 * p[passk]:.1f} |"
+            )
+    write_json(out / "sweep.json", rows)
+    write_text(out / "sweep.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def split_md(stats: dict) -> str:
+    """The shared split in one line: how many prompts the initial policy solved in every sample."""
+    if not stats:
+        return ""
+    return (
+        f"\nSplit (shared by every arm): {stats['prompts']} prompts, {stats['pef']} in D_pef "
+        f"({100 * stats['pef'] / stats['prompts']:.0f}%), {stats['exp']} in D_exp, mean pass "
+        f"rate {stats['mean_pass_rate']:.2f}; histogram {stats['pass_rate_histogram']}.\n"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--arms", help="space-separated arm names, as trained")
+    parser.add_argument("--seeds", help="space-separated seeds, as trained")
+    parser.add_argument("--seconds", type=int, default=None, help="wall time of the whole run")
+    parser.add_argument("--sweep", action="store_true", help="only the lr sweep's table")
+    args = parser.parse_args()
+    out: Path = args.out
+    if args.sweep:
+        sweep(out)
+        return
+    if not args.arms or not args.seeds:
+        parser.error("--arms and --seeds are needed for the table")
+    arms, seeds = ["base", *args.arms.split()], args.seeds.split()
+
+    table = collect(out)
+    ks = sorted({k for a in table.values() for c in a.values() for k in c["pass@k"]})
+    results = {
+        arm: {
+            s: {
+                "greedy": spread(table[arm][s]["greedy"]) if table[arm][s]["greedy"] else None,
+                **{f"pass@{k}": spread(v) for k, v in sorted(table[arm][s]["pass@k"].items())},
+            }
+            for s in SETS
+        }
+        for arm in arms
+    }
+    curves = with_base(training_curves(out, args.arms.split(), seeds), table)
+    stats_path = out / "split" / "split_stats.json"
+    split_stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
+    write_json(
+        out / "results.json",
+        {
+            "arms": arms,
+            "seeds": seeds,
+            "sets": list(SETS),
+            "results": results,
+            "training_curves": curves,
+            "split": split_stats,
+            "seconds": args.seconds,
+        },
+    )
+    plot_curves(table, arms, ks, out / "passk_curves.png")
+    plot_over_steps(curves, args.arms.split(), out / "passk_over_steps.png")
+    minutes = f"{args.seconds / 60:.0f} min" if args.seconds else "not measured"
+    write_text(
+        out / "RESULTS.md",
+        "# Small reproduction: results\n\n"
+        f"Sets: held-out (in-domain, other seed), D_pef (the prompts the initial policy solved in "
+        f"every sample), OOD (bare differences and products, never trained on). Seeds: "
+        f"{', '.join(seeds)}; figures in %, mean ± std over seeds. Wall time: {minutes}.\n\n"
+        + table_md(table, arms, ks)
+        + "\n\n![pass@k vs k](passk_curves.png)\n\n![during training](passk_over_steps.png)\n"
+        + split_md(split_stats)
+        + (
+            f"\n## The lr sweep\n\n{(out / 'sweep.md').read_text()}"
+            if (out / "sweep.md").exists()
+            else ""
+        ),
+    )
+    print(f"reproduce_report: wrote {out}/RESULTS.md, results.json and the two plots")
+
+
+if __name__ == "__main__":
+    main()
