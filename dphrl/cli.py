@@ -92,6 +92,9 @@ def run_command(command: str, args: list[str]) -> None:
 
     register()
     config_name = COMMANDS[command][0]
+    if {"--cfg", "-c"} & set(args) and "--resolve" not in args:
+        # print values, not interpolations: the paper presets pick theirs per method
+        args = [*args, "--resolve"]
     sys.argv = [f"dphrl {command}", *args]
     main_fn = hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")(
         _job(command)

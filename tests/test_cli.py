@@ -52,6 +52,14 @@ def test_cfg_job_prints_the_composed_config():
     assert cfg["seed"] == 3
 
 
+def test_cfg_job_prints_resolved_values_of_a_paper_preset():
+    out = dphrl("train", "+experiment=paper_bird", "divergence=js", "--cfg", "job")
+    assert out.returncode == 0, out.stderr
+    cfg = yaml.safe_load(out.stdout)
+    assert cfg["divergence"]["beta"] == 0.00125 and cfg["algo"]["clip_high"] == 0.28
+    assert "${" not in out.stdout
+
+
 def test_unknown_group_option_lists_the_allowed_ones():
     out = dphrl("train", "divergence=jss")
     assert out.returncode != 0
