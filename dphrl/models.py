@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 from dphrl.errors import ConfigError
+from dphrl.progress import track
 
 EMBEDDED = {
     # name -> (wheel package, GGUF file inside it)
@@ -97,7 +98,10 @@ def provision_embedded(name: str, cache_dir: str | None = None) -> Path:
         base = str(provision_embedded(WARMED[name]["base"], cache_dir))
         return _build_atomically(target, lambda tmp: _warm_up(name, base, tmp))
     gguf = _gguf_location(name)
-    return _build_atomically(target, lambda tmp: _convert_gguf(gguf, tmp))
+    with track(f"converting {gguf.name} (once)", 1, "models") as progress:
+        folder = _build_atomically(target, lambda tmp: _convert_gguf(gguf, tmp))
+        progress.advance()
+    return folder
 
 
 def _folder_name(name: str) -> str:

@@ -59,6 +59,7 @@ def warm_up(
 
     from dphrl.data import render_prompts
     from dphrl.models import load_tokenizer
+    from dphrl.progress import track
 
     torch.manual_seed(recipe.seed)
     tokenizer = load_tokenizer(base_path)
@@ -72,17 +73,19 @@ def warm_up(
         for j, i in enumerate(kept)
     ]
     losses, tokens, started = [], 0, time.time()
-    for step in range(recipe.steps):
-        batch = pairs[step * recipe.batch_size : (step + 1) * recipe.batch_size]
-        input_ids, labels, mask = _pad(batch, tokenizer.pad_token_id)
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        tokens += int(mask.sum())
-        if step % 10 == 0 or step == recipe.steps - 1:
-            log.info("warm-up step %d/%d: loss %.3f", step + 1, recipe.steps, losses[-1])
+    with track(f"warm-up of {recipe.base} on {recipe.task}", recipe.steps, "steps") as progress:
+        for step in range(recipe.steps):
+            batch = pairs[step * recipe.batch_size : (step + 1) * recipe.batch_size]
+            input_ids, labels, mask = _pad(batch, tokenizer.pad_token_id)
+            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            tokens += int(mask.sum())
+            progress.advance()
+            if step % 10 == 0 or step == recipe.steps - 1:
+                log.info("warm-up step %d/%d: loss %.3f", step + 1, recipe.steps, losses[-1])
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     stats = {
