@@ -55,14 +55,16 @@ def warm_up(
     figures worth keeping (seconds, first and last loss, tokens seen).
     """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dphrl.data import render_prompts
-    from dphrl.models import load_tokenizer
     from dphrl.progress import track
 
     torch.manual_seed(recipe.seed)
-    tokenizer = load_tokenizer(base_path)
+    # not models.load_tokenizer: models calls this module, and imports point one way
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
