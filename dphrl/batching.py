@@ -36,6 +36,11 @@ class Packed:
         return self.input_ids.shape[0]
 
 
+def share(n: int, parts: int, k: int) -> slice:
+    """The k-th of `parts` contiguous, near-equal slices of n items (ranks, minibatches)."""
+    return slice(k * n // parts, (k + 1) * n // parts)
+
+
 def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Packed:
     """Left-pad the prompts to the longest, right-pad the responses to the longest."""
     if len(prompts) != len(responses):

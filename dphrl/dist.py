@@ -117,6 +117,11 @@ def shard(model: torch.nn.Module, layout: Layout) -> torch.nn.Module:
     return model
 
 
+def forward_on_every_rank(layout: Layout) -> bool:
+    """FSDP2 ranks must all forward and backward (their collectives), even with nothing to learn."""
+    return layout.fsdp and layout.world_size > 1
+
+
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     inner = getattr(model, "model", model)
     layers = getattr(inner, "layers", None)
@@ -162,3 +167,9 @@ def all_reduce_max(values: list[float], device: str) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
+
+
+def rank_denominator(count: float, layout: Layout) -> float:
+    """A count summed over ranks (at least 1), divided by the world size: what each rank
+    divides its loss sum by, so that the rank-average of gradients is the global mean's."""
+    return max(all_reduce_sum([count], layout.device)[0], 1.0) / layout.world_size

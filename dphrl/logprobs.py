@@ -17,6 +17,8 @@ makes the log-probs those of the distribution that sampled the tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -325,3 +327,32 @@ def batch_logprobs(
         ent = entropy.new_zeros(mask.numel()).index_put((sp.slot,), entropy).view(mask.shape)
         ent = ent * mask.to(ent.dtype)
     return out * mask.to(out.dtype), ent
+
+
+def live_rows_logprobs(
+    forward: Callable[[Packed], Tensor],
+    batch: Packed,
+    live: Tensor,  # (N,) bool: the rows whose log-probs can move the loss
+    base: Tensor | None,  # (N, T) what the other rows hold (their old log-probs); None: zeros
+    forward_always: bool,
+) -> Tensor:
+    """`forward` `# (N, T)` of `batch`, run on the `live` rows alone; the others hold `base`.
+
+    A response whose advantage is exactly 0 (a group whose rewards are all equal: the usual
+    case on hard or easy prompts) adds -min(rho 0, clip(rho) 0) = 0 to the PPO-clip loss and
+    nothing to its gradient or clip fraction, whatever rho is. When that loss is all the
+    rollouts carry, such rows can skip the forward holding their old log-probs (rho = 1): the
+    loss, its gradient and every statistic equal the full forward's, at the cost of the live
+    rows alone. `forward_always` (FSDP2 over several ranks, whose collectives must match)
+    forwards one row even when none is live.
+    """
+    if bool(live.all()):
+        return forward(batch)
+    out = torch.zeros_like(batch.response_mask) if base is None else base.detach().clone()
+    if not bool(live.any()):
+        if not forward_always:
+            return out
+        live = live.clone()
+        live[0] = True
+    rows = live.nonzero()[:, 0]
+    return out.index_put((rows,), forward(batch.select(rows)))  # forward: (k, T)

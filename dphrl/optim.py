@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dphrl import dist
+
 if TYPE_CHECKING:
     from dphrl.config import TrainerConfig
 
@@ -44,3 +46,22 @@ def make_optimizer(
     )
     schedule = lr_lambda(tr.warmup_steps, tr.schedule, tr.max_steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def zero_gradients(model: torch.nn.Module) -> None:
+    """Every advantage 0 and no divergence term: the gradient is exactly 0, found without a
+    forward. AdamW still steps (momentum, weight decay), as it would on that gradient."""
+    for param in model.parameters():
+        if param.requires_grad:  # LoRA's frozen base weights stay without a gradient
+            param.grad = torch.zeros_like(param)
+
+
+def clipped_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float, layout: dist.Layout
+) -> float:
+    """Average gradients over ranks, clip them (`trainer.grad_clip`, 0 = off), step the
+    optimizer; return the pre-clip norm."""
+    dist.average_gradients(model, layout)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    optimizer.step()
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)

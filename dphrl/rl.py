@@ -139,6 +139,14 @@ AGGREGATIONS: dict[str, Aggregation] = {
 }
 
 
+def agg_count(mask: Tensor, mode: str, max_len: int) -> float:
+    """What `mode` divides by on these rows: tokens (token-mean) or responses (seq-mean-*),
+    times `max_len` for Dr. GRPO's seq-mean-token-sum-norm. Summed over ranks, it is the
+    `denom` that makes the rank-average of gradients the gradient of the global mean."""
+    count = float(mask.sum() if mode == "token-mean" else (mask.sum(-1) > 0).sum())
+    return count * max_len if mode == "seq-mean-token-sum-norm" else count
+
+
 def aggregate(
     values: Tensor, mask: Tensor, mode: str = "token-mean", denom: float | None = None
 ) -> Tensor:

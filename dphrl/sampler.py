@@ -10,6 +10,8 @@ with the next epoch's first batch instead of finding "no batches left" and runni
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from dphrl.errors import DataError
@@ -73,3 +75,9 @@ class EpochSampler:
         self.epoch = state["epoch"]
         self.offset = state["offset"]
         self._order = self._permutation(self.epoch)
+
+
+def steps_for_epochs(epochs: float, n_prompts: int, prompts_per_step: int) -> int:
+    """`trainer.epochs` as steps: enough batches of `prompts_per_step` to see every prompt
+    `epochs` times (the last batch may cross into the next epoch, as the sampler does)."""
+    return max(1, math.ceil(epochs * n_prompts / prompts_per_step))

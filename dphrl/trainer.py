@@ -25,26 +25,27 @@ from pathlib import Path
 import torch
 
 from dphrl import dist
-from dphrl.batching import Packed, pack, repad
+from dphrl.batching import Packed, pack, repad, share
 from dphrl.config import DphrlConfig
 from dphrl.divergence import POLICY_SAMPLE_TERMS, REVERSE_KL_ESTIMATORS, make_divergence
 from dphrl.engine import Sampling, engine_from_config
 from dphrl.errors import ConfigError
 from dphrl.heldout import heldout_pass_at_k, heldout_rows
-from dphrl.logprobs import batch_logprobs
+from dphrl.logprobs import batch_logprobs, live_rows_logprobs
 from dphrl.lora import add_adapters, merged_tensors, save_adapter
 from dphrl.metrics import MetricsLogger, Timer, step_metrics
 from dphrl.objectives import ZERO_ADVANTAGE_INERT, make_advantage, make_policy_loss
-from dphrl.optim import make_optimizer
+from dphrl.optim import clipped_step, make_optimizer, zero_gradients
 from dphrl.rl import (
     StepBatch,
+    agg_count,
     hybrid_loss,
     informative_groups,
     overlong_filter,
     soft_overlong_penalty,
 )
 from dphrl.rollout import Scored, render_rows, score_outputs
-from dphrl.sampler import EpochSampler
+from dphrl.sampler import EpochSampler, steps_for_epochs
 from dphrl.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -176,17 +177,17 @@ class Trainer:
         rank with fewest, so every rank runs the same minibatches (FSDP's collectives match).
         """
         a, want = self.algo, self.algo.prompts_per_step
-        share = _share(want, self.layout.world_size, self.layout.rank)  # seeds match 1 process
-        need = share.stop - share.start
+        mine = share(want, self.layout.world_size, self.layout.rank)  # seeds match 1 process
+        need = mine.stop - mine.start
         prompt_ids: list[list[int]] = []
         groups: list[list[Scored]] = []
         for round_ in range(a.max_refill_rounds + 1 if a.dynamic_sampling else 1):
-            rows = [self.prompts[i] for i in self.prompt_sampler.next_batch(want)][share]
+            rows = [self.prompts[i] for i in self.prompt_sampler.next_batch(want)][mine]
             ids, kept = render_rows(self.tokenizer, rows, self.cfg.model.max_prompt_len, "train")
             seed = self.cfg.seed + 1_000_003 * (self.step_num + 1) + 100_019 * round_
             sampling = Sampling(
                 a.temperature, a.top_p, self.cfg.model.max_new_tokens, seed
-            ).shifted(share.start, a.group_size)
+            ).shifted(mine.start, a.group_size)
             with self.timer("rollout"):
                 outputs = self.engine.generate(ids, a.group_size, sampling)
             with self.timer("verify"):
@@ -260,7 +261,7 @@ class Trainer:
             return None, None
         size = self.cfg.trainer.ref_batch_size
         rows = [self.ref_rows[i] for i in self.ref_sampler.next_batch(size)]
-        rows = rows[_share(size, self.layout.world_size, self.layout.rank)]
+        rows = rows[share(size, self.layout.world_size, self.layout.rank)]
         packed = pack(
             [r["prompt_ids"] for r in rows],
             [r["response_ids"] for r in rows],
@@ -279,15 +280,17 @@ class Trainer:
         for _ in range(a.ppo_epochs):
             for k in range(n_mb):
                 rows = slice(k * size, (k + 1) * size)
-                loss, stats = self.loss(batch.minibatch(rows, _share(n_store, n_mb, k)))
+                loss, stats = self.loss(batch.minibatch(rows, share(n_store, n_mb, k)))
                 self.optimizer.zero_grad(set_to_none=True)
                 if loss.requires_grad:
                     loss.backward()
                 elif n:
-                    _zero_gradients(self.policy)
+                    zero_gradients(self.policy)
                 else:  # no rollouts (all filtered) and no ref batch: nothing to step on
                     continue
-                stats["grad_norm"] = self.optimizer_step()
+                stats["grad_norm"] = clipped_step(  # rank-averaged, clipped; AdamW steps
+                    self.policy, self.optimizer, self.cfg.trainer.grad_clip, self.layout
+                )
                 for key, value in stats.items():
                     if key.endswith("_max"):  # a maximum stays one over minibatches
                         totals[key] = max(totals.get(key, value), value)
@@ -297,15 +300,6 @@ class Trainer:
         self.scheduler.step()
         return totals
 
-    def optimizer_step(self) -> float:
-        """Average gradients over ranks, clip them, step AdamW; return the pre-clip norm."""
-        dist.average_gradients(self.policy, self.layout)
-        norm = torch.nn.utils.clip_grad_norm_(
-            self.policy.parameters(), self.cfg.trainer.grad_clip or float("inf")
-        )
-        self.optimizer.step()
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
     def loss(self, mb: StepBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """The policy's forwards on one minibatch, then `hybrid_loss`, scaled so that the
         rank-average of gradients equals the gradient of the global mean (the denominators
@@ -314,10 +308,13 @@ class Trainer:
         logp = denom = store_logp = store_denom = None
         if mb.rollouts is not None and len(mb.rollouts):
             logp = self._policy_logprobs(mb)
-            denom = self._denominator(mb.rollouts.response_mask, a.loss_agg)
+            count = agg_count(mb.rollouts.response_mask, a.loss_agg, self.cfg.model.max_new_tokens)
+            denom = dist.rank_denominator(count, self.layout)
         if mb.store is not None and beta > 0 and self.divergence is not None:
             store_logp = self.logprobs(self.policy, mb.store, 1.0, grad=True)
-            store_denom = self._denominator(mb.store.response_mask, "token-mean")
+            store_denom = dist.rank_denominator(
+                agg_count(mb.store.response_mask, "token-mean", 0), self.layout
+            )
         return hybrid_loss(
             mb,
             logp,
@@ -338,43 +335,21 @@ class Trainer:
 
     def _policy_logprobs(self, mb: StepBatch) -> torch.Tensor:
         """The policy's log-probs `# (n, T)` of a rollout minibatch, forwarded only where they
-        can move the loss.
-
-        A response whose advantage is exactly 0 (a group whose rewards are all equal: the
-        usual case on hard or easy prompts) adds -min(rho 0, clip(rho) 0) = 0 to the PPO-clip
-        loss and nothing to its gradient or clip fraction, whatever rho is. When that loss is
-        all the rollouts carry (no online reference term; a loss in `ZERO_ADVANTAGE_INERT`, not
-        Clip-Cov / KL-Cov, whose covariance is centred over every token), such rows skip the
-        forward; they hold their old log-probs (rho = 1), so the loss, its gradient and every
-        statistic equal the full forward's, at the cost of the informative rows alone.
-        """
-        t, adv, packed = self.algo.temperature, mb.advantages, mb.rollouts
+        can move the loss: zero-advantage rows skip the forward (`live_rows_logprobs`) when
+        PPO-clip is all the rollouts carry (no online reference term; a loss in
+        `ZERO_ADVANTAGE_INERT`, not Clip-Cov / KL-Cov, whose covariance is centred over every
+        token)."""
+        adv = mb.advantages
         live = adv != 0 if adv.dim() == 1 else (adv != 0).any(-1)  # (n,)
-        inert = self.algo.loss in ZERO_ADVANTAGE_INERT
-        if mb.online_ref_logp is not None or not inert or bool(live.all()):
-            return self.logprobs(self.policy, packed, t, grad=True)
-        base = (
-            torch.zeros_like(packed.response_mask)
-            if mb.old_logp is None
-            else mb.old_logp.detach().clone()
+        if mb.online_ref_logp is not None or self.algo.loss not in ZERO_ADVANTAGE_INERT:
+            live = torch.ones_like(live)
+        return live_rows_logprobs(
+            lambda b: self.logprobs(self.policy, b, self.algo.temperature, grad=True),
+            mb.rollouts,
+            live,
+            mb.old_logp,
+            dist.forward_on_every_rank(self.layout),
         )
-        if not bool(live.any()):
-            if not _forward_on_every_rank(self.layout):
-                return base
-            live = live.clone()
-            live[0] = True
-        rows = live.nonzero()[:, 0]
-        computed = self.logprobs(self.policy, packed.select(rows), t, grad=True)  # (k, T)
-        return base.index_put((rows,), computed)
-
-    def _denominator(self, mask: torch.Tensor, mode: str) -> float:
-        """Tokens (token-mean) or responses (seq-mean-*; times `model.max_new_tokens` for
-        Dr. GRPO's seq-mean-token-sum-norm) over all ranks, divided by the world size."""
-        local = mask.sum() if mode == "token-mean" else (mask.sum(-1) > 0).sum()
-        total = dist.all_reduce_sum([float(local)], self.layout.device)[0]
-        if mode == "seq-mean-token-sum-norm":
-            total *= self.cfg.model.max_new_tokens
-        return max(total, 1.0) / self.layout.world_size
 
     def logprobs(
         self, model, batch: Packed, temperature: float, grad: bool = False
@@ -434,24 +409,6 @@ class Trainer:
         return step_metrics(r.scored, r.group_size, stats, self.timer.totals(), self.layout.device)
 
 
-def _share(n: int, parts: int, k: int) -> slice:
-    """The k-th of `parts` contiguous, near-equal slices of n items (ranks, minibatches)."""
-    return slice(k * n // parts, (k + 1) * n // parts)
-
-
-def _zero_gradients(model: torch.nn.Module) -> None:
-    """Every advantage 0 and no divergence term: the gradient is exactly 0, found without a
-    forward. AdamW still steps (momentum, weight decay), as it would on that gradient."""
-    for param in model.parameters():
-        if param.requires_grad:  # LoRA's frozen base weights stay without a gradient
-            param.grad = torch.zeros_like(param)
-
-
-def _forward_on_every_rank(layout: dist.Layout) -> bool:
-    """FSDP2 ranks must all forward and backward (their collectives), even with nothing to learn."""
-    return layout.fsdp and layout.world_size > 1
-
-
 def training_data(
     cfg: DphrlConfig, layout: dist.Layout, model_path: str
 ) -> tuple[list[dict], list[dict]]:
@@ -460,12 +417,6 @@ def training_data(
     from dphrl.pipeline import training_data as pipeline_training_data
 
     return pipeline_training_data(cfg, layout.is_main, model_path)
-
-
-def steps_for_epochs(epochs: float, n_prompts: int, prompts_per_step: int) -> int:
-    """`trainer.epochs` as steps: enough batches of `prompts_per_step` to see every prompt
-    `epochs` times (the last batch may cross into the next epoch, as the sampler does)."""
-    return max(1, math.ceil(epochs * n_prompts / prompts_per_step))
 
 
 def run(cfg: DphrlConfig, run_dir: Path, *, stop_after_step: int | None = None) -> Path:
