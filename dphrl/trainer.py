@@ -45,6 +45,7 @@ from dphrl.rl import (
     soft_overlong_penalty,
 )
 from dphrl.rollout import Scored, render_rows, score_outputs
+from dphrl.runloop import fit
 from dphrl.sampler import EpochSampler, steps_for_epochs
 from dphrl.tasks import get_task
 
@@ -446,98 +447,6 @@ def run(cfg: DphrlConfig, run_dir: Path, *, stop_after_step: int | None = None) 
                 )
                 print(f"train: {cfg.trainer.epochs} epochs = {cfg.trainer.max_steps} steps")
             trainer = Trainer(cfg, run_dir, layout, prompts, ref_rows, model_path)
-            return fit(trainer, stop_after_step)
+            return fit(trainer, stop_after_step)  # steps, checkpoints, the final model
     finally:
         dist.shutdown()
-
-
-def fit(trainer: Trainer, stop_after_step: int | None = None) -> Path:
-    """Steps until `trainer.max_steps`, with checkpoints, exact resume and the final HF model.
-
-    `stop_after_step` (a test hook, not a config key) stops as a killed run would: after that
-    step's checkpoint, before the final model.
-    """
-    from dphrl.checkpoint import (
-        check_resume,
-        data_settings,
-        load_checkpoint,
-        run_settings,
-    )
-    from dphrl.metrics import reduce_metrics
-    from dphrl.progress import track
-
-    tr, run_dir = trainer.cfg.trainer, trainer.run_dir
-    settings = {**run_settings(trainer.cfg), **data_settings(trainer.prompts, trainer.ref_rows)}
-    found = check_resume(run_dir, tr.resume, settings)
-    if found is None:
-        trainer.metrics.truncate_after(0)  # a killed run's steps before any checkpoint: one history
-    else:
-        state = load_checkpoint(found, trainer.policy, trainer.optimizer, trainer.scheduler)
-        trainer.step_num = state["step"]
-        trainer.prompt_sampler.load_state_dict(state["prompt_sampler"])
-        if trainer.ref_sampler is not None:
-            trainer.ref_sampler.load_state_dict(state["ref_sampler"])
-        trainer.push_weights()
-        trainer.metrics.truncate_after(trainer.step_num)
-        print(f"train: resumed from {found} at step {trainer.step_num}")
-    with track("train", tr.max_steps, "steps") as progress:
-        progress.skip(trainer.step_num)
-        trainer.timer.on_phase = lambda phase: progress.describe(
-            f"step {trainer.step_num + 1}: {phase}"
-        )
-        metrics: dict[str, float] = {}
-        while trainer.step_num < tr.max_steps:
-            metrics = reduce_metrics(trainer.step())
-            if (
-                trainer.cfg.eval.every
-                and trainer.step_num % trainer.cfg.eval.every == 0
-                and trainer.layout.is_main
-            ):
-                metrics.update(trainer.evaluate())
-            trainer.metrics.log(trainer.step_num, metrics)
-            progress.advance()
-            last = trainer.step_num == tr.max_steps
-            if (tr.save_every and trainer.step_num % tr.save_every == 0) or last:
-                _save(trainer, settings)
-            if stop_after_step is not None and trainer.step_num >= stop_after_step:
-                print(
-                    f"train: stopping after step {trainer.step_num} (stop_after_step, a test hook)"
-                )
-                return run_dir
-    out = run_dir / "model"
-    trainer.save_model(out)  # collective; rank 0 writes
-    trainer.metrics.close()
-    if trainer.layout.is_main:
-        figures = ", ".join(
-            f"{name} {metrics[key]:.3f}"
-            for key, name in (("reward_mean", "reward"), ("pass_rate", "pass rate"))
-            if key in metrics
-        )
-        print(
-            f"train: done, {trainer.step_num} steps; last step: {figures or 'no metrics'}\n"
-            f"  run folder: {run_dir}\n  metrics:    {run_dir / 'metrics.jsonl'}\n  model:      {out}"
-            + (f"\n  adapter:    {run_dir / 'adapter'}" if trainer.peft is not None else "")
-        )
-    return out
-
-
-def _save(trainer: Trainer, settings: dict) -> None:
-    """A checkpoint of this step: weights, optimizer, schedule, the data position, settings."""
-    from dphrl.checkpoint import save_checkpoint
-
-    state = {
-        "step": trainer.step_num,
-        "prompt_sampler": trainer.prompt_sampler.state_dict(),
-        "ref_sampler": trainer.ref_sampler.state_dict() if trainer.ref_sampler else None,
-        "settings": settings,
-    }
-    tr = trainer.cfg.trainer
-    save_checkpoint(
-        trainer.run_dir,
-        trainer.step_num,
-        trainer.policy,
-        trainer.optimizer,
-        trainer.scheduler,
-        state,
-        tr.keep,
-    )
