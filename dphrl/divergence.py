@@ -220,6 +220,14 @@ REVERSE_KL_ESTIMATORS: dict[str, Divergence] = {"k1": kl_k1, "k2": kl_k2, "k3": 
 POLICY_SAMPLE_TERMS: dict[str, Divergence] = {"js_full": js_policy_half}
 
 
+def policy_sample_term(name: str, estimator: str) -> Divergence | None:
+    """The term on the policy's own rollouts against an online reference, if `name` has one:
+    reverse_kl's `estimator` (k1 / k2 / k3), or js_full's policy half; None for the others."""
+    return (
+        REVERSE_KL_ESTIMATORS[estimator] if name == "reverse_kl" else POLICY_SAMPLE_TERMS.get(name)
+    )
+
+
 def make_divergence(
     name: str,
     *,

@@ -16,11 +16,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from dphrl.rl import PolicyLoss, group_advantages, ppo_clip_loss
+
+if TYPE_CHECKING:
+    from dphrl.config import AlgoConfig
 
 
 def gspo_loss(
@@ -208,6 +212,25 @@ def make_policy_loss(
         "kl_cov": {"ratio": kl_cov_ratio, "coef": kl_cov_coef},
     }[name]
     return partial(POLICY_LOSSES[name], clip_low=clip_low, clip_high=clip_high, **own)
+
+
+def policy_loss_for(algo: AlgoConfig, generator: torch.Generator | None = None) -> PolicyLoss:
+    """`make_policy_loss` for `algo.loss` with its `algo.*` options; `generator` draws
+    Clip-Cov's random token picks."""
+    a = algo
+    return make_policy_loss(
+        a.loss,
+        clip_low=a.clip_low,
+        clip_high=a.clip_high,
+        clip_cov_ratio=a.clip_cov_ratio,
+        clip_cov_low=a.clip_cov_low,
+        clip_cov_high=a.clip_cov_high,
+        kl_cov_ratio=a.kl_cov_ratio,
+        kl_cov_coef=a.kl_cov_coef,
+        dual_clip=a.dual_clip,
+        clamp_log_ratio=a.clamp_log_ratio,
+        generator=generator,
+    )
 
 
 # Losses under which a response with advantage 0 adds nothing to the loss or its gradient, so

@@ -16,6 +16,8 @@ from dphrl.engine import Completion, Engine, Sampling
 from dphrl.tasks import Task, Verdict
 
 if TYPE_CHECKING:
+    import torch
+
     from dphrl.config import TaskConfig
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,21 @@ class Scored:
 
     completion: Completion
     verdict: Verdict
+
+
+@dataclass
+class Rollouts:
+    """One training step's groups: G responses per prompt, laid out group by group."""
+
+    prompt_ids: list[list[int]]  # one per response  (B*G,)
+    scored: list[Scored]  # (B*G,)
+    group_size: int
+
+    @property
+    def rewards(self) -> torch.Tensor:
+        import torch
+
+        return torch.tensor([s.verdict.reward for s in self.scored], dtype=torch.float32)  # (B*G,)
 
 
 def render_rows(

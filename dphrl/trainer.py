@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,14 +26,14 @@ import torch
 from dphrl import dist
 from dphrl.batching import Packed, pack, repad, share
 from dphrl.config import DphrlConfig
-from dphrl.divergence import POLICY_SAMPLE_TERMS, REVERSE_KL_ESTIMATORS, make_divergence
+from dphrl.divergence import make_divergence, policy_sample_term
 from dphrl.engine import Sampling, engine_from_config
 from dphrl.errors import ConfigError
 from dphrl.heldout import heldout_pass_at_k, heldout_rows
 from dphrl.logprobs import batch_logprobs, live_rows_logprobs
 from dphrl.lora import add_adapters, merged_tensors, save_adapter
 from dphrl.metrics import MetricsLogger, Timer, step_metrics
-from dphrl.objectives import ZERO_ADVANTAGE_INERT, make_advantage, make_policy_loss
+from dphrl.objectives import ZERO_ADVANTAGE_INERT, make_advantage, policy_loss_for
 from dphrl.optim import clipped_step, make_optimizer, zero_gradients
 from dphrl.rl import (
     StepBatch,
@@ -44,25 +43,12 @@ from dphrl.rl import (
     overlong_filter,
     soft_overlong_penalty,
 )
-from dphrl.rollout import Scored, render_rows, score_outputs
+from dphrl.rollout import Rollouts, Scored, render_rows, score_outputs
 from dphrl.runloop import fit
 from dphrl.sampler import EpochSampler, steps_for_epochs
 from dphrl.tasks import get_task
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Rollouts:
-    """One step's D_exp groups: G responses per prompt, laid out group by group."""
-
-    prompt_ids: list[list[int]]  # one per response  (B*G,)
-    scored: list[Scored]  # (B*G,)
-    group_size: int
-
-    @property
-    def rewards(self) -> torch.Tensor:
-        return torch.tensor([s.verdict.reward for s in self.scored], dtype=torch.float32)  # (B*G,)
 
 
 class Trainer:
@@ -100,28 +86,12 @@ class Trainer:
                 self.policy.enable_input_require_grads()  # frozen embeddings: checkpoints need it
         self.policy = dist.shard(self.policy, layout)
         # reverse_kl's estimator, or js_full's policy half: on the rollouts, vs an online reference
-        self.policy_term = (
-            REVERSE_KL_ESTIMATORS[self.div.estimator]
-            if self.div.name == "reverse_kl"
-            else POLICY_SAMPLE_TERMS.get(self.div.name)
-        )
+        self.policy_term = policy_sample_term(self.div.name, self.div.estimator)
         a = self.algo
         self.advantage_fn = make_advantage(a.advantage, norm_std=a.norm_std, k=a.passk_k)
         # Clip-Cov's random token picks: reseeded each step (`step`), so a resumed run draws the same
         self.cov_generator = torch.Generator()
-        self.policy_loss = make_policy_loss(
-            a.loss,
-            clip_low=a.clip_low,
-            clip_high=a.clip_high,
-            clip_cov_ratio=a.clip_cov_ratio,
-            clip_cov_low=a.clip_cov_low,
-            clip_cov_high=a.clip_cov_high,
-            kl_cov_ratio=a.kl_cov_ratio,
-            kl_cov_coef=a.kl_cov_coef,
-            dual_clip=a.dual_clip,
-            clamp_log_ratio=a.clamp_log_ratio,
-            generator=self.cov_generator,
-        )
+        self.policy_loss = policy_loss_for(a, self.cov_generator)
         self.ref_model = None  # under LoRA the reference is the policy with adapters disabled
         if self.policy_term is not None and self.peft is None:
             self.ref_model = load_policy(model_path, cfg.model.dtype, layout.device).eval()
