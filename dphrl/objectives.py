@@ -215,22 +215,16 @@ def make_policy_loss(
 
 
 def policy_loss_for(algo: AlgoConfig, generator: torch.Generator | None = None) -> PolicyLoss:
-    """`make_policy_loss` for `algo.loss` with its `algo.*` options; `generator` draws
-    Clip-Cov's random token picks."""
-    a = algo
-    return make_policy_loss(
-        a.loss,
-        clip_low=a.clip_low,
-        clip_high=a.clip_high,
-        clip_cov_ratio=a.clip_cov_ratio,
-        clip_cov_low=a.clip_cov_low,
-        clip_cov_high=a.clip_cov_high,
-        kl_cov_ratio=a.kl_cov_ratio,
-        kl_cov_coef=a.kl_cov_coef,
-        dual_clip=a.dual_clip,
-        clamp_log_ratio=a.clamp_log_ratio,
-        generator=generator,
-    )
+    """`make_policy_loss` for `algo.loss` with its `algo.*` options (the keywords are named as
+    the keys); `generator` draws Clip-Cov's random token picks."""
+    options = {key: getattr(algo, key) for key in _LOSS_OPTIONS}
+    return make_policy_loss(algo.loss, generator=generator, **options)
+
+
+_LOSS_OPTIONS = (
+    "clip_low", "clip_high", "clip_cov_ratio", "clip_cov_low", "clip_cov_high",
+    "kl_cov_ratio", "kl_cov_coef", "dual_clip", "clamp_log_ratio",
+)  # fmt: skip
 
 
 # Losses under which a response with advantage 0 adds nothing to the loss or its gradient, so
