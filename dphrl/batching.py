@@ -61,6 +61,15 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> P
     return Packed(input_ids, attention, response)
 
 
+def pack_with(
+    prompts: list[list[int]], responses: list[list[int]], values: list[list[float]], pad_id: int
+) -> tuple[Packed, torch.Tensor]:
+    """`pack`, with per-response-token `values` (log-probs) laid out on its response mask
+    `# (N, T)`."""
+    packed = pack(prompts, responses, pad_id)
+    return packed, repad(values, packed.response_mask)
+
+
 def unpad(values: torch.Tensor, mask: torch.Tensor) -> list[list[float]]:
     """Per-sequence lists of the values where mask is 1 (e.g. one log-prob per response token)."""
     return [row[m.bool()].tolist() for row, m in zip(values, mask)]

@@ -251,6 +251,16 @@ class Timer:
                 torch.cuda.synchronize()
 
 
+def accumulate(totals: dict[str, float], stats: Mapping[str, float], n: int) -> None:
+    """Add one of `n` minibatches' `stats` into `totals`, which end as their mean; a maximum
+    (`*_max`) stays the maximum over minibatches."""
+    for key, value in stats.items():
+        if key.endswith("_max"):
+            totals[key] = max(totals.get(key, value), value)
+        else:
+            totals[key] = totals.get(key, 0.0) + value / n
+
+
 def reduce_metrics(metrics: Mapping[str, float], sum_keys: Iterable[str] = ()) -> dict[str, float]:
     """Average each metric across ranks (sum those in `sum_keys`, e.g. token counts; take the
     maximum of those named `*_max`, e.g. `mismatch_abs_max`).

@@ -12,7 +12,8 @@ Per step (`Trainer.step`, which reads like the algorithm):
     AdamW step with gradient clipping and the lr schedule, then the new weights go to the engine.
 
 With a ref-store divergence (forward_kl, js, js_full, alpha) the RL part sees only D_exp; the
-baselines (`none`, `reverse_kl`) train on every prompt, as in the paper.
+baselines (`none`, `reverse_kl`) train on every prompt, as in the paper. The run around the
+steps (resume, checkpoints, evals, the final model) is `dphrl.runloop.fit`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from dphrl import dist
-from dphrl.batching import Packed, pack, repad, share
+from dphrl.batching import Packed, pack_with, share
 from dphrl.config import DphrlConfig
 from dphrl.divergence import make_divergence, policy_sample_term
 from dphrl.engine import Sampling, engine_from_config
@@ -32,7 +33,7 @@ from dphrl.errors import ConfigError
 from dphrl.heldout import heldout_pass_at_k, heldout_rows
 from dphrl.logprobs import batch_logprobs, live_rows_logprobs
 from dphrl.lora import add_adapters, merged_tensors, save_adapter
-from dphrl.metrics import MetricsLogger, Timer, step_metrics
+from dphrl.metrics import MetricsLogger, Timer, accumulate, step_metrics
 from dphrl.objectives import ZERO_ADVANTAGE_INERT, make_advantage, policy_loss_for
 from dphrl.optim import clipped_step, make_optimizer, zero_gradients
 from dphrl.rl import (
@@ -197,10 +198,12 @@ class Trainer:
         store, store_ref_logp = self.ref_batch()
         if not r.scored:
             return StepBatch(None, advantages, store=store, store_ref_logp=store_ref_logp)
-        rollouts = pack(
-            r.prompt_ids, [s.completion.token_ids for s in r.scored], self.tokenizer.pad_token_id
+        rollouts, engine_logp = pack_with(
+            r.prompt_ids,
+            [s.completion.token_ids for s in r.scored],
+            [s.completion.logprobs for s in r.scored],
+            self.tokenizer.pad_token_id,
         )
-        engine_logp = repad([s.completion.logprobs for s in r.scored], rollouts.response_mask)
         if self.algo.overlong_filter:
             finished = torch.tensor([s.completion.finish_reason != "length" for s in r.scored])
             rollouts.response_mask = overlong_filter(
@@ -233,12 +236,12 @@ class Trainer:
         size = self.cfg.trainer.ref_batch_size
         rows = [self.ref_rows[i] for i in self.ref_sampler.next_batch(size)]
         rows = rows[share(size, self.layout.world_size, self.layout.rank)]
-        packed = pack(
+        packed, ref_logp = pack_with(
             [r["prompt_ids"] for r in rows],
             [r["response_ids"] for r in rows],
+            [r["ref_logprobs"] for r in rows],
             self.tokenizer.pad_token_id,
         )
-        ref_logp = repad([r["ref_logprobs"] for r in rows], packed.response_mask)
         return packed.to(self.layout.device), ref_logp.to(self.layout.device)
 
     def update(self, batch: StepBatch) -> dict[str, float]:
@@ -262,11 +265,7 @@ class Trainer:
                 stats["grad_norm"] = clipped_step(  # rank-averaged, clipped; AdamW steps
                     self.policy, self.optimizer, self.cfg.trainer.grad_clip, self.layout
                 )
-                for key, value in stats.items():
-                    if key.endswith("_max"):  # a maximum stays one over minibatches
-                        totals[key] = max(totals.get(key, value), value)
-                    else:
-                        totals[key] = totals.get(key, 0.0) + value / (a.ppo_epochs * n_mb)
+                accumulate(totals, stats, a.ppo_epochs * n_mb)
         totals["lr"] = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         return totals
