@@ -102,6 +102,8 @@ for seed in $SEEDS; do
       # shellcheck disable=SC2086
       step "$DPHRL" train ${ARM[$arm]} seed="$seed" "${DATA[@]}" "${SIZE[@]}" \
         trainer.resume=true "hydra.run.dir=$dir" "$@"
+      # the model is written: its checkpoints (weights + AdamW state) only served a resume
+      rm -rf "$dir/checkpoints"
     fi
     models+=("$dir/model")
   done
