@@ -405,7 +405,9 @@ def pick(key: str, table: dict[str, Any]) -> Any:
     """`${dphrl.pick:${divergence.name},{js: 0.00125, none: 0.0}}`: the value a preset gives
     for a choice made elsewhere (a paper preset's beta per divergence); a missing key says so."""
     if key not in table:
-        raise ConfigError(f"no value for {key!r} here; this preset gives one for {', '.join(table)}")
+        raise ConfigError(
+            f"no value for {key!r} here; this preset gives one for {', '.join(table)}"
+        )
     return table[key]
 
 
