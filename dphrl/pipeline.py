@@ -100,6 +100,12 @@ def training_data(
         )
     ref_rows = load_ref_store(ref_dir, split_dir / "pef.jsonl", weights, cfg.model.dtype)
     pef = len(read_jsonl(split_dir / "pef.jsonl"))
+    if is_main:
+        total = pef + len(prompts)
+        print(
+            f"train: D_pef {pef} of {total} prompts ({100 * pef / total:.0f}%, rehearsed through "
+            f"{len(ref_rows)} ref-store responses), D_exp {len(prompts)} (RL)"
+        )
     if not ref_rows and pef == 0:
         print(
             f"train: D_pef is empty (no prompt solved in all {cfg.split.k} samples): the divergence term is off"

@@ -5,6 +5,7 @@ test). Every other whole-pipeline run is in the slow tier (tests/test_trainer.py
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import toytask
@@ -29,3 +30,4 @@ def test_two_steps_of_dph_js_make_their_data_and_move_the_weights(
     shown = capsys.readouterr().out  # not a terminal: plain progress lines, one line each
     assert "train: 0/2 steps (0%)" in shown and "train: 2/2 steps (100%)" in shown
     assert "train: done, 2 steps" in shown
+    assert re.search(r"train: D_pef \d+ of \d+ prompts \(\d+%", shown)  # what the split gave
