@@ -22,7 +22,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from dphrl.data import read_jsonl, write_json, write_text
+from dphrl.data import atomic_path, read_jsonl, write_json, write_text
 
 SETS = ("held-out", "D_pef", "OOD")
 LABELS = {
@@ -97,6 +97,15 @@ def table_md(table: dict, arms: list[str], ks: list[int]) -> str:
     return "\n".join(lines)
 
 
+def save_png(fig, path: Path) -> None:
+    """Write the figure atomically (`data.atomic_path`, as passk.png is) and free it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
 def plot_curves(table: dict, arms: list[str], ks: list[int], path: Path) -> None:
     """pass@k vs k, one panel per set, one line per arm (mean over seeds)."""
     import matplotlib
@@ -123,9 +132,7 @@ def plot_curves(table: dict, arms: list[str], ks: list[int], path: Path) -> None
     axes[0].set_ylabel("pass@k")
     axes[-1].legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    save_png(fig, path)
 
 
 def training_curves(out: Path, arms: list[str], seeds: list[str]) -> dict:
@@ -190,9 +197,7 @@ def plot_over_steps(curves: dict, arms: list[str], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    save_png(fig, path)
 
 
 def sweep(out: Path) -> None:

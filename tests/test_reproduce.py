@@ -15,18 +15,22 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def quick_reproduction(out: Path, timeout: int) -> subprocess.CompletedProcess:
+    """`OUT=<out> bash scripts/reproduce_small.sh --quick`, its output captured."""
+    return subprocess.run(
+        ["bash", "scripts/reproduce_small.sh", "--quick"],
+        cwd=ROOT,
+        env={**os.environ, "OUT": str(out)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 @pytest.mark.slow
 def test_quick_reproduction_writes_the_table_the_json_and_both_plots(tmp_path):
     out = tmp_path / "repro"
-    env = {**os.environ, "OUT": str(out)}
-    run = subprocess.run(
-        ["bash", "scripts/reproduce_small.sh", "--quick"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
+    run = quick_reproduction(out, timeout=1800)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     for name in ("RESULTS.md", "results.json", "passk_curves.png", "passk_over_steps.png"):
         assert (out / name).stat().st_size > 0, name
@@ -45,13 +49,6 @@ def test_quick_reproduction_writes_the_table_the_json_and_both_plots(tmp_path):
     assert all(line.count("|") == 1 + 1 + 3 * 3 for line in table)  # arm + 3 sets x 3 columns
     assert table[2].startswith("| base (no training) |")
 
-    again = subprocess.run(
-        ["bash", "scripts/reproduce_small.sh", "--quick"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    again = quick_reproduction(out, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "+ .venv/bin/dphrl train" not in again.stdout  # finished arms are not trained again
