@@ -2,7 +2,9 @@
 
 Both sides, each in a fresh subprocess (alternating, `repeats` rounds):
 
-- model: the embedded SmolLM2-135M-Instruct, float32, on CPU, the same number of torch threads;
+- model: the embedded default initial policy (SmolLM2-135M-Instruct after its arith warm-up,
+  `model=smollm2-135m-arith`), the same weights on both sides, float32, on CPU, the same number
+  of torch threads;
 - prompts: the same `prompts` arith training rows every step (chat-templated by each side with
   the model's chat template and the generation prompt);
 - rollout: the same transformers model class, eager PyTorch, on the CPU: TRL calls `generate`
@@ -49,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FULL = {"prompts": 2, "group": 8, "max_new": 64, "warmup": 1, "steps": 3, "repeats": 1}
 QUICK = {"prompts": 1, "group": 8, "max_new": 16, "warmup": 1, "steps": 1, "repeats": 1}
 THREADS = 1  # see train_step.py: one thread is faster than two on the shared 2-core machine
+MODEL = "smollm2-135m-arith"  # `dphrl train`'s default initial policy, for both sides
 SIDES = ("dphrl", "trl")
 LR = 1e-6
 
@@ -64,7 +67,7 @@ def run_dphrl(sizes: dict, folder: str) -> dict:
     """Steps of dphrl's Trainer with divergence=none (GRPO, no reference model), engine=hf."""
     import torch
 
-    from benchmarks.train_step import compose
+    from benchmarks.train_step import _status_kib, compose
     from dphrl import dist
     from dphrl.models import resolve_model_path
     from dphrl.trainer import Trainer
@@ -74,6 +77,7 @@ def run_dphrl(sizes: dict, folder: str) -> dict:
     cfg = compose(
         [
             "divergence=none",
+            f"model={MODEL}",
             "engine=hf",
             "layout=cpu",
             f"engine.hf.batch_size={n}",
@@ -107,7 +111,12 @@ def run_dphrl(sizes: dict, folder: str) -> dict:
                     "reward_mean": m["reward_mean"],
                 }
             )
-    return {"side": "dphrl", "threads": torch.get_num_threads(), "steps": steps}
+    return {
+        "side": "dphrl",
+        "threads": torch.get_num_threads(),
+        "peak_rss_mib": _status_kib("VmHWM") / 1024,
+        "steps": steps,
+    }
 
 
 def run_trl(sizes: dict, folder: str) -> dict:
@@ -117,12 +126,13 @@ def run_trl(sizes: dict, folder: str) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from benchmarks.train_step import _status_kib
     from dphrl.config import TaskConfig
     from dphrl.models import resolve_model_path
     from dphrl.tasks import get_task
 
     torch.set_num_threads(THREADS)
-    model_path = resolve_model_path("embedded:smollm2-135m")
+    model_path = resolve_model_path(f"embedded:{MODEL}")
     rows = _rows(sizes["prompts"])
     data = Dataset.from_list(
         [{"prompt": r["prompt"], "ground_truth": r["reward_model"]["ground_truth"]} for r in rows]
@@ -214,7 +224,12 @@ def run_trl(sizes: dict, folder: str) -> dict:
     for s in steps:
         s["train_s"] = s["step_s"] - s["rollout_s"] - s["reward_s"]
         s["sync_s"] = 0.0
-    return {"side": "trl", "threads": torch.get_num_threads(), "steps": steps[sizes["warmup"] :]}
+    return {
+        "side": "trl",
+        "threads": torch.get_num_threads(),
+        "peak_rss_mib": _status_kib("VmHWM") / 1024,
+        "steps": steps[sizes["warmup"] :],
+    }
 
 
 def _subprocess(side: str, sizes: dict, folder: str) -> dict:
@@ -271,8 +286,8 @@ def main(quick: bool = False) -> dict[str, float]:
     n = sizes["prompts"] * sizes["group"]
     verdict = "meets" if ratio <= 0.5 else "misses"
     body = f"""
-One GRPO step on the embedded SmolLM2-135M-Instruct (float32, CPU, {THREADS} torch thread(s)
-each): the same {sizes["prompts"]} arith prompt(s) x group {sizes["group"]} = {n} rollouts, at most
+One GRPO step on the embedded default initial policy (SmolLM2-135M-Instruct after its arith
+warm-up; the same weights on both sides; float32, CPU, {THREADS} torch thread(s) each): the same {sizes["prompts"]} arith prompt(s) x group {sizes["group"]} = {n} rollouts, at most
 {sizes["max_new"]} new tokens, temperature 1.0, top_p 1.0, eager transformers models on both sides
 (TRL `use_vllm=False`: `generate`; dphrl `engine=hf`: its decode loop, a prompt prefilled once per
 group, finished rows dropped), dphrl's arith verifier as the reward on both, PPO-clip 0.2,
