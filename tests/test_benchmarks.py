@@ -1,0 +1,30 @@
+"""The benchmarks' own arithmetic, on hand-built inputs (the benchmarks themselves run by
+`python benchmarks/run.py`, not here)."""
+
+from __future__ import annotations
+
+from benchmarks.cost_curves import points
+from benchmarks.mfu import layout_counts, model_flops
+from dphrl.batching import pack, share_prefixes
+
+
+def test_layout_counts_the_shared_prefix_rows_by_hand():
+    # One prompt of 3 tokens, responses of 2 and 1 tokens, packed into one row [p p p a a b].
+    sp = share_prefixes(pack([[1, 2, 3], [1, 2, 3]], [[4, 5], [6]], pad_id=0), max_tokens=64)
+    # Keys per query: prompt 1 + 2 + 3; a: 4, 5 (prompt + own); b: 4 (prompt + itself).
+    assert layout_counts(sp) == {"tokens": 6, "scored": 3, "pairs": 6 + 9 + 4}
+
+
+def test_model_flops_by_term():
+    flops = model_flops(10, 4, layers=2, attn_dim=3, tokens=6, scored=3, pairs=19)
+    assert flops == {
+        "body": 6 * 10 * 6,
+        "head": 6 * 4 * 3,
+        "attention": 12 * 2 * 3 * 19,
+        "total": 360 + 72 + 1368,
+    }
+
+
+def test_cost_curve_points_share_the_crossing_point_once():
+    grid = {"groups": (4, 8), "fixed_len": 32, "lengths": (32, 128), "fixed_group": 4}
+    assert points(grid) == [(4, 32), (8, 32), (4, 128)]
