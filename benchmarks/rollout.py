@@ -45,11 +45,9 @@ def worker(engine_name: str, prompts: int, n: int, max_new_tokens: int) -> dict:
     started = time.perf_counter()
     engine = make_engine(engine_name, model_path, seed=0, max_model_len=512 + max_new_tokens)
     load_s = time.perf_counter() - started
-    engine.generate(ids[:1], 1, Sampling(temperature=1.0, max_new_tokens=8, seed=99))  # warm-up
-    started = time.perf_counter()
-    out = engine.generate(ids, n, Sampling(temperature=1.0, max_new_tokens=max_new_tokens, seed=0))
-    seconds = time.perf_counter() - started
-    tokens = sum(len(c.token_ids) for group in out for c in group)
+    warm_up(engine, ids)
+    sampling = Sampling(temperature=1.0, max_new_tokens=max_new_tokens, seed=0)
+    tokens, seconds = timed_generate(engine, ids, n, sampling)
     engine.close()
     return {
         "engine": engine_name,
@@ -58,6 +56,21 @@ def worker(engine_name: str, prompts: int, n: int, max_new_tokens: int) -> dict:
         "tokens_per_s": tokens / seconds,
         "load_s": load_s,
     }
+
+
+def warm_up(engine, ids: list[list[int]]) -> None:
+    """One short request before timing (first-call allocations, kernel selection)."""
+    from dphrl.engine import Sampling
+
+    engine.generate(ids[:1], 1, Sampling(temperature=1.0, max_new_tokens=8, seed=99))
+
+
+def timed_generate(engine, ids: list[list[int]], n: int, sampling) -> tuple[int, float]:
+    """One engine call over all prompts: generated tokens (EOS included) and seconds."""
+    started = time.perf_counter()
+    out = engine.generate(ids, n, sampling)
+    seconds = time.perf_counter() - started
+    return sum(len(c.token_ids) for group in out for c in group), seconds
 
 
 def _generate_worker(model_path: str, ids: list[list[int]], n: int, max_new_tokens: int) -> dict:

@@ -84,8 +84,8 @@ def env() -> dict[str, str]:
     }
 
 
-def compose(overrides: list[str]):
-    """The typed, validated `train` config these overrides give (as `dphrl train` composes it)."""
+def compose(overrides: list[str], command: str = "train"):
+    """The typed, validated config these overrides give `command` (as the CLI composes it)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
@@ -95,7 +95,7 @@ def compose(overrides: list[str]):
 
     config.register()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = hydra_compose(config_name=COMMANDS["train"][0], overrides=overrides)
+        cfg = hydra_compose(config_name=COMMANDS[command][0], overrides=overrides)
     config.validate(cfg)
     return OmegaConf.to_object(cfg)
 
