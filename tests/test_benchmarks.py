@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from benchmarks.cost_curves import points
 from benchmarks.mfu import layout_counts, model_flops
+from benchmarks.pipeline import push_share
 from dphrl.batching import pack, share_prefixes
 
 
@@ -28,3 +29,15 @@ def test_model_flops_by_term():
 def test_cost_curve_points_share_the_crossing_point_once():
     grid = {"groups": (4, 8), "fixed_len": 32, "lengths": (32, 128), "fixed_group": 4}
     assert points(grid) == [(4, 32), (8, 32), (4, 128)]
+
+
+def test_push_share_leaves_out_the_first_step():
+    first = {"step": 1, "time_rollout": 9.0, "time_train": 9.0, "time_weight_sync": 2.0}
+    later = {"step": 2, "time_rollout": 5.0, "time_verify": 1.0, "time_train": 3.5}
+    later["time_weight_sync"] = 0.5
+    assert push_share([first, later, later]) == {
+        "steps": 2,
+        "step_s": 10.0,
+        "push_s": 0.5,
+        "share": 0.05,
+    }
