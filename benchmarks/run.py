@@ -33,15 +33,19 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
         ["--prompts", "8", "--n", "4", "--max-new-tokens", "64", "--repeats", "2"],
         ["--prompts", "2", "--n", "2", "--max-new-tokens", "16"],
     ),
+    "pipeline": ([], ["--quick"]),
     "train_step": ([], ["--quick"]),
     "trl_step": ([], ["--quick"]),
+    "cost_curves": ([], ["--quick"]),
+    "mfu": ([], ["--quick"]),
 }
 
 RERUN = """
 Every figure below is a ratio of two variants measured side by side in one run (same
 machine, same process settings, interleaved where timed), so it is comparable across
-machines only as a ratio. Rerun all with `python benchmarks/run.py` (full sizes; about ten
-minutes on an idle 2-core CPU) or `python benchmarks/run.py --quick` (reduced sizes, a few minutes;
+machines only as a ratio. Rerun all with `python benchmarks/run.py` (full sizes; about an
+hour on an idle 2-core CPU, most of it the cost curves) or `python benchmarks/run.py --quick`
+(reduced sizes, about fifteen minutes;
 quick figures go to their own `*_quick` sections and keys and never replace full ones),
 one benchmark with `python benchmarks/<name>.py [--quick]`, or a subset with
 `python benchmarks/run.py --only train_step trl_step`. Each section names the command and
