@@ -330,6 +330,8 @@ class SplitConfig:
     threshold: float = bounded(1.0, ge=0.0, le=1.0)
     out: str = "dphrl_data/${task.name}/${model.name}/split"
     chunk_size: int = bounded(64, ge=1)  # prompts per engine call and per flush
+    # sampling seed, not the run's `seed`: one split serves training runs of every seed
+    seed: int = 0
 
 
 @dataclass
@@ -342,6 +344,8 @@ class RefConfig:
     top_p: float = 1.0
     out: str = "dphrl_data/${task.name}/${model.name}/ref"
     chunk_size: int = bounded(64, ge=1)  # D_pef prompts per engine call; one parquet shard each
+    # sampling seed, not the run's `seed`: one store serves training runs of every seed
+    seed: int = 0
 
 
 @dataclass

@@ -70,7 +70,7 @@ def build_split(
         out / SETTINGS,
         identity(split, task_cfg, model, seed),
         "a split",
-        "use another split.out or delete this one",
+        "use another split.out or delete this one (a differing seed: set split.seed to the folder's)",
     )
     settings.check()
     task = get_task(task_cfg.name)

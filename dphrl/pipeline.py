@@ -32,7 +32,7 @@ def make_split(cfg: DphrlConfig) -> dict:
 
     with folder_lock(cfg.split.out, "dphrl split"):
         return build_split(
-            cfg.split, cfg.task, cfg.model, cfg.engine, sampling_device(cfg.layout), cfg.seed
+            cfg.split, cfg.task, cfg.model, cfg.engine, sampling_device(cfg.layout), cfg.split.seed
         )
 
 
@@ -49,7 +49,7 @@ def make_ref_store(cfg: DphrlConfig) -> dict:
             cfg.model,
             cfg.engine,
             sampling_device(cfg.layout),
-            cfg.seed,
+            cfg.ref.seed,
         )
 
 
@@ -84,7 +84,7 @@ def training_data(
         if not (split_dir / "exp.jsonl").exists():
             print(f"train: no split in {split_dir}: making it (as `dphrl split` does)")
             make_split(cfg)
-        wanted = identity(cfg.ref, cfg.task, cfg.model, weights, cfg.seed)
+        wanted = identity(cfg.ref, cfg.task, cfg.model, weights, cfg.ref.seed)
         # Another store's settings make make_ref_store refuse, naming them.
         if not is_current(ref_dir, split_dir / "pef.jsonl", wanted):
             print(

@@ -125,7 +125,7 @@ def build_ref_store(
         out / SETTINGS,
         identity(ref, task_cfg, model, weights_hash(model_path), seed),
         "a ref store",
-        "use another ref.out or delete this one",
+        "use another ref.out or delete this one (a differing seed: set ref.seed to the folder's)",
     )
     settings.check()
     if not pef:

@@ -80,6 +80,15 @@ def test_rerun_with_other_settings_is_refused(full_split, tmp_path):
         split.run(cfg, tmp_path)
 
 
+def test_runs_of_another_seed_share_the_split_whose_seed_is_its_own(full_split, tmp_path):
+    before = (full_split / "pef.jsonl").read_text()
+    same = [*SMALL, "task.limit=6", f"split.out={full_split}"]
+    split.run(compose_config([*same, "seed=1"], "split"), tmp_path)  # finished: reused as it is
+    assert (full_split / "pef.jsonl").read_text() == before
+    with pytest.raises(ConfigError, match="seed: folder has 0, config has 1.*set split.seed"):
+        split.run(compose_config([*same, "split.seed=1"], "split"), tmp_path)
+
+
 @pytest.fixture(scope="module")
 def ref_store(tmp_path_factory) -> Path:
     """A ref store over a D_pef of three arith prompts (written directly: a tiny split of this
