@@ -33,6 +33,9 @@ LABELS = {
     "dph_f": "DPH-F (forward KL)",
     "dph_js": "DPH-JS",
     "dph_alpha": "DPH-alpha",
+    # the EXTRA_ARMS names RESULTS.md uses for the objectives that followed DPH-RL
+    "passk": "pass@k training",
+    "klcov": "KL-Cov",
 }
 
 

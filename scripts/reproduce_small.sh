@@ -20,7 +20,8 @@
 # Env: OUT (output folder), SEEDS ("0 1"), ARMS (names below), EXTRA_ARMS ("name:override
 # override;name2:..." adds arms, e.g. "passk:divergence=js algo.advantage=passk"), SETS (the
 # three eval.datasets entries: held-out, D_pef, OOD, a `name=file` one in quotes; default arith's), SMALL=0 (drop the small
-# sizes below, so the overrides given size the run), STEPS and LR (the full run's).
+# sizes below, so the overrides given size the run), STEPS, PROMPTS (per step), LR and EVERY
+# (eval.every) of the full run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 QUICK=0
@@ -45,19 +46,23 @@ if [ "$QUICK" = 1 ]; then
   ARMS=${ARMS:-"grpo dph_js"}
   SIZE=(task.limit=12 trainer.max_steps=2 algo.prompts_per_step=2 algo.group_size=4 eval.every=2
         eval.limit=4 eval.n=4 "eval.k=[1,2,4]" trainer.ref_batch_size=2 trainer.lr=3e-5)
-  EVAL=(eval.limit=4 eval.n=4 "eval.k=[1,2,4]")
+  EVAL=(eval.n=4 "eval.k=[1,2,4]")
+  CUT=(4 4 4)
 else
   OUT=${OUT:-runs/reproduce_small}
   SEEDS=${SEEDS:-"0 1"}
   ARMS=${ARMS:-"grpo dapo grpo_rkl dph_f dph_js"}
-  SIZE=(task.limit=64 trainer.max_steps=${STEPS:-12} algo.prompts_per_step=4 algo.group_size=8
-        trainer.lr=${LR:-3e-5} eval.every=6 eval.limit=16 eval.n=16 "eval.k=[1,4,16]"
-        trainer.ref_batch_size=4)
-  EVAL=(eval.limit=16 eval.n=16 "eval.k=[1,2,4,8,16]")
+  # eval.every's held-out prompts are the table's: the first 32 (the base model's greedy
+  # accuracy on the first 16 alone is 87.5 %, leaving training no room to show a gain).
+  SIZE=(task.limit=64 trainer.max_steps=${STEPS:-8} algo.prompts_per_step=${PROMPTS:-16}
+        algo.group_size=8 trainer.lr=${LR:-2e-5} eval.every=${EVERY:-4} eval.limit=32 eval.n=16
+        "eval.k=[1,4,16]" trainer.ref_batch_size=16)
+  EVAL=(eval.n=16 "eval.k=[1,2,4,8,16]")
+  CUT=(32 16 16)  # prompts of the default SETS: held-out, D_pef, OOD
 fi
 SIZE+=(trainer.save_every=4)
 # SMALL=0 drops these sizes, so the overrides given (a preset, trainer.max_steps...) size the run.
-[ "${SMALL:-1}" = 1 ] || { SIZE=(); EVAL=(); }
+[ "${SMALL:-1}" = 1 ] || { SIZE=(); EVAL=(); CUT=(); }
 
 declare -A ARM=(
   [grpo]="divergence=none"
@@ -77,14 +82,15 @@ fi
 
 step() { echo "+ $*"; "$@"; }
 mkdir -p "$OUT"
-DATA=(split.out="$OUT/split" ref.out="$OUT/ref")
+# One split and ref store for every arm and seed: their sampling seed is pinned, not the arm's.
+DATA=(split.out="$OUT/split" ref.out="$OUT/ref" split.seed=0 ref.seed=0)
 step "$DPHRL" split "${DATA[@]}" "${SIZE[@]}" "hydra.run.dir=$OUT/logs/split" "$@"
 step "$DPHRL" precompute-ref "${DATA[@]}" "${SIZE[@]}" "hydra.run.dir=$OUT/logs/ref" "$@"
 
 if [ "$SWEEP" = 1 ]; then
   # The lr sweep: GRPO alone on seed 100 (no arm of the table uses it), one run per lr, the
   # held-out greedy accuracy and pass@k of eval.every read from each run's metrics.
-  for lr in ${LRS:-2e-5 6e-5}; do
+  for lr in ${LRS:-2e-5 5e-5}; do
     dir="$OUT/sweep/lr$lr"
     [ -f "$dir/model/config.json" ] || step "$DPHRL" train divergence=none seed=100 "${DATA[@]}" \
       "${SIZE[@]}" trainer.lr="$lr" trainer.resume=true "hydra.run.dir=$dir" "$@"
@@ -94,13 +100,18 @@ if [ "$SWEEP" = 1 ]; then
 fi
 
 models=()
+first=${SEEDS%% *}
 for seed in $SEEDS; do
+  # eval.every runs on the first seed only (passk_over_steps.png is that seed's): on this CPU
+  # each of its evals (32 prompts x 17 samples) costs about two training steps.
+  every=()
+  [ "$seed" = "$first" ] || every=(eval.every=0)
   for arm in $ARMS; do
     [ -n "${ARM[$arm]:-}" ] || { echo "reproduce_small: unknown arm '$arm' (known: ${!ARM[*]})" >&2; exit 2; }
     dir="$OUT/arms/$arm/seed$seed"
     if [ ! -f "$dir/model/config.json" ]; then
       # shellcheck disable=SC2086
-      step "$DPHRL" train ${ARM[$arm]} seed="$seed" "${DATA[@]}" "${SIZE[@]}" \
+      step "$DPHRL" train ${ARM[$arm]} seed="$seed" "${DATA[@]}" "${SIZE[@]}" "${every[@]}" \
         trainer.resume=true "hydra.run.dir=$dir" "$@"
       # the model is written: its checkpoints (weights + AdamW state) only served a resume
       rm -rf "$dir/checkpoints"
@@ -111,8 +122,28 @@ done
 
 base=$("$DPHRL" train "$@" --cfg job --package model | sed -n 's/^path: //p')
 list=$(IFS=,; echo "${models[*]}")
-step "$DPHRL" eval-passk "${EVAL[@]}" "eval.models=[$base,$list]" \
-  "eval.datasets=[${SETS:-arith,'arith=$OUT/split/pef.jsonl',arith_ood}]" "hydra.run.dir=$OUT/eval" "$@"
+if [ -z "${SETS:-}" ]; then
+  # The default sets, each cut to its size in CUT (every row when SMALL=0): arith's held-out
+  # rows, the split's D_pef prompts, arith_ood's rows.
+  "$PY" - "$OUT/sets" "$OUT/split/pef.jsonl" "${CUT[@]}" <<'PY'
+import json, os, sys
+from dphrl.data import read_jsonl
+from dphrl.tasks import arith
+
+out, pef, *cut = sys.argv[1:]
+sizes = [int(c) for c in cut] or [None] * 3
+os.makedirs(out, exist_ok=True)
+sets = {"heldout": arith.generate("eval"), "pef": read_jsonl(pef), "ood": arith.generate("ood")}
+for (name, rows), size in zip(sets.items(), sizes):
+    tmp = f"{out}/.{name}.jsonl.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows[:size])
+    os.replace(tmp, f"{out}/{name}.jsonl")
+PY
+  SETS="'arith=$OUT/sets/heldout.jsonl','arith=$OUT/sets/pef.jsonl','arith_ood=$OUT/sets/ood.jsonl'"
+fi
+step "$DPHRL" eval-passk "${EVAL[@]}" "eval.models=[$base,$list]" "eval.datasets=[$SETS]" \
+  "hydra.run.dir=$OUT/eval" "$@"
 
 step "$PY" scripts/reproduce_report.py "$OUT" --arms "$ARMS" --seeds "$SEEDS" \
   --seconds $(( $(date +%s) - started ))

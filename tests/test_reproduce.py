@@ -43,6 +43,8 @@ def test_quick_reproduction_writes_the_table_the_json_and_both_plots(tmp_path):
             assert 0.0 <= cell["greedy"]["mean"] <= 1.0
             assert cell["pass@1"]["mean"] <= cell["pass@4"]["mean"] + 1e-9
     assert "eval_greedy" in results["training_curves"]["grpo"]
+    for name in ("heldout", "pef", "ood"):  # the default sets, cut to the quick size
+        assert len((out / "sets" / f"{name}.jsonl").read_text().splitlines()) == 4, name
 
     table = [line for line in (out / "RESULTS.md").read_text().splitlines() if line.startswith("|")]
     assert len(table) == 2 + 3  # header, rule, one row per arm
