@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+SETS = ("heldout", "pef", "ood")
 
 
 def quick_reproduction(out: Path, timeout: int) -> subprocess.CompletedProcess:
@@ -43,8 +44,9 @@ def test_quick_reproduction_writes_the_table_the_json_and_both_plots(tmp_path):
             assert 0.0 <= cell["greedy"]["mean"] <= 1.0
             assert cell["pass@1"]["mean"] <= cell["pass@4"]["mean"] + 1e-9
     assert "eval_greedy" in results["training_curves"]["grpo"]
-    for name in ("heldout", "pef", "ood"):  # the default sets, cut to the quick size
-        assert len((out / "sets" / f"{name}.jsonl").read_text().splitlines()) == 4, name
+    lines = {n: len((out / "sets" / f"{n}.jsonl").read_text().splitlines()) for n in SETS}
+    pef = len((out / "split" / "pef.jsonl").read_text().splitlines())
+    assert lines == {"heldout": 4, "pef": min(4, pef), "ood": 4}  # the sets, cut to quick size
 
     table = [line for line in (out / "RESULTS.md").read_text().splitlines() if line.startswith("|")]
     assert len(table) == 2 + 3  # header, rule, one row per arm
