@@ -154,32 +154,11 @@ def build_trainer(folder: str, threads: int):
     """dphrl's Trainer as trl_step's dphrl side builds it (GRPO, no reference, engine=hf)."""
     import torch
 
-    from benchmarks.train_step import compose
-    from benchmarks.trl_step import LR, MODEL
-    from dphrl import dist
-    from dphrl.config import TaskConfig
-    from dphrl.models import resolve_model_path
-    from dphrl.tasks import get_task
-    from dphrl.trainer import Trainer
+    from benchmarks.trl_step import _rows, grpo_trainer
 
     torch.set_num_threads(threads)
-    cfg = compose(
-        [
-            "divergence=none",
-            f"model={MODEL}",
-            "engine=hf",
-            "layout=cpu",
-            f"trainer.lr={LR}",
-            "trainer.tensorboard=false",
-            "task.workers=1",
-            f"trainer.run_dir={folder}/run",
-        ]
-    )
-    layout = dist.resolve_layout(cfg.layout)
-    dist.init(layout)
-    model_path = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
-    rows = get_task("arith").load(TaskConfig(limit=8), "train")
-    return Trainer(cfg, Path(folder) / "run", layout, rows, [], model_path), rows
+    rows = _rows(8)
+    return grpo_trainer(Path(folder) / "run", rows, []), rows
 
 
 def measure(sizes: dict, folder: str, threads: int) -> dict:

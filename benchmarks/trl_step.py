@@ -63,37 +63,48 @@ def _rows(n: int) -> list[dict]:
     return get_task("arith").load(TaskConfig(limit=n), "train")
 
 
-def run_dphrl(sizes: dict, folder: str) -> dict:
-    """Steps of dphrl's Trainer with divergence=none (GRPO, no reference model), engine=hf."""
-    import torch
-
-    from benchmarks.train_step import _status_kib, compose
+def grpo_trainer(run_dir: Path, rows: list[dict], extra: list[str]):
+    """dphrl's Trainer as these benchmarks measure it: divergence=none (GRPO, no reference
+    model), engine=hf, on the CPU, model `MODEL`, lr `LR`, `extra` overrides on top."""
+    from benchmarks.train_step import compose
     from dphrl import dist
     from dphrl.models import resolve_model_path
     from dphrl.trainer import Trainer
 
-    torch.set_num_threads(THREADS)
-    n = sizes["prompts"] * sizes["group"]
     cfg = compose(
         [
             "divergence=none",
             f"model={MODEL}",
             "engine=hf",
             "layout=cpu",
-            f"engine.hf.batch_size={n}",
-            f"algo.prompts_per_step={sizes['prompts']}",
-            f"algo.group_size={sizes['group']}",
-            f"model.max_new_tokens={sizes['max_new']}",
+            *extra,
             f"trainer.lr={LR}",
             "trainer.tensorboard=false",
             "task.workers=1",
-            f"trainer.run_dir={folder}/dphrl",
+            f"trainer.run_dir={run_dir}",
         ]
     )
     layout = dist.resolve_layout(cfg.layout)
     dist.init(layout)
     model_path = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
-    trainer = Trainer(cfg, Path(folder) / "dphrl", layout, _rows(sizes["prompts"]), [], model_path)
+    return Trainer(cfg, run_dir, layout, rows, [], model_path)
+
+
+def run_dphrl(sizes: dict, folder: str) -> dict:
+    """Steps of dphrl's Trainer with divergence=none (GRPO, no reference model), engine=hf."""
+    import torch
+
+    from benchmarks.train_step import _status_kib
+
+    torch.set_num_threads(THREADS)
+    n = sizes["prompts"] * sizes["group"]
+    extra = [
+        f"engine.hf.batch_size={n}",
+        f"algo.prompts_per_step={sizes['prompts']}",
+        f"algo.group_size={sizes['group']}",
+        f"model.max_new_tokens={sizes['max_new']}",
+    ]
+    trainer = grpo_trainer(Path(folder) / "dphrl", _rows(sizes["prompts"]), extra)
     steps = []
     for k in range(sizes["warmup"] + sizes["steps"]):
         start = time.perf_counter()
