@@ -126,8 +126,8 @@ if [ -z "${SETS:-}" ]; then
   # The default sets, each cut to its size in CUT (every row when SMALL=0): arith's held-out
   # rows, the split's D_pef prompts, arith_ood's rows.
   "$PY" - "$OUT/sets" "$OUT/split/pef.jsonl" "${CUT[@]}" <<'PY'
-import json, os, sys
-from dphrl.data import read_jsonl
+import os, sys
+from dphrl.data import read_jsonl, write_jsonl
 from dphrl.tasks import arith
 
 out, pef, *cut = sys.argv[1:]
@@ -135,10 +135,7 @@ sizes = [int(c) for c in cut] or [None] * 3
 os.makedirs(out, exist_ok=True)
 sets = {"heldout": arith.generate("eval"), "pef": read_jsonl(pef), "ood": arith.generate("ood")}
 for (name, rows), size in zip(sets.items(), sizes):
-    tmp = f"{out}/.{name}.jsonl.tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows[:size])
-    os.replace(tmp, f"{out}/{name}.jsonl")
+    write_jsonl(f"{out}/{name}.jsonl", rows[:size])
 PY
   SETS="'arith=$OUT/sets/heldout.jsonl','arith=$OUT/sets/pef.jsonl','arith_ood=$OUT/sets/ood.jsonl'"
 fi
