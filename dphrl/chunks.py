@@ -37,10 +37,23 @@ class Chunk:
 
 
 class Settings:
-    """A resumable folder's settings file: what must match for a rerun to continue it."""
+    """A resumable folder's settings file: what must match for a rerun to continue it.
 
-    def __init__(self, path: str | os.PathLike, expected: dict, what: str, remedy: str) -> None:
+    `free` keys may differ between runs: they name what the folder's outputs are keyed by
+    (eval-passk's models: each model's samples are its own, seeded by prompt, not by its place
+    in the list), so a rerun with another value adds to the folder instead of being refused.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        expected: dict,
+        what: str,
+        remedy: str,
+        free: tuple[str, ...] = (),
+    ) -> None:
         self.path, self.expected, self.what, self.remedy = Path(path), expected, what, remedy
+        self.free = free
 
     def check(self) -> None:
         """Refuse a folder recorded with other settings, naming every key that differs."""
@@ -50,7 +63,7 @@ class Settings:
         diff = [
             f"{k}: folder has {found.get(k)!r}, config has {v!r}"
             for k, v in self.expected.items()
-            if found.get(k) != v
+            if found.get(k) != v and k not in self.free
         ]
         if diff:
             raise ConfigError(
@@ -59,8 +72,9 @@ class Settings:
             )
 
     def record(self) -> None:
-        """Write the settings, once: called just before the folder's first output is written."""
-        if not self.path.exists():
+        """Write the settings: called just before the folder's first output is written, and
+        again when a free key changed, so the file names what the folder's last run used."""
+        if not self.path.exists() or json.loads(self.path.read_text()) != self.expected:
             write_json(self.path, self.expected)
 
 

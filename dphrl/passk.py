@@ -79,7 +79,8 @@ def summarize(samples: list[dict], datasets: list[dict], ks: list[int], greedy: 
 
 
 def settings(cfg: DphrlConfig, engine: str) -> dict:
-    """What makes two evals the same experiment; a resumed run must match it."""
+    """What makes two evals the same experiment; a resumed run must match it, except in
+    `models`: a model added to the list is evaluated alone, the ones done are kept."""
     ev = cfg.eval
     return {
         "models": model_labels(cfg),
@@ -148,6 +149,7 @@ def _evaluate_all(cfg: DphrlConfig, out: Path) -> dict:
         info,
         "an eval",
         "use another run folder (hydra.run.dir=...) or delete this one",
+        free=("models",),
     )
     folder.check()
     samples = SampleLog(

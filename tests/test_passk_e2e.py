@@ -98,6 +98,29 @@ def test_resume_after_kill_gives_the_same_passk_json(tmp_path, monkeypatch):
     assert rows(resumed) == rows(whole)
 
 
+@pytest.mark.slow
+def test_a_model_added_to_a_finished_eval_is_sampled_alone(tmp_path, monkeypatch, real_model_path):
+    """A comparison that gains an arm reuses the folder: the models done are not sampled
+    again, and a model's samples do not depend on its place in the list (the same weights
+    under a second label give the same counts)."""
+    first = small_config(models=["embedded:smollm2-135m"], limit=2)
+    before = passk.run(first, tmp_path)["results"]
+    sampled = []
+    original = passk._Evaluator.sample
+    monkeypatch.setattr(
+        passk._Evaluator,
+        "sample",
+        lambda self, *a: sampled.append(self.model_path) or original(self, *a),
+    )
+    both = small_config(models=["embedded:smollm2-135m", real_model_path], limit=2)
+    after = passk.run(both, tmp_path)["results"]
+    assert sampled == [real_model_path]
+    assert after[0] == before[0]
+    assert [p["c"] for p in after[1]["per_prompt"]] == [p["c"] for p in before[0]["per_prompt"]]
+    recorded = json.loads((tmp_path / "passk_settings.json").read_text())
+    assert recorded["models"] == ["embedded:smollm2-135m", real_model_path]
+
+
 def test_resume_refuses_a_folder_made_with_other_settings(tmp_path):
     (tmp_path / "passk_settings.json").write_text(json.dumps({"n": 99}))
     with pytest.raises(ConfigError, match="other settings"):
