@@ -36,6 +36,8 @@ LABELS = {
     # the EXTRA_ARMS names RESULTS.md uses for the objectives that followed DPH-RL
     "passk": "pass@k training",
     "klcov": "KL-Cov",
+    "dph_f_default": "DPH-F, default beta",
+    "dph_js_default": "DPH-JS, default beta",
 }
 
 
@@ -204,23 +206,35 @@ def plot_over_steps(curves: dict, arms: list[str], path: Path) -> None:
 
 
 def sweep(out: Path) -> None:
-    """The lr sweep's table (`OUT/sweep/lr*/metrics.jsonl`) -> `OUT/sweep.md` and `sweep.json`."""
+    """The sweeps' tables -> `OUT/sweep.md` and `sweep.json`: per run of `OUT/sweep/` (`lr<lr>`:
+    GRPO; `js_x<m>`: DPH-JS at m x its default beta) the held-out figures of eval.every, and
+    the D_pef figures of `OUT/sweep/eval` (eval-passk of the last step) where it exists."""
     rows = {}
-    for run in sorted((out / "sweep").glob("lr*")):
-        points = [
-            r
-            for r in read_jsonl(run / "metrics.jsonl", tolerate_torn_tail=True)
-            if "eval_greedy" in r
-        ]
-        rows[run.name.removeprefix("lr")] = points
-    lines = ["| lr | step | held-out greedy | held-out pass@k |", "| --- | --- | --- | --- |"]
-    for lr, points in rows.items():
-        for p in points:
-            passk = max(
-                (k for k in p if k.startswith("eval_pass@")), key=lambda k: int(k.split("@")[1])
-            )
+    for run in sorted((out / "sweep").glob("*/metrics.jsonl")):
+        points = [r for r in read_jsonl(run, tolerate_torn_tail=True) if "eval_greedy" in r]
+        rows[run.parent.name] = {"held-out": points}
+    evals = out / "sweep" / "eval" / "passk.json"
+    if evals.exists():
+        for r in json.loads(evals.read_text())["results"]:
+            name = Path(r["model"]).parent.name
+            rows.setdefault(name, {"held-out": []})["D_pef"] = {
+                "greedy": r["greedy"],
+                **{f"pass@{k}": v for k, v in r["pass_at_k"].items()},
+            }
+    lines = [
+        "| run | step | held-out greedy | held-out pass@1 | held-out pass@16 "
+        "| D_pef greedy | D_pef pass@1 | D_pef pass@16 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    for name, run in rows.items():
+        points = run["held-out"] or [{"step": "-"}]
+        for i, p in enumerate(points):
+            pef = run.get("D_pef", {}) if i == len(points) - 1 else {}
             lines.append(
-                f"| {lr} | {p['step']} | {100 * p['eval_greedy']:.1f} | {passk.removeprefix('eval_')} {100 * p[passk]:.1f} |"
+                f"| {name} | {p['step']} | {pct(p.get('eval_greedy'))} "
+                f"| {pct(p.get('eval_pass@1'))} | {pct(p.get('eval_pass@16'))} "
+                f"| {pct(pef.get('greedy'))} | {pct(pef.get('pass@1'))} | {pct(pef.get('pass@16'))} |"
             )
     write_json(out / "sweep.json", rows)
     write_text(out / "sweep.md", "\n".join(lines) + "\n")
@@ -244,7 +258,7 @@ def main() -> None:
     parser.add_argument("--arms", help="space-separated arm names, as trained")
     parser.add_argument("--seeds", help="space-separated seeds, as trained")
     parser.add_argument("--seconds", type=int, default=None, help="wall time of the whole run")
-    parser.add_argument("--sweep", action="store_true", help="only the lr sweep's table")
+    parser.add_argument("--sweep", action="store_true", help="only the sweeps' table")
     args = parser.parse_args()
     out: Path = args.out
     if args.sweep:
@@ -294,7 +308,7 @@ def main() -> None:
         + "\n\n![pass@k vs k](passk_curves.png)\n\n![during training](passk_over_steps.png)\n"
         + split_md(split_stats)
         + (
-            f"\n## The lr sweep\n\n{(out / 'sweep.md').read_text()}"
+            f"\n## The sweeps\n\n{(out / 'sweep.md').read_text()}"
             if (out / "sweep.md").exists()
             else ""
         ),

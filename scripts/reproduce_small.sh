@@ -9,7 +9,7 @@
 #
 #   bash scripts/reproduce_small.sh            # the full comparison (see RESULTS.md for its time)
 #   bash scripts/reproduce_small.sh --quick    # two arms, few steps, a small eval: a smoke run
-#   bash scripts/reproduce_small.sh --sweep    # the lr sweep (GRPO, seed 100) that chose trainer.lr
+#   bash scripts/reproduce_small.sh --sweep    # the sweeps (seed 100) that chose trainer.lr and beta
 #
 # Every stage resumes: rerun the same command after a kill and it continues where it stopped
 # (split / precompute-ref / eval-passk skip finished chunks; a trained arm is skipped, a killed
@@ -21,7 +21,8 @@
 # override;name2:..." adds arms, e.g. "passk:divergence=js algo.advantage=passk"), SETS (the
 # three eval.datasets entries: held-out, D_pef, OOD, a `name=file` one in quotes; default arith's), SMALL=0 (drop the small
 # sizes below, so the overrides given size the run), STEPS, PROMPTS (per step), LR and EVERY
-# (eval.every) of the full run.
+# (eval.every) of the full run, BETA_SCALE (the divergence arms' beta as a multiple of each
+# divergence's default; the sweep's BETA_SCALES chose it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 QUICK=0
@@ -38,8 +39,9 @@ PY=${PY:-.venv/bin/python}
 started=$(date +%s)
 
 # One setting for every arm: lr chosen by the sweep recorded in RESULTS.md (GRPO alone, on a
-# seed the table does not use); LR and STEPS override it. beta is each divergence's default
-# (conf/divergence), chosen once, not tuned here.
+# seed the table does not use); LR and STEPS override it. beta, the one knob only the
+# divergence arms have, is BETA_SCALE x each divergence's default (conf/divergence, which keeps
+# the paper's JS : forward-KL ratio), the scale chosen once by the beta sweep (DPH-JS, seed 100).
 if [ "$QUICK" = 1 ]; then
   OUT=${OUT:-runs/reproduce_small_quick}
   SEEDS=${SEEDS:-"0"}
@@ -64,13 +66,22 @@ SIZE+=(trainer.save_every=4)
 # SMALL=0 drops these sizes, so the overrides given (a preset, trainer.max_steps...) size the run.
 [ "${SMALL:-1}" = 1 ] || { SIZE=(); EVAL=(); CUT=(); }
 
+BETA_SCALE=${BETA_SCALE:-1}
+# divergence=$1's beta (its conf/divergence default) times $2
+scaled_beta() {
+  "$DPHRL" train "divergence=$1" --cfg job --package divergence |
+    awk -v m="$2" '/^beta: / { print $2 * m }'
+}
 declare -A ARM=(
   [grpo]="divergence=none"
   [dapo]="algo=dapo divergence=reverse_kl"  # the paper's dapo.sh: clip-higher + k3 KL 0.01
   [grpo_rkl]="divergence=reverse_kl"
-  [dph_f]="divergence=forward_kl"
-  [dph_js]="divergence=js"
-  [dph_alpha]="divergence=alpha"
+  [dph_f]="divergence=forward_kl divergence.beta=$(scaled_beta forward_kl "$BETA_SCALE")"
+  [dph_js]="divergence=js divergence.beta=$(scaled_beta js "$BETA_SCALE")"
+  [dph_alpha]="divergence=alpha divergence.beta=$(scaled_beta alpha "$BETA_SCALE")"
+  # the divergence arms at their default beta whatever BETA_SCALE is (RESULTS.md's first run)
+  [dph_f_default]="divergence=forward_kl"
+  [dph_js_default]="divergence=js"
 )
 if [ -n "${EXTRA_ARMS:-}" ]; then
   IFS=';' read -ra extra <<< "$EXTRA_ARMS"
@@ -87,14 +98,50 @@ DATA=(split.out="$OUT/split" ref.out="$OUT/ref" split.seed=0 ref.seed=0)
 step "$DPHRL" split "${DATA[@]}" "${SIZE[@]}" "hydra.run.dir=$OUT/logs/split" "$@"
 step "$DPHRL" precompute-ref "${DATA[@]}" "${SIZE[@]}" "hydra.run.dir=$OUT/logs/ref" "$@"
 
+if [ -z "${SETS:-}" ]; then
+  # The default sets, each cut to its size in CUT (every row when SMALL=0): arith's held-out
+  # rows, the split's D_pef prompts, arith_ood's rows.
+  "$PY" - "$OUT/sets" "$OUT/split/pef.jsonl" "${CUT[@]}" <<'PY'
+import os, sys
+from dphrl.data import read_jsonl, write_jsonl
+from dphrl.tasks import arith
+
+out, pef, *cut = sys.argv[1:]
+sizes = [int(c) for c in cut] or [None] * 3
+os.makedirs(out, exist_ok=True)
+sets = {"heldout": arith.generate("eval"), "pef": read_jsonl(pef), "ood": arith.generate("ood")}
+for (name, rows), size in zip(sets.items(), sizes):
+    write_jsonl(f"{out}/{name}.jsonl", rows[:size])
+PY
+  SETS="'arith=$OUT/sets/heldout.jsonl','arith=$OUT/sets/pef.jsonl','arith_ood=$OUT/sets/ood.jsonl'"
+fi
+
 if [ "$SWEEP" = 1 ]; then
-  # The lr sweep: GRPO alone on seed 100 (no arm of the table uses it), one run per lr, the
-  # held-out greedy accuracy and pass@k of eval.every read from each run's metrics.
+  # Both sweeps run on seed 100, which no arm of the table uses; the held-out greedy accuracy
+  # and pass@k come from eval.every in each run's metrics.
+  # 1. lr: GRPO alone, one run per lr.
   for lr in ${LRS:-2e-5 5e-5}; do
     dir="$OUT/sweep/lr$lr"
     [ -f "$dir/model/config.json" ] || step "$DPHRL" train divergence=none seed=100 "${DATA[@]}" \
       "${SIZE[@]}" trainer.lr="$lr" trainer.resume=true "hydra.run.dir=$dir" "$@"
   done
+  # 2. beta: DPH-JS at the chosen lr, one run per multiple of its default beta; then the
+  # D_pef set (the second of SETS) evaluated on these runs and on GRPO's at that lr, since
+  # keeping D_pef is what beta is for. The rule, fixed before the runs: the scale with the
+  # highest held-out greedy at the last step among those whose D_pef pass@1 is at least GRPO's;
+  # if none, the one with the highest D_pef pass@1.
+  sweep_models=("$OUT/sweep/lr${LR:-2e-5}/model")
+  for m in ${BETA_SCALES:-1 10 40}; do
+    dir="$OUT/sweep/js_x$m"
+    [ -f "$dir/model/config.json" ] || step "$DPHRL" train divergence=js \
+      divergence.beta="$(scaled_beta js "$m")" seed=100 "${DATA[@]}" "${SIZE[@]}" \
+      trainer.resume=true "hydra.run.dir=$dir" "$@"
+    rm -rf "$dir/checkpoints"
+    sweep_models+=("$dir/model")
+  done
+  IFS=, read -r _ pef_set _ <<< "$SETS"
+  step "$DPHRL" eval-passk "${EVAL[@]}" "eval.models=[$(IFS=,; echo "${sweep_models[*]}")]" \
+    "eval.datasets=[$pef_set]" "hydra.run.dir=$OUT/sweep/eval" "$@"
   step "$PY" scripts/reproduce_report.py "$OUT" --sweep
   exit 0
 fi
@@ -122,23 +169,6 @@ done
 
 base=$("$DPHRL" train "$@" --cfg job --package model | sed -n 's/^path: //p')
 list=$(IFS=,; echo "${models[*]}")
-if [ -z "${SETS:-}" ]; then
-  # The default sets, each cut to its size in CUT (every row when SMALL=0): arith's held-out
-  # rows, the split's D_pef prompts, arith_ood's rows.
-  "$PY" - "$OUT/sets" "$OUT/split/pef.jsonl" "${CUT[@]}" <<'PY'
-import os, sys
-from dphrl.data import read_jsonl, write_jsonl
-from dphrl.tasks import arith
-
-out, pef, *cut = sys.argv[1:]
-sizes = [int(c) for c in cut] or [None] * 3
-os.makedirs(out, exist_ok=True)
-sets = {"heldout": arith.generate("eval"), "pef": read_jsonl(pef), "ood": arith.generate("ood")}
-for (name, rows), size in zip(sets.items(), sizes):
-    write_jsonl(f"{out}/{name}.jsonl", rows[:size])
-PY
-  SETS="'arith=$OUT/sets/heldout.jsonl','arith=$OUT/sets/pef.jsonl','arith_ood=$OUT/sets/ood.jsonl'"
-fi
 step "$DPHRL" eval-passk "${EVAL[@]}" "eval.models=[$base,$list]" "eval.datasets=[$SETS]" \
   "hydra.run.dir=$OUT/eval" "$@"
 

@@ -56,3 +56,38 @@ def test_quick_reproduction_writes_the_table_the_json_and_both_plots(tmp_path):
     again = quick_reproduction(out, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "+ .venv/bin/dphrl train" not in again.stdout  # finished arms are not trained again
+
+
+def test_sweep_table_has_each_runs_held_out_points_and_its_d_pef_eval(tmp_path):
+    """`reproduce_report.py --sweep`: one row per eval.every point of each sweep run, the last
+    of them with that run's D_pef figures from `sweep/eval/passk.json` (what beta is chosen by)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("report", ROOT / "scripts/reproduce_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    for run, greedy in (("lr2e-5", 0.5), ("js_x10", 0.75)):
+        (tmp_path / "sweep" / run).mkdir(parents=True)
+        rows = [
+            {"step": s, "eval_greedy": greedy, "eval_pass@1": 0.25, "eval_pass@16": 1.0}
+            for s in (4, 8)
+        ]
+        (tmp_path / "sweep" / run / "metrics.jsonl").write_text(
+            "\n".join(json.dumps(r) for r in [{"step": 1, "loss": 0.0}, *rows]) + "\n"
+        )
+    (tmp_path / "sweep" / "eval").mkdir()
+    pef = {
+        "model": str(tmp_path / "sweep" / "js_x10" / "model"),
+        "dataset": "arith=pef.jsonl",
+        "greedy": 0.875,
+        "pass_at_k": {"1": 0.5, "16": 1.0},
+    }
+    (tmp_path / "sweep" / "eval" / "passk.json").write_text(json.dumps({"results": [pef]}))
+    report.sweep(tmp_path)
+    table = (tmp_path / "sweep.md").read_text().splitlines()
+    assert table[2:] == [
+        "| js_x10 | 4 | 75.0 | 25.0 | 100.0 | - | - | - |",
+        "| js_x10 | 8 | 75.0 | 25.0 | 100.0 | 87.5 | 50.0 | 100.0 |",
+        "| lr2e-5 | 4 | 50.0 | 25.0 | 100.0 | - | - | - |",
+        "| lr2e-5 | 8 | 50.0 | 25.0 | 100.0 | - | - | - |",
+    ]
