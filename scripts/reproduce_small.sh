@@ -66,7 +66,7 @@ SIZE+=(trainer.save_every=4)
 # SMALL=0 drops these sizes, so the overrides given (a preset, trainer.max_steps...) size the run.
 [ "${SMALL:-1}" = 1 ] || { SIZE=(); EVAL=(); CUT=(); }
 
-BETA_SCALE=${BETA_SCALE:-1}
+BETA_SCALE=${BETA_SCALE:-40}  # the beta sweep's choice (RESULTS.md): JS 4.0, forward KL 2.0
 # divergence=$1's beta (its conf/divergence default) times $2
 scaled_beta() {
   "$DPHRL" train "divergence=$1" --cfg job --package divergence |
