@@ -66,19 +66,23 @@ SIZE+=(trainer.save_every=4)
 # SMALL=0 drops these sizes, so the overrides given (a preset, trainer.max_steps...) size the run.
 [ "${SMALL:-1}" = 1 ] || { SIZE=(); EVAL=(); CUT=(); }
 
-BETA_SCALE=${BETA_SCALE:-40}  # the beta sweep's choice (RESULTS.md): JS 4.0, forward KL 2.0
+# The beta sweep's choice at the small sizes (RESULTS.md): 40, i.e. JS 4.0, forward KL 2.0. At
+# SMALL=0 the divergences keep the beta the config gives (a preset's) unless BETA_SCALE is set.
+if [ "${SMALL:-1}" = 1 ]; then BETA_SCALE=${BETA_SCALE:-40}; else BETA_SCALE=${BETA_SCALE:-}; fi
 # divergence=$1's beta (its conf/divergence default) times $2
 scaled_beta() {
   "$DPHRL" train "divergence=$1" --cfg job --package divergence |
     awk -v m="$2" '/^beta: / { print $2 * m }'
 }
+# the override giving divergence=$1 BETA_SCALE x its default beta; nothing without BETA_SCALE
+beta_of() { [ -z "$BETA_SCALE" ] || echo "divergence.beta=$(scaled_beta "$1" "$BETA_SCALE")"; }
 declare -A ARM=(
   [grpo]="divergence=none"
   [dapo]="algo=dapo divergence=reverse_kl"  # the paper's dapo.sh: clip-higher + k3 KL 0.01
   [grpo_rkl]="divergence=reverse_kl"
-  [dph_f]="divergence=forward_kl divergence.beta=$(scaled_beta forward_kl "$BETA_SCALE")"
-  [dph_js]="divergence=js divergence.beta=$(scaled_beta js "$BETA_SCALE")"
-  [dph_alpha]="divergence=alpha divergence.beta=$(scaled_beta alpha "$BETA_SCALE")"
+  [dph_f]="divergence=forward_kl $(beta_of forward_kl)"
+  [dph_js]="divergence=js $(beta_of js)"
+  [dph_alpha]="divergence=alpha $(beta_of alpha)"
   # the divergence arms at their default beta whatever BETA_SCALE is (RESULTS.md's first run)
   [dph_f_default]="divergence=forward_kl"
   [dph_js_default]="divergence=js"
