@@ -43,8 +43,9 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
 RERUN = """
 Every figure below is a ratio of two variants measured side by side in one run (same
 machine, same process settings, interleaved where timed), so it is comparable across
-machines only as a ratio. Rerun all with `python benchmarks/run.py` (full sizes; about an
-hour on an idle 2-core CPU, most of it the cost curves) or `python benchmarks/run.py --quick`
+machines only as a ratio. Rerun all with `python benchmarks/run.py` (full sizes; about half an
+hour on an idle 2-core CPU: on 2026-11-30 pipeline took 8 min, cost curves 9, train_step,
+trl_step and mfu 2-3 each; logprobs, verify and rollout were not timed then) or `python benchmarks/run.py --quick`
 (reduced sizes, about fifteen minutes;
 quick figures go to their own `*_quick` sections and keys and never replace full ones),
 one benchmark with `python benchmarks/<name>.py [--quick]`, or a subset with
