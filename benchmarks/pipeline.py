@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import subprocess
 import sys
 import tempfile
@@ -113,8 +114,6 @@ def calls_file(folder: str, command: str) -> Path:
 def sampling_worker(command: str, sizes: dict, folder: str, engine: str | None) -> dict:
     """Run one sampling command with its engines recorded; their calls go to `calls_file`
     for the replay worker."""
-    import pickle
-
     from benchmarks.train_step import compose
     from dphrl import passk, reference, split
 
@@ -241,8 +240,6 @@ if __name__ == "__main__":
         if stage == "train":
             out = train_worker(sizes, folder, args.engine)
         elif stage.startswith("replay:"):
-            import pickle
-
             out = replay(
                 pickle.loads(calls_file(folder, stage.removeprefix("replay:")).read_bytes())
             )
