@@ -362,6 +362,9 @@ class EvalConfig:
     models: list[str] = field(default_factory=list)  # model paths; empty = model.path
     db_roots: dict[str, str] = field(default_factory=dict)  # SQL datasets: name -> databases
     every: int = bounded(0, ge=0)  # train: eval every N steps; 0 = never
+    # whether eval.every also evaluates the last step; false when eval-passk evaluates the
+    # final model anyway (scripts/reproduce_small.sh), which saves one eval per run
+    at_end: bool = True
     limit: int | None = None  # prompts per dataset
     out: str | None = None  # default: the run folder
 

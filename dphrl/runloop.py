@@ -66,15 +66,16 @@ def fit(trainer: Steps, stop_after_step: int | None = None) -> Path:
         metrics: dict[str, float] = {}
         while trainer.step_num < tr.max_steps:
             metrics = reduce_metrics(trainer.step())
+            ev, last = trainer.cfg.eval, trainer.step_num == tr.max_steps
             if (
-                trainer.cfg.eval.every
-                and trainer.step_num % trainer.cfg.eval.every == 0
+                ev.every
+                and trainer.step_num % ev.every == 0
+                and (ev.at_end or not last)
                 and trainer.layout.is_main
             ):
                 metrics.update(trainer.evaluate())
             trainer.metrics.log(trainer.step_num, metrics)
             progress.advance()
-            last = trainer.step_num == tr.max_steps
             if (tr.save_every and trainer.step_num % tr.save_every == 0) or last:
                 save(trainer, settings)
             if stop_after_step is not None and trainer.step_num >= stop_after_step:

@@ -227,6 +227,28 @@ def test_eval_every_reports_pass_at_k_during_training(data_dir, tiny_model_dir, 
     assert rows[1]["eval_greedy"] in {0.0, 1 / 3, 2 / 3, 1.0}  # eval.greedy: one answer a prompt
 
 
+def test_eval_at_end_false_skips_only_the_last_steps_eval(data_dir, tiny_model_dir, tmp_path):
+    """eval.at_end=false (the reproduction evaluates the final model with eval-passk): the
+    middle step is evaluated, the last is not."""
+    cfg = _cfg(
+        tmp_path,
+        tiny_model_dir,
+        "trainer.max_steps=2",
+        "eval.every=1",
+        "eval.at_end=false",
+        "eval.n=2",
+        "eval.k=[1]",
+        "eval.limit=2",
+        "ref.keep=all",
+        data=data_dir,
+    )
+    trainer.run(cfg, tmp_path)
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [("eval_pass@1" in r) for r in rows] == [True, False]
+
+
 def test_beta_below_zero_is_refused():
     with pytest.raises(ConfigError, match="divergence.beta"):
         compose_config(["divergence.beta=-0.1"])
