@@ -9,7 +9,8 @@ set), `arms/<arm>/seed<s>/metrics.jsonl` (the training curves, with `eval_*` eve
   mean ± std over seeds) and the training settings; the reading of the result is written by a
   person into the committed RESULTS.md, not generated;
 - `passk_curves.png`: pass@k vs k, one panel per set, one line per arm (mean over seeds);
-- `passk_over_steps.png`: held-out pass@k and greedy during training, one line per arm.
+- `passk_over_steps.png`: held-out pass@k and greedy during training, one line per arm (step 0
+  is the base model's eval-passk, the last step the final model's where training skipped it).
 
     .venv/bin/python scripts/reproduce_report.py runs/reproduce_small --arms "grpo dph_js" --seeds "0 1"
 """
@@ -141,7 +142,12 @@ def plot_curves(table: dict, arms: list[str], ks: list[int], path: Path) -> None
 
 
 def training_curves(out: Path, arms: list[str], seeds: list[str]) -> dict:
-    """curves[arm][metric] = [(step, mean over seeds)] for the `eval_*` metrics of training."""
+    """curves[arm][metric] = [(step, mean over seeds)] for the `eval_*` metrics of training.
+
+    A seed evaluated during training (`eval.every`) but not at its last step (`eval.at_end=false`:
+    eval-passk evaluates the final model on the same held-out prompts and n anyway) gets its
+    last point from `eval/passk.json`, the held-out set's figures of its final model."""
+    final = final_heldout(out)
     curves: dict = {}
     for arm in arms:
         per_step: dict = defaultdict(lambda: defaultdict(list))
@@ -149,7 +155,18 @@ def training_curves(out: Path, arms: list[str], seeds: list[str]) -> dict:
             path = out / "arms" / arm / f"seed{seed}" / "metrics.jsonl"
             if not path.exists():
                 continue
-            for row in read_jsonl(path, tolerate_torn_tail=True):
+            rows = read_jsonl(path, tolerate_torn_tail=True)
+            evaluated = [r for r in rows if any(k.startswith("eval_") for k in r)]
+            if not rows or not evaluated:
+                continue
+            last = rows[-1]["step"]
+            if evaluated[-1]["step"] != last and (arm, seed) in final:
+                keys = [k for k in evaluated[-1] if k.startswith("eval_")]
+                end = final[(arm, seed)]
+                evaluated.append(
+                    {"step": last, **{k: end[k] for k in keys if end.get(k) is not None}}
+                )
+            for row in evaluated:
                 for key, value in row.items():
                     if key.startswith("eval_"):
                         per_step[key][row["step"]].append(value)
@@ -158,6 +175,25 @@ def training_curves(out: Path, arms: list[str], seeds: list[str]) -> dict:
             for key, steps in per_step.items()
         }
     return curves
+
+
+def final_heldout(out: Path) -> dict:
+    """{(arm, seed): {"eval_greedy": ..., "eval_pass@k": ...}}: eval-passk's held-out figures
+    (the first of eval.datasets) of each trained arm's final model, named as training logs them."""
+    path = out / "eval" / "passk.json"
+    if not path.exists():
+        return {}
+    results = json.loads(path.read_text())["results"]
+    heldout = results[0]["dataset"] if results else None
+    final = {}
+    for r in results:
+        arm, seed = arm_of(r["model"], out)
+        if arm != "base" and r["dataset"] == heldout:
+            final[(arm, seed)] = {
+                "eval_greedy": r["greedy"],
+                **{f"eval_pass@{k}": v for k, v in r["pass_at_k"].items()},
+            }
+    return final
 
 
 def with_base(curves: dict, table: dict) -> dict:

@@ -58,14 +58,20 @@ def test_quick_reproduction_writes_the_table_the_json_and_both_plots(tmp_path):
     assert "+ .venv/bin/dphrl train" not in again.stdout  # finished arms are not trained again
 
 
-def test_sweep_table_has_each_runs_held_out_points_and_its_d_pef_eval(tmp_path):
-    """`reproduce_report.py --sweep`: one row per eval.every point of each sweep run, the last
-    of them with that run's D_pef figures from `sweep/eval/passk.json` (what beta is chosen by)."""
+def load_report():
+    """scripts/reproduce_report.py as a module (scripts/ is not a package)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("report", ROOT / "scripts/reproduce_report.py")
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
+    return report
+
+
+def test_sweep_table_has_each_runs_held_out_points_and_its_d_pef_eval(tmp_path):
+    """`reproduce_report.py --sweep`: one row per eval.every point of each sweep run, the last
+    of them with that run's D_pef figures from `sweep/eval/passk.json` (what beta is chosen by)."""
+    report = load_report()
     for run, greedy in (("lr2e-5", 0.5), ("js_x10", 0.75)):
         (tmp_path / "sweep" / run).mkdir(parents=True)
         rows = [
@@ -91,3 +97,42 @@ def test_sweep_table_has_each_runs_held_out_points_and_its_d_pef_eval(tmp_path):
         "| lr2e-5 | 4 | 50.0 | 25.0 | 100.0 | - | - | - |",
         "| lr2e-5 | 8 | 50.0 | 25.0 | 100.0 | - | - | - |",
     ]
+
+
+def test_training_curve_takes_its_last_point_from_eval_passk_when_training_skipped_it(tmp_path):
+    """eval.at_end=false: seed 0 was evaluated at step 4 of 8 during training, so its step-8
+    point is its final model's held-out figures in eval/passk.json (the same prompts and n); the
+    curve starts at the base model's. Seed 1 was not evaluated during training and adds nothing."""
+    report = load_report()
+    for seed in ("0", "1"):
+        run = tmp_path / "arms" / "grpo" / f"seed{seed}"
+        run.mkdir(parents=True)
+        rows = [{"step": s, "loss": 0.0} for s in range(1, 9)]
+        if seed == "0":
+            rows[3].update({"eval_greedy": 0.5, "eval_pass@1": 0.25, "eval_pass@16": 0.75})
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "eval").mkdir()
+
+    def result(model, dataset, greedy, p1):
+        return {
+            "model": model,
+            "dataset": dataset,
+            "greedy": greedy,
+            "pass_at_k": {"1": p1, "2": p1, "16": 1.0},
+        }
+
+    seed0, seed1 = (str(tmp_path / "arms" / "grpo" / s / "model") for s in ("seed0", "seed1"))
+    results = [
+        result("embedded:base", "arith=heldout.jsonl", 0.25, 0.125),
+        result(seed0, "arith=heldout.jsonl", 0.625, 0.375),
+        result(seed0, "arith=pef.jsonl", 1.0, 1.0),  # another set: not the held-out curve
+        result(seed1, "arith=heldout.jsonl", 0.0, 0.0),  # no eval during training: ignored
+    ]
+    (tmp_path / "eval" / "passk.json").write_text(json.dumps({"results": results}))
+    curves = report.with_base(
+        report.training_curves(tmp_path, ["grpo"], ["0", "1"]), report.collect(tmp_path)
+    )
+    assert curves["grpo"]["eval_greedy"] == [(0, 0.25), (4, 0.5), (8, 0.625)]
+    assert curves["grpo"]["eval_pass@1"] == [(0, 0.125), (4, 0.25), (8, 0.375)]
+    assert curves["grpo"]["eval_pass@16"] == [(0, 1.0), (4, 0.75), (8, 1.0)]
+    assert "eval_pass@2" not in curves["grpo"]  # only the keys training logged
