@@ -136,3 +136,54 @@ def test_training_curve_takes_its_last_point_from_eval_passk_when_training_skipp
     assert curves["grpo"]["eval_pass@1"] == [(0, 0.125), (4, 0.25), (8, 0.375)]
     assert curves["grpo"]["eval_pass@16"] == [(0, 1.0), (4, 0.75), (8, 1.0)]
     assert "eval_pass@2" not in curves["grpo"]  # only the keys training logged
+
+
+def test_carry_analysis_counts_pass_at_1_and_the_spurious_carry_per_kind_of_sum(tmp_path, capsys):
+    """scripts/carry_analysis.py: sampled answers only (the greedy one is not counted), sums split
+    by whether the units carry, and "sum + 10" counted; rows that are not bare sums are skipped."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("carry", ROOT / "scripts/carry_analysis.py")
+    carry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(carry)
+    (tmp_path / "sets").mkdir()
+    (tmp_path / "eval").mkdir()
+    ask = "What is {} + {}?\nPut the final answer in \\boxed{{}}."
+    heldout = [
+        {"id": 0, "prompt": [{"role": "user", "content": ask.format(39, 30)}]},  # no carry: 69
+        {"id": 1, "prompt": [{"role": "user", "content": ask.format(38, 35)}]},  # carry: 73
+        {"id": 2, "prompt": [{"role": "user", "content": "Ben has 5 boxes..."}]},
+    ]
+    (tmp_path / "sets" / "heldout.jsonl").write_text("\n".join(json.dumps(r) for r in heldout))
+    (tmp_path / "sets" / "pef.jsonl").write_text("")
+    grpo = str(tmp_path / "arms" / "grpo" / "seed0" / "model")
+    samples = [
+        (grpo, 0, "79", False, False),
+        (grpo, 0, "69", True, False),
+        (grpo, 0, "79", False, True),  # greedy: not counted
+        (grpo, 1, "73", True, False),
+        (grpo, 2, "9", False, False),  # not a bare sum
+        ("embedded:base", 0, "69", True, False),
+    ]
+    (tmp_path / "eval" / "samples.jsonl").write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    "model": m,
+                    "dataset": f"arith={tmp_path}/sets/heldout.jsonl",
+                    "id": i,
+                    "answer": a,
+                    "correct": c,
+                    "greedy": g,
+                }
+            )
+            for m, i, a, c, g in samples
+        )
+    )
+    carry.main(tmp_path)
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert rows == [
+        "| heldout | carry | grpo | 1 | 100 | 0 |",
+        "| heldout | no carry | base | 1 | 100 | 0 |",
+        "| heldout | no carry | grpo | 2 | 50 | 50 |",
+    ]
