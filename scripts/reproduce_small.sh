@@ -164,10 +164,12 @@ models=()
 first=${SEEDS%% *}
 for seed in $SEEDS; do
   # eval.every runs on the first seed only (passk_over_steps.png is that seed's): on this CPU
-  # each of its evals (32 prompts x 17 samples) costs about two training steps. Its last step
-  # is not evaluated there: eval-passk below evaluates the final model on the same held-out
-  # prompts with the same n, and the report takes that point (1.2 min less per arm).
-  every=(eval.at_end=false)
+  # each of its evals (32 prompts x 17 samples) costs about two training steps. At the small
+  # sizes its last step is not evaluated there: eval-passk below evaluates the final model on
+  # the same held-out prompts with the same n, and the report takes that point (1.2 min less
+  # per arm). With SMALL=0 the two may be different prompts, so training evaluates it.
+  every=()
+  if [ "${SMALL:-1}" = 1 ]; then every=(eval.at_end=false); fi
   [ "$seed" = "$first" ] || every=(eval.every=0)
   for arm in $ARMS; do
     [ -n "${ARM[$arm]:-}" ] || { echo "reproduce_small: unknown arm '$arm' (known: ${!ARM[*]})" >&2; exit 2; }
