@@ -11,6 +11,7 @@ import toytask
 from conftest import compose_config
 
 from dphrl import trainer
+from dphrl.data import read_jsonl
 from dphrl.errors import ConfigError
 
 # Whole train runs (split, ref store, steps): the slow tier. tests/test_smoke.py keeps one
@@ -64,6 +65,11 @@ def data_dir(tmp_path_factory, tiny_model_dir) -> Path:
     return tmp
 
 
+def _metrics(tmp: Path) -> list[dict]:
+    """The rows of the run's metrics.jsonl, one per logged step."""
+    return read_jsonl(tmp / "run" / "metrics.jsonl")
+
+
 def _weights(path: Path):
     from safetensors.torch import load_file
 
@@ -94,9 +100,7 @@ def test_one_step_runs_and_moves_the_weights(overrides, data_dir, tiny_model_dir
     before, after = _weights(Path(tiny_model_dir)), _weights(out)
     moved = sum(float((before[k] - after[k]).abs().max()) for k in before)
     assert moved > 0
-    metrics = [
-        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    ]
+    metrics = _metrics(tmp_path)
     assert len(metrics) == 1 and metrics[0]["grad_norm"] > 0
     single_pass = "algo.ppo_epochs=2" not in overrides  # later passes see an updated policy
     if single_pass and overrides[0] in (
@@ -219,9 +223,7 @@ def test_eval_every_reports_pass_at_k_during_training(data_dir, tiny_model_dir, 
         data=data_dir,
     )
     trainer.run(cfg, tmp_path)
-    rows = [
-        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    ]
+    rows = _metrics(tmp_path)
     assert "eval_pass@1" not in rows[0]
     assert 0.0 <= rows[1]["eval_pass@1"] <= rows[1]["eval_pass@4"] <= 1.0
     assert rows[1]["eval_greedy"] in {0.0, 1 / 3, 2 / 3, 1.0}  # eval.greedy: one answer a prompt
@@ -243,9 +245,7 @@ def test_eval_at_end_false_skips_only_the_last_steps_eval(data_dir, tiny_model_d
         data=data_dir,
     )
     trainer.run(cfg, tmp_path)
-    rows = [
-        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    ]
+    rows = _metrics(tmp_path)
     assert [("eval_pass@1" in r) for r in rows] == [True, False]
 
 
