@@ -16,6 +16,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from reproduce_report import arm_of  # scripts/ is on sys.path when run as a script
+
 from dphrl.data import read_jsonl
 
 SUM = re.compile(r"What is (\d+) \+ (\d+)\?")
@@ -33,12 +35,6 @@ def sums(path: Path) -> dict[int, tuple[int, bool]]:
     return found
 
 
-def arm_of(model: str) -> str:
-    """`OUT/arms/<arm>/seed<s>/model` -> arm; anything else is the base model."""
-    parts = Path(model).parts
-    return parts[parts.index("arms") + 1] if "arms" in parts else "base"
-
-
 def main(out: Path) -> None:
     sets = {name: sums(out / "sets" / f"{name}.jsonl") for name in ("heldout", "pef")}
     # (set, kind, arm) -> [answers, correct, answer == truth + 10]
@@ -48,7 +44,7 @@ def main(out: Path) -> None:
         if s["greedy"] or name is None or s["id"] not in sets[name]:
             continue
         total, carry = sets[name][s["id"]]
-        cell = counts[(name, "carry" if carry else "no carry", arm_of(s["model"]))]
+        cell = counts[(name, "carry" if carry else "no carry", arm_of(s["model"], out)[0])]
         cell[0] += 1
         cell[1] += bool(s["correct"])
         cell[2] += s["answer"] == str(total + 10)

@@ -138,11 +138,14 @@ def test_training_curve_takes_its_last_point_from_eval_passk_when_training_skipp
     assert "eval_pass@2" not in curves["grpo"]  # only the keys training logged
 
 
-def test_carry_analysis_counts_pass_at_1_and_the_spurious_carry_per_kind_of_sum(tmp_path, capsys):
+def test_carry_analysis_counts_pass_at_1_and_the_spurious_carry_per_kind_of_sum(
+    tmp_path, capsys, monkeypatch
+):
     """scripts/carry_analysis.py: sampled answers only (the greedy one is not counted), sums split
     by whether the units carry, and "sum + 10" counted; rows that are not bare sums are skipped."""
     import importlib.util
 
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # as when run: it imports reproduce_report
     spec = importlib.util.spec_from_file_location("carry", ROOT / "scripts/carry_analysis.py")
     carry = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(carry)
