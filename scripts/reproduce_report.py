@@ -242,9 +242,10 @@ def plot_over_steps(curves: dict, arms: list[str], path: Path) -> None:
 
 
 def sweep(out: Path) -> None:
-    """The sweeps' tables -> `OUT/sweep.md` and `sweep.json`: per run of `OUT/sweep/` (`lr<lr>`:
-    GRPO; `js_x<m>`: DPH-JS at m x its default beta) the held-out figures of eval.every, and
-    the D_pef figures of `OUT/sweep/eval` (eval-passk of the last step) where it exists."""
+    """The sweeps' tables -> `OUT/sweep.md` and `sweep.json`: per run of `OUT/sweep/`
+    (`grpo_<steps>x<prompts>_lr<lr>`: GRPO; `js_x<m>`: DPH-JS at m x its default beta) the
+    held-out figures of eval.every, and the D_pef figures of `OUT/sweep/eval` (eval-passk of
+    the last step) where it exists."""
     rows = {}
     for run in sorted((out / "sweep").glob("*/metrics.jsonl")):
         points = [r for r in read_jsonl(run, tolerate_torn_tail=True) if "eval_greedy" in r]

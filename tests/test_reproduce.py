@@ -72,7 +72,7 @@ def test_sweep_table_has_each_runs_held_out_points_and_its_d_pef_eval(tmp_path):
     """`reproduce_report.py --sweep`: one row per eval.every point of each sweep run, the last
     of them with that run's D_pef figures from `sweep/eval/passk.json` (what beta is chosen by)."""
     report = load_report()
-    for run, greedy in (("lr2e-5", 0.5), ("js_x10", 0.75)):
+    for run, greedy in (("grpo_8x16_lr2e-5", 0.5), ("js_x10", 0.75)):
         (tmp_path / "sweep" / run).mkdir(parents=True)
         rows = [
             {"step": s, "eval_greedy": greedy, "eval_pass@1": 0.25, "eval_pass@16": 1.0}
@@ -92,10 +92,10 @@ def test_sweep_table_has_each_runs_held_out_points_and_its_d_pef_eval(tmp_path):
     report.sweep(tmp_path)
     table = (tmp_path / "sweep.md").read_text().splitlines()
     assert table[2:] == [
+        "| grpo_8x16_lr2e-5 | 4 | 50.0 | 25.0 | 100.0 | - | - | - |",
+        "| grpo_8x16_lr2e-5 | 8 | 50.0 | 25.0 | 100.0 | - | - | - |",
         "| js_x10 | 4 | 75.0 | 25.0 | 100.0 | - | - | - |",
         "| js_x10 | 8 | 75.0 | 25.0 | 100.0 | 87.5 | 50.0 | 100.0 |",
-        "| lr2e-5 | 4 | 50.0 | 25.0 | 100.0 | - | - | - |",
-        "| lr2e-5 | 8 | 50.0 | 25.0 | 100.0 | - | - | - |",
     ]
 
 
