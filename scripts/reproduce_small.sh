@@ -75,9 +75,9 @@ SIZE+=(trainer.save_every=4 engine.dtype=${ENGINE_DTYPE:-$bf})
 # SMALL=0 drops these sizes, so the overrides given (a preset, trainer.max_steps...) size the run.
 [ "${SMALL:-1}" = 1 ] || { SIZE=(); EVAL=(); CUT=(); }
 
-# The beta sweep's choice at the small sizes (RESULTS.md): 40, i.e. JS 4.0, forward KL 2.0. At
+# The beta sweep's choice at the small sizes (RESULTS.md): 100, i.e. JS 10, forward KL 5. At
 # SMALL=0 the divergences keep the beta the config gives (a preset's) unless BETA_SCALE is set.
-if [ "${SMALL:-1}" = 1 ]; then BETA_SCALE=${BETA_SCALE:-40}; else BETA_SCALE=${BETA_SCALE:-}; fi
+if [ "${SMALL:-1}" = 1 ]; then BETA_SCALE=${BETA_SCALE:-100}; else BETA_SCALE=${BETA_SCALE:-}; fi
 # divergence=$1's beta (its conf/divergence default) times $2
 scaled_beta() {
   "$DPHRL" train "divergence=$1" --cfg job --package divergence |
