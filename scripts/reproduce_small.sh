@@ -9,7 +9,7 @@
 #
 #   bash scripts/reproduce_small.sh            # the full comparison (see RESULTS.md for its time)
 #   bash scripts/reproduce_small.sh --quick    # two arms, few steps, a small eval: a smoke run
-#   bash scripts/reproduce_small.sh --sweep    # the sweeps (seed 100) that chose trainer.lr and beta
+#   bash scripts/reproduce_small.sh --sweep    # the sweeps (seed 100) that chose the setting and beta
 #
 # Every stage resumes: rerun the same command after a kill and it continues where it stopped
 # (split / precompute-ref / eval-passk skip finished chunks; a trained arm is skipped, a killed
@@ -40,8 +40,8 @@ DPHRL=${DPHRL:-.venv/bin/dphrl}
 PY=${PY:-.venv/bin/python}
 started=$(date +%s)
 
-# One setting for every arm: lr chosen by the sweep recorded in RESULTS.md (GRPO alone, on a
-# seed the table does not use); LR and STEPS override it. beta, the one knob only the
+# One setting for every arm: steps, prompts per step and lr chosen by the sweep recorded in
+# RESULTS.md (GRPO alone, on a seed the table does not use); STEPS, PROMPTS and LR override it. beta, the one knob only the
 # divergence arms have, is BETA_SCALE x each divergence's default (conf/divergence, which keeps
 # the paper's JS : forward-KL ratio), the scale chosen once by the beta sweep (DPH-JS, seed 100).
 if [ "$QUICK" = 1 ]; then
