@@ -9,7 +9,7 @@
 #
 #   bash scripts/reproduce_small.sh            # the full comparison (see RESULTS.md for its time)
 #   bash scripts/reproduce_small.sh --quick    # two arms, few steps, a small eval: a smoke run
-#   bash scripts/reproduce_small.sh --sweep    # the sweeps (seed 100) that chose the setting and beta
+#   bash scripts/reproduce_small.sh --sweep    # the sweeps (seed 100) choosing setting, beta
 #
 # Every stage resumes: rerun the same command after a kill and it continues where it stopped
 # (split / precompute-ref / eval-passk skip finished chunks; a trained arm is skipped, a killed
@@ -41,9 +41,10 @@ PY=${PY:-.venv/bin/python}
 started=$(date +%s)
 
 # One setting for every arm: steps, prompts per step and lr chosen by the sweep recorded in
-# RESULTS.md (GRPO alone, on a seed the table does not use); STEPS, PROMPTS and LR override it. beta, the one knob only the
-# divergence arms have, is BETA_SCALE x each divergence's default (conf/divergence, which keeps
-# the paper's JS : forward-KL ratio), the scale chosen once by the beta sweep (DPH-JS, seed 100).
+# RESULTS.md (GRPO alone, on a seed the table does not use); STEPS, PROMPTS and LR override it.
+# beta, the one knob only the divergence arms have, is BETA_SCALE x each divergence's default
+# (conf/divergence, which keeps the paper's JS : forward-KL ratio), the scale chosen once by
+# the beta sweep (DPH-JS, seed 100).
 if [ "$QUICK" = 1 ]; then
   OUT=${OUT:-runs/reproduce_small_quick}
   SEEDS=${SEEDS:-"0"}
@@ -152,9 +153,10 @@ if [ "$SWEEP" = 1 ]; then
   # defaults STEPS, PROMPTS and LR above. (BETA_SCALES=" " runs this stage alone.)
   for setting in ${SETTINGS:-8x16@2e-5 8x16@5e-5 16x8@2e-5}; do
     shape=${setting%@*}
+    steps=${shape%x*}
     train_once "$OUT/sweep/grpo_${setting/@/_lr}" divergence=none seed=100 \
-      trainer.max_steps="${shape%x*}" algo.prompts_per_step="${shape#*x}" \
-      eval.every="$(( ${shape%x*} / 2 ))" trainer.lr="${setting#*@}"
+      trainer.max_steps="$steps" algo.prompts_per_step="${shape#*x}" \
+      eval.every="$((steps / 2))" trainer.lr="${setting#*@}"
   done
   # 2. beta: DPH-JS at the chosen setting, one run per multiple of its default beta; then the
   # D_pef set (the second of SETS) evaluated on these runs and on GRPO's at that setting,
