@@ -64,7 +64,8 @@ else
   SIZE=(task.limit=64 trainer.max_steps=$STEPS algo.prompts_per_step=$PROMPTS
         algo.group_size=8 trainer.lr=$LR eval.every=${EVERY:-$((STEPS / 2))} eval.limit=64
         eval.n=16 "eval.k=[1,4,16]" trainer.ref_batch_size=16)
-  EVAL=(eval.n=16 "eval.k=[1,2,4,8,16]")
+  # eval-passk cuts every set to task.limit (arith's default is 48), so it is the held-out size
+  EVAL=(eval.n=16 "eval.k=[1,2,4,8,16]" task.limit=64)
   CUT=(64 16 16)  # prompts of the default SETS: held-out, D_pef, OOD
 fi
 # bfloat16 sampling (split, ref responses, rollouts, eval) with the float32 trainer, on a CPU
