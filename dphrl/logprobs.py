@@ -89,8 +89,14 @@ class _LogitsLogprobs(torch.autograd.Function):
 
 
 def _scaled_logits(h, weight, bias, temperature, softcap) -> tuple[Tensor, Tensor | None]:
-    """z = cap(h W^T + b) / tau as a fresh float32 `# (n, V)`, and tanh(raw / c) when soft-capped."""
-    raw = F.linear(h, weight, bias).float()  # as lm_head, then .float(), in the model
+    """z = cap(h W^T + b) / tau as a fresh float32 `# (n, V)`, and tanh(raw / c) when soft-capped.
+
+    The matmul runs in the lm_head's dtype even inside a `torch.autocast` region (the trainer's
+    `model.autocast`): bfloat16 keeps 8 bits of mantissa, so a logit near 20 would carry an
+    error near 0.06 into every log-prob, the PPO ratio and log(pi / pi_ref) alike.
+    """
+    with torch.autocast(h.device.type, enabled=False):
+        raw = F.linear(h.to(weight.dtype), weight, bias).float()  # as lm_head, then .float()
     if softcap is None:
         return raw.div_(temperature), None
     t = raw.div_(softcap).tanh_()
@@ -145,6 +151,15 @@ class _HiddenLogprobs(torch.autograd.Function):
                 grad_w.addmm_(g.T, h.to(weight.dtype))
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
         return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def autocast(device: str, dtype: str | None):
+    """`torch.autocast` in `dtype` on `device`'s kind (`model.autocast`; the backward follows
+    the forward's dtypes), or a context that changes nothing when `dtype` is None. The lm_head
+    and log-softmax inside it stay in the weights' dtype (`_scaled_logits`)."""
+    return torch.autocast(
+        device.split(":")[0], dtype=getattr(torch, dtype or "float32"), enabled=dtype is not None
+    )
 
 
 def _check_chunk(chunk: int) -> None:

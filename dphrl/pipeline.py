@@ -98,7 +98,7 @@ def training_data(
         raise DataError(
             f"{split_dir / 'exp.jsonl'} is empty: the initial policy solves every prompt; nothing to explore"
         )
-    ref_rows = load_ref_store(ref_dir, split_dir / "pef.jsonl", weights, cfg.model.dtype)
+    ref_rows = load_ref_store(ref_dir, split_dir / "pef.jsonl", weights, cfg.model.numerics)
     pef = len(read_jsonl(split_dir / "pef.jsonl"))
     if is_main:
         total = pef + len(prompts)

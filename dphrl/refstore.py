@@ -57,7 +57,7 @@ def identity(ref: RefConfig, task: TaskConfig, model: ModelConfig, weights: str,
     return {
         "model": model.path,
         "weights_sha256": weights,
-        "dtype": model.dtype,
+        "dtype": model.numerics,  # model.dtype, and model.autocast's when set
         "task": task.name,
         "samples_per_prompt": ref.samples_per_prompt,
         "keep": ref.keep,
@@ -263,7 +263,12 @@ class _ShardSampler:
             if ref.keep == "all" or s.verdict.reward >= 1.0
         ]
         _add_ref_logprobs(
-            self.policy, records, self.tokenizer.pad_token_id, self.device, model.pack_tokens
+            self.policy,
+            records,
+            self.tokenizer.pad_token_id,
+            self.device,
+            model.pack_tokens,
+            model.autocast,
         )
         return records
 
@@ -273,20 +278,26 @@ class _ShardSampler:
 
 
 def _add_ref_logprobs(
-    policy: Any, records: list[dict], pad_id: int, device: str, pack_tokens: int, batch: int = 8
+    policy: Any,
+    records: list[dict],
+    pad_id: int,
+    device: str,
+    pack_tokens: int,
+    autocast_dtype: str | None,
+    batch: int = 8,
 ) -> None:
-    """ref_logprobs by the training forward pass; every value must be finite."""
+    """ref_logprobs by the training forward pass (`model.autocast` too); every value must be finite."""
     import torch
 
     from dphrl.batching import pack, unpad
-    from dphrl.logprobs import batch_logprobs
+    from dphrl.logprobs import autocast, batch_logprobs
 
     for i in range(0, len(records), batch):
         part = records[i : i + batch]
         packed = pack(
             [r["prompt_ids"] for r in part], [r["response_ids"] for r in part], pad_id
         ).to(device)
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, autocast_dtype):
             logp, _ = batch_logprobs(policy, packed, pack_tokens=pack_tokens)  # (N, T)
         for record, values in zip(part, unpad(logp.float().cpu(), packed.response_mask.cpu())):
             if not all(math.isfinite(v) for v in values):
@@ -331,8 +342,9 @@ def load_ref_store(
     folder: str | os.PathLike, pef_path: Path, weights_sha256: str, dtype: str
 ) -> list[dict]:
     """Read a finished store, verified: made from this model's weights and this `pef.jsonl`,
-    every shard whole. A store made in another dtype than training's is used with a warning
-    (its log-probs differ from the training forward's by the rounding of either dtype)."""
+    every shard whole. A store made in other numerics than training's (`dtype`: model.dtype, and
+    model.autocast's when set) is used with a warning (its log-probs differ from the training
+    forward's by the rounding of either)."""
     import pyarrow.parquet as pq
 
     folder = Path(folder)
@@ -358,10 +370,10 @@ def load_ref_store(
     if manifest.get("dtype") != dtype:
         log.warning(
             "the ref store %s holds %s log-probs but training runs in %s: log r is not 0 at step 0 "
-            "(rounding); rerun precompute-ref with model.dtype=%s for an exact rehearsal",
+            "(rounding); rerun precompute-ref with the trainer's model.dtype and model.autocast "
+            "for an exact rehearsal",
             folder,
             manifest.get("dtype"),
-            dtype,
             dtype,
         )
     rows: list[dict] = []

@@ -31,7 +31,7 @@ from dphrl.divergence import make_divergence, policy_sample_term
 from dphrl.engine import Sampling, engine_from_config
 from dphrl.errors import ConfigError
 from dphrl.heldout import heldout_pass_at_k, heldout_rows
-from dphrl.logprobs import batch_logprobs, live_rows_logprobs
+from dphrl.logprobs import autocast, batch_logprobs, live_rows_logprobs
 from dphrl.lora import add_adapters, merged_tensors, save_adapter
 from dphrl.metrics import MetricsLogger, Timer, accumulate, step_metrics
 from dphrl.objectives import ZERO_ADVANTAGE_INERT, make_advantage, policy_loss_for
@@ -81,6 +81,12 @@ class Trainer:
                     "runs unsharded for now; use layout=gpu1 or cpu, or model.lora.r=0"
                 )
             self.peft = add_adapters(self.policy, cfg.model.lora)
+        if cfg.model.autocast and layout.fsdp:  # the full-model forward would autocast lm_head
+            raise ConfigError(
+                f"model.autocast={cfg.model.autocast} with layout {cfg.layout.name} (FSDP): "
+                "autocast runs unsharded for now; on GPUs use model.dtype=bfloat16, or "
+                "model.autocast=null"
+            )
         if cfg.model.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
             if self.peft is not None:
@@ -328,8 +334,16 @@ class Trainer:
 
         Rollouts are scored at the sampling temperature (the PPO ratio compares the sampling
         distributions); ref-store responses at 1.0, as precompute-ref stored them.
+
+        With `model.autocast` the decoder body's matmuls (and their backward) run in that dtype
+        over the weights in model.dtype, as mixed-precision training does: on a CPU with bf16
+        matmuls or a GPU the step is faster, while AdamW still updates float32 weights (a step
+        of 2e-5 on a weight near 1 is below bfloat16's spacing there, 2^-7, and would round
+        away), and the lm_head and log-softmax stay in model.dtype
+        (`dphrl.logprobs._scaled_logits`). precompute-ref makes the ref store's log-probs under
+        the same autocast, so log r is 0 at step 0 again.
         """
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad), autocast(self.layout.device, self.cfg.model.autocast):
             logp, _ = batch_logprobs(
                 model,
                 batch,

@@ -141,6 +141,25 @@ def test_bfloat16_hidden_and_weight_match_the_model_computation():
         torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
 
 
+def test_the_head_ignores_autocast_and_stays_in_the_weights_dtype():
+    """Under `model.autocast` only the decoder body is bf16: the lm_head's logits (and so the
+    log-probs and their gradients) are exactly those of float32, not bf16's rounding."""
+    hidden = torch.randn(6, 16, requires_grad=True)
+    weight = torch.randn(V, 16, requires_grad=True)
+    ids = torch.randint(0, V, (6,))
+    plain, _ = hidden_logprobs(hidden, weight, ids, chunk=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, _ = hidden_logprobs(hidden, weight, ids, chunk=4)
+        rounded = _naive(hidden @ weight.T, ids)  # what an autocast head would give
+    assert mixed.dtype == torch.float32
+    assert torch.equal(mixed, plain)
+    assert not torch.allclose(rounded, plain, atol=1e-4)  # the test would see bf16's error
+    grads_plain = torch.autograd.grad(plain.sum(), (hidden, weight))
+    grads_mixed = torch.autograd.grad(mixed.sum(), (hidden, weight))
+    for a, b in zip(grads_mixed, grads_plain, strict=True):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
 def test_no_tokens_gives_empty_log_probs():
     logp, entropy = hidden_logprobs(
         torch.zeros(0, 16), torch.randn(V, 16), torch.zeros(0, dtype=torch.long), with_entropy=True

@@ -126,6 +126,38 @@ def test_the_ref_batch_has_log_r_zero_at_step_0(data_dir, tiny_model_dir, tmp_pa
     assert float((logp - ref_logp).abs().max()) < 1e-5
 
 
+def test_autocast_runs_the_body_in_bfloat16_over_float32_weights(
+    data_dir, tiny_model_dir, tmp_path
+):
+    """model.autocast=bfloat16: log-probs come back float32, near float32's but not equal (the
+    body's rounding is there); a run whose ref store precompute-ref made under the same
+    autocast gives log r = 0 at step 0 again; the step updates and saves float32 weights."""
+    import torch
+
+    from dphrl import dist
+
+    overrides = ("ref.keep=all", "divergence=js", "model.autocast=bfloat16")
+    cfg = _cfg(tmp_path, tiny_model_dir, *overrides, data=data_dir)
+    layout = dist.resolve_layout(cfg.layout)
+    prompts, ref_rows = trainer.training_data(cfg, layout, tiny_model_dir)
+    t = trainer.Trainer(cfg, tmp_path / "run", layout, prompts, ref_rows, tiny_model_dir)
+    batch, ref_logp = t.ref_batch()  # data_dir's store: float32 log-probs
+    logp = t.logprobs(t.policy, batch, 1.0)
+    assert logp.dtype == torch.float32
+    gap = float((logp - ref_logp).abs().max())
+    assert 0 < gap < 0.1
+    own = tmp_path / "own"
+    own_cfg = _cfg(own, tiny_model_dir, "trainer.max_steps=1", *overrides)
+    out = trainer.run(own_cfg, own)  # makes its split and store, then steps
+    _, own_rows = trainer.training_data(own_cfg, layout, tiny_model_dir)
+    fresh = trainer.Trainer(own_cfg, own / "fresh", layout, prompts, own_rows, tiny_model_dir)
+    batch, ref_logp = fresh.ref_batch()
+    assert float((fresh.logprobs(fresh.policy, batch, 1.0) - ref_logp).abs().max()) < gap / 100
+    before, after = _weights(Path(tiny_model_dir)), _weights(out)
+    assert all(w.dtype == torch.float32 for w in after.values())
+    assert sum(float((before[k] - after[k]).abs().max()) for k in before) > 0
+
+
 def test_dynamic_sampling_keeps_only_informative_groups_and_refills(
     data_dir, tiny_model_dir, tmp_path
 ):
