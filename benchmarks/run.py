@@ -38,6 +38,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "trl_step": ([], ["--quick"]),
     "cost_curves": ([], ["--quick"]),
     "mfu": ([], ["--quick"]),
+    "autocast_step": ([], ["--quick"]),
 }
 
 RERUN = """
