@@ -139,6 +139,9 @@ float32 log-prob {e["mean_logp"]:.3f}) on the initial weights, bfloat16 body vs 
 {e["seq_max"]:.4f}; all finite: {e["finite"]}. This is how far the bfloat16 body moves the
 policy's log-probs from float32's, not an error of log r: precompute-ref makes the ref store
 under the same `model.autocast`, so log r is 0 at step 0 in either mode.
+
+A whole step also samples (the engine) and pushes weights, which autocast does not touch, so
+a step gains less than its train phase.
 """
     results = {
         "autocast_train_phase_speedup": speedup,
