@@ -174,9 +174,10 @@ class ModelConfig:
     max_prompt_len: int = bounded(512, ge=1)  # longer prompts are dropped (counted)
     max_new_tokens: int = bounded(128, ge=1)
     gradient_checkpointing: bool = False
-    # The trainer's forwards and backwards of the decoder body under torch.autocast in this
-    # dtype, over weights kept in model.dtype (AdamW, the lm_head and the log-softmax stay
-    # there too; dphrl.trainer.Trainer.logprobs). None: everything in model.dtype.
+    # Log-prob forwards (train, precompute-ref) run the decoder body, and training its
+    # backward, under torch.autocast in this dtype over weights kept in model.dtype (AdamW,
+    # the lm_head and the log-softmax stay there; dphrl.trainer.Trainer.logprobs). None:
+    # everything in model.dtype.
     autocast: DType | None = None
     # Log-prob forwards (train, precompute-ref) put a prompt's responses in rows after one copy
     # of it, at most this many tokens a row (dphrl.batching.share_prefixes); 0 = padded rows.
