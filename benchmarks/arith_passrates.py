@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dphrl.models import resolve_model_path
+from dphrl.embedded import resolve_model_path
 from dphrl.tasks.arith import BANDS, INSTRUCTION, generate
 from dphrl.tasks.math import verify_batch
 

@@ -14,7 +14,7 @@ faster. This measures by how much, and what it costs in accuracy:
 - accuracy: on the initial weights, the per-token log-probs of real answers (the arith
   warm-up's worked answers to arith prompts) in both modes, the mean and largest absolute
   difference, and the same for the sum over a response. The lm_head and log-softmax are
-  float32 in both modes (`dphrl.logprobs._scaled_logits`), so this is the body's rounding.
+  float32 in both modes (`dphrl.rl.logprobs._scaled_logits`), so this is the body's rounding.
 
 Threads are torch's default (`dphrl train` sets none), unlike train_step.py's one thread.
 
@@ -56,8 +56,8 @@ def logprob_error(trainer, answers: int) -> dict[str, float]:
     """|log-prob difference| between the modes on `answers` real (prompt, answer) pairs."""
     import torch
 
-    from dphrl.batching import pack
     from dphrl.data import render_prompts
+    from dphrl.rl.batching import pack
     from dphrl.tasks import arith
 
     pairs = arith.warmup_examples(answers, seed=1)

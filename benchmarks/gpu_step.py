@@ -24,7 +24,7 @@ def main(model_dir: str, out: str) -> None:
     import toytask
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from dphrl import trainer
+    from dphrl.commands import train as trainer
     from dphrl.config import DphrlConfig
 
     toytask.register()

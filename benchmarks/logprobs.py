@@ -3,7 +3,7 @@
 Both variants do what a training step does with one 4k-token response at Llama-3's vocabulary:
 final hidden states `# (T, H)` and the lm_head weight `# (V, H)` in, per-token log-probs out,
 then backward to hidden and weight. Naive: `(h @ W.T).log_softmax(-1).gather(...)`. Ours:
-`dphrl.logprobs.hidden_logprobs` (chunked, checkpointed), and, for reference, `token_logprobs`
+`dphrl.rl.logprobs.hidden_logprobs` (chunked, checkpointed), and, for reference, `token_logprobs`
 given full logits (what `response_logprobs(from_hidden=False)` does).
 
 How memory is measured: torch's CPU allocations are invisible to tracemalloc, so each variant
@@ -43,7 +43,7 @@ def _status_kib(field: str) -> int:
 def _run(variant: str, hidden, weight, ids, chunk: int):
     import torch
 
-    from dphrl.logprobs import hidden_logprobs, token_logprobs
+    from dphrl.rl.logprobs import hidden_logprobs, token_logprobs
 
     if variant == "naive":
         logits = hidden @ weight.T  # (T, V)

@@ -42,8 +42,10 @@ def worker(variant: str, steps: int, folder: str) -> dict:
     import torch
 
     from benchmarks.train_step import compose
-    from dphrl import dist, trainer
-    from dphrl.models import resolve_model_path
+    from dphrl import dist
+    from dphrl.embedded import resolve_model_path
+    from dphrl.presample.inputs import training_data
+    from dphrl.training.trainer import Trainer
 
     torch.set_num_threads(1)
     lora = ["model.lora.r=16", "model.lora.alpha=32"] if variant == "lora" else []
@@ -56,8 +58,8 @@ def worker(variant: str, steps: int, folder: str) -> dict:
     )  # fmt: skip
     layout = dist.resolve_layout(cfg.layout)
     model_path = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
-    prompts, _ = trainer.training_data(cfg, layout, model_path)
-    t = trainer.Trainer(cfg, Path(folder), layout, prompts, [], model_path)
+    prompts, _ = training_data(cfg, layout.is_main, model_path)
+    t = Trainer(cfg, Path(folder), layout, prompts, [], model_path)
     t.step()  # warm-up: optimizer state, first-touch allocations
     times = []
     for _ in range(steps):

@@ -15,7 +15,7 @@ Model FLOPs of one train phase (forward + backward = 3 x forward; PaLM's appendi
   + 12 x layers x heads x head dim x attended (query, key) pairs   (QK^T and AV, where the mask allows)
 
 The tokens, scored positions and pairs are counted from the very layout the loss forwards
-(`dphrl.batching.share_prefixes` at `model.pack_tokens`), so the prompt counts once per row.
+(`dphrl.rl.batching.share_prefixes` at `model.pack_tokens`), so the prompt counts once per row.
 The optimizer's few FLOPs per parameter are left out (time it costs counts against MFU).
 The peak is the best of several n x n float32 matmuls timed in the same process with the same
 threads. MFU = model FLOPs / train-phase seconds / peak. A torch.profiler table of the train
@@ -163,7 +163,7 @@ def build_trainer(folder: str, threads: int):
 
 def measure(sizes: dict, folder: str, threads: int) -> dict:
     """Peak, then each G's train phases (medians), then the profile at PROFILE_G."""
-    from dphrl.batching import share_prefixes
+    from dphrl.rl.batching import share_prefixes
 
     trainer, rows = build_trainer(folder, threads)
     peak = matmul_peak(sizes["n"])

@@ -115,7 +115,9 @@ def sampling_worker(command: str, sizes: dict, folder: str, engine: str | None) 
     """Run one sampling command with its engines recorded; their calls go to `calls_file`
     for the replay worker."""
     from benchmarks.train_step import compose
-    from dphrl import passk, reference, split
+    from dphrl.commands import eval_passk as passk
+    from dphrl.commands import precompute_ref as reference
+    from dphrl.commands import split
 
     run = {"split": split.run, "precompute-ref": reference.run, "eval-passk": passk.run}[command]
     cfg = compose(overrides(sizes, folder, engine), command)
@@ -149,7 +151,7 @@ def push_share(metrics: list[dict]) -> dict[str, float]:
 def train_worker(sizes: dict, folder: str, engine: str | None) -> dict:
     """A short `dphrl train` on the split and ref store made before; the push's share."""
     from benchmarks.train_step import compose
-    from dphrl import trainer
+    from dphrl.commands import train as trainer
     from dphrl.data import read_jsonl
 
     cfg = compose(overrides(sizes, folder, engine))

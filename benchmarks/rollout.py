@@ -33,8 +33,9 @@ def worker(engine_name: str, prompts: int, n: int, max_new_tokens: int) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from dphrl.config import TaskConfig
     from dphrl.data import render_prompts
+    from dphrl.embedded import resolve_model_path
     from dphrl.engine import Sampling, make_engine
-    from dphrl.models import load_tokenizer, resolve_model_path
+    from dphrl.models import load_tokenizer
     from dphrl.tasks import get_task
 
     model_path = resolve_model_path("embedded:smollm2-135m")

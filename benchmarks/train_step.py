@@ -11,7 +11,7 @@ lr and PPO settings. They differ only in the divergence term:
 - `reverse_kl`: beta * k3 reverse KL on the policy's own rollouts against an online reference
   model (a second full copy of the policy, forwarded over every rollout each step).
 
-The ref store is made by the pipeline (`dphrl.reference.run`, `ref.keep=all`) in a temporary
+The ref store is made by the pipeline (`dphrl.commands.precompute_ref.run`, `ref.keep=all`) in a temporary
 folder from a D_pef file of arith training prompts written here (the split itself is not what
 is measured). Each variant runs in a fresh subprocess, alternating js / reverse_kl for
 `repeats` rounds; each worker builds the Trainer, runs warm-up steps (first-touch of the
@@ -132,7 +132,7 @@ def prepare(sizes: dict, folder: str) -> None:
     """D_pef / D_exp files from the arith training rows, then the ref store by the pipeline."""
     import torch
 
-    from dphrl import reference
+    from dphrl.commands import precompute_ref as reference
     from dphrl.data import write_jsonl
     from dphrl.tasks import get_task
 
@@ -152,9 +152,10 @@ def worker(variant: str, sizes: dict, folder: str) -> dict:
 
     from dphrl import dist
     from dphrl.data import read_jsonl
-    from dphrl.models import resolve_model_path, weights_hash
-    from dphrl.refstore import load_ref_store
-    from dphrl.trainer import Trainer
+    from dphrl.embedded import resolve_model_path
+    from dphrl.models import weights_hash
+    from dphrl.presample.refstore import load_ref_store
+    from dphrl.training.trainer import Trainer
 
     # One intra-op thread: on an oversubscribed 2-core machine, two spinning OpenMP threads
     # wait on each other and run slower than one (measured: 9.1 s vs 6.3 s per prefill).

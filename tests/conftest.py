@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def real_model_path() -> str:
     """The embedded SmolLM2-135M-Instruct as a local HF folder (converted on first use)."""
-    from dphrl.models import resolve_model_path
+    from dphrl.embedded import resolve_model_path
 
     return resolve_model_path("embedded:smollm2-135m")
 

@@ -8,10 +8,12 @@ from types import SimpleNamespace
 
 import torch.distributed as tdist
 
-from dphrl import dist, trainer
+from dphrl import dist
 from dphrl.config import AlgoConfig
-from dphrl.sampler import EpochSampler
 from dphrl.tasks import Verdict
+from dphrl.training import trainer
+from dphrl.training.sampler import EpochSampler
+from dphrl.training.trainer import Trainer
 
 # Rank 0: every group informative. Rank 1: only prompts whose id is a multiple of 3 are, so it
 # stays short for several rounds while rank 0 is full after one.
@@ -43,7 +45,7 @@ def main(out: str) -> None:
     tdist.init_process_group("gloo")
     RANK = tdist.get_rank()
     trainer.render_rows, trainer.score_outputs = render_rows, score_outputs
-    t = trainer.Trainer.__new__(trainer.Trainer)
+    t = Trainer.__new__(Trainer)
     t.algo = AlgoConfig(
         name="dapo", group_size=2, prompts_per_step=4, dynamic_sampling=True, max_refill_rounds=3
     )

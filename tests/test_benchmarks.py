@@ -6,7 +6,7 @@ from __future__ import annotations
 from benchmarks.cost_curves import points
 from benchmarks.mfu import layout_counts, model_flops
 from benchmarks.pipeline import push_share
-from dphrl.batching import pack, share_prefixes
+from dphrl.rl.batching import pack, share_prefixes
 
 
 def test_layout_counts_the_shared_prefix_rows_by_hand():

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from dphrl.checkpoint import (
+from dphrl.errors import DphrlError
+from dphrl.training.checkpoint import (
     MARKER,
     checkpoint_dir,
     latest_checkpoint,
@@ -22,8 +23,7 @@ from dphrl.checkpoint import (
     save_checkpoint,
     save_hf_model,
 )
-from dphrl.errors import DphrlError
-from dphrl.sampler import EpochSampler
+from dphrl.training.sampler import EpochSampler
 
 
 def _parts(model):
@@ -226,7 +226,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import fully_shard
 from conftest import tiny_llama_config
 from transformers import LlamaForCausalLM
-from dphrl.checkpoint import load_checkpoint, save_checkpoint, save_hf_model
+from dphrl.training.checkpoint import load_checkpoint, save_checkpoint, save_hf_model
 
 dist.init_process_group("gloo")
 torch.manual_seed(0)

@@ -48,7 +48,7 @@ def test_console_filter_keeps_own_lines_and_any_error():
         return logging.LogRecord(name, level, __file__, 1, "m", None, None)
 
     keep = ConsoleFilter().filter
-    assert keep(record("dphrl.partition", logging.INFO))
+    assert keep(record("dphrl.presample.split", logging.INFO))
     assert not keep(record("vllm.engine", logging.INFO))
     assert not keep(record("py.warnings", logging.WARNING))
     assert keep(record("transformers.modeling_utils", logging.ERROR))
@@ -68,7 +68,7 @@ def test_route_filters_the_console_not_the_file(tmp_path, monkeypatch):
     try:
         route(verbose=False)
         logging.getLogger("vllm.worker").info("kernel registered")
-        logging.getLogger("dphrl.split").info("chunk done")
+        logging.getLogger("dphrl.commands.split").info("chunk done")
         logging.getLogger("somelib.cuda").error("out of memory")
         assert os.environ["VLLM_CONFIGURE_LOGGING"] == "0" and os.environ["TQDM_DISABLE"] == "1"
         route(verbose=True)

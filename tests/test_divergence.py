@@ -8,8 +8,8 @@ from functools import partial
 import pytest
 import torch
 
-from dphrl import divergence as dv
 from dphrl.config import DivergenceName, Estimator
+from dphrl.rl import divergence as dv
 
 LOG2 = math.log(2.0)
 ALL = {

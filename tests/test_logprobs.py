@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_llama_config
 from transformers import LlamaForCausalLM
 
-from dphrl.logprobs import hidden_logprobs, response_logprobs, token_logprobs
+from dphrl.rl.logprobs import hidden_logprobs, response_logprobs, token_logprobs
 
 V = 96
 
@@ -172,7 +172,7 @@ def test_no_tokens_gives_empty_log_probs():
 def _grouped_batch():
     """Six rollouts of two prompts (interleaved, as a ref batch may be), mixed lengths: one
     response empty, one masked out as an overlong filter would, pad id 0."""
-    from dphrl.batching import pack
+    from dphrl.rl.batching import pack
 
     a, b = [5, 6, 7], [21, 22, 23, 24]
     prompts = [a, b, a, a, b, b]
@@ -188,8 +188,8 @@ def test_shared_prefix_layout_matches_padded_rows(tiny_llama, pack_tokens, from_
     """Prompt once per packed row, responses masked from each other: the same log-probs,
     entropies and gradients as one padded row per response. pack_tokens=4 gives every response
     a row of its own, 9 splits each group over rows, 1000 packs each group in one row."""
-    from dphrl.batching import share_prefixes
-    from dphrl.logprobs import batch_logprobs
+    from dphrl.rl.batching import share_prefixes
+    from dphrl.rl.logprobs import batch_logprobs
 
     batch = _grouped_batch()
     kw = dict(temperature=0.8, chunk=4, with_entropy=True, from_hidden=from_hidden)
@@ -212,7 +212,7 @@ def test_shared_prefix_layout_matches_padded_rows(tiny_llama, pack_tokens, from_
 def test_shared_prefix_rows_hold_each_prompt_once():
     """A group's responses follow one copy of its prompt, positions continue from it, and the
     mask keeps responses apart."""
-    from dphrl.batching import share_prefixes
+    from dphrl.rl.batching import share_prefixes
 
     sp = share_prefixes(_grouped_batch(), 1000)
     assert sp.input_ids[0, :13].tolist() == [5, 6, 7, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]

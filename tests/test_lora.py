@@ -12,9 +12,12 @@ import toytask
 from conftest import compose_config
 from test_trainer import FAST
 
-from dphrl import dist, trainer
+from dphrl import dist
+from dphrl.commands import train as trainer
 from dphrl.config import LoraConfig
-from dphrl.lora import add_adapters, base_of, merged_model_dir, merged_tensors
+from dphrl.presample.inputs import training_data
+from dphrl.training.lora import add_adapters, base_of, merged_model_dir, merged_tensors
+from dphrl.training.trainer import Trainer
 
 
 @pytest.fixture(autouse=True)
@@ -68,14 +71,14 @@ def _cfg(tmp: Path, model: str, *extra: str):
 def test_reference_is_the_policy_without_adapters(tiny_model_dir, tmp_path):
     import torch
 
-    from dphrl.batching import pack
-    from dphrl.logprobs import batch_logprobs
     from dphrl.models import load_policy
+    from dphrl.rl.batching import pack
+    from dphrl.rl.logprobs import batch_logprobs
 
     cfg = _cfg(tmp_path, tiny_model_dir)
     layout = dist.resolve_layout(cfg.layout)
-    prompts, _ = trainer.training_data(cfg, layout, tiny_model_dir)
-    t = trainer.Trainer(cfg, tmp_path / "run", layout, prompts, [], tiny_model_dir)
+    prompts, _ = training_data(cfg, layout.is_main, tiny_model_dir)
+    t = Trainer(cfg, tmp_path / "run", layout, prompts, [], tiny_model_dir)
     assert t.ref_model is None  # no second copy
     trainable = {n for n, p in t.policy.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n for n in trainable)
@@ -94,7 +97,7 @@ def test_reference_is_the_policy_without_adapters(tiny_model_dir, tmp_path):
 def test_lora_train_writes_adapter_and_merged_model_that_eval_loads(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from dphrl.passk import _model_path
+    from dphrl.commands.eval_passk import _model_path
 
     out = trainer.run(_cfg(tmp_path, tiny_model_dir, "trainer.max_steps=2"), tmp_path)
     run = tmp_path / "run"
@@ -119,7 +122,7 @@ def test_lora_train_writes_adapter_and_merged_model_that_eval_loads(tiny_model_d
 
 @pytest.mark.slow  # the real 135M model: one LoRA step, then eval-passk on its adapter
 def test_lora_on_the_embedded_model_trains_and_its_adapter_evaluates(tmp_path):
-    from dphrl import passk
+    from dphrl.commands import eval_passk as passk
 
     cfg = compose_config(
         ["model=smollm2-135m", "model.lora.r=8", "divergence=reverse_kl", "engine=hf"]

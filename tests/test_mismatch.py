@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dphrl import mismatch as mm
+from dphrl.rl import mismatch as mm
 
 LN2 = math.log(2.0)
 
@@ -94,8 +94,8 @@ def test_config_names_match_the_registry():
 
 def _step_batch(engine_logp):
     """Three responses of two tokens, A = +1, -1, 0, under a policy with log-prob -1 each."""
-    from dphrl.batching import Packed
-    from dphrl.rl import StepBatch
+    from dphrl.rl.batching import Packed
+    from dphrl.rl.hybrid import StepBatch
 
     mask = torch.ones(3, 2, dtype=torch.float64)
     packed = Packed(torch.zeros(3, 4, dtype=torch.long), torch.ones(3, 4), mask)
@@ -106,7 +106,7 @@ def _step_batch(engine_logp):
 def test_hybrid_loss_weighs_tokens_by_tis_and_reports_over_live_rows():
     # log w = old - engine: [0, ln 4], [0, -ln 2], [5, 5] (the A = 0 row: no part in the stats).
     # TIS weights at C = 2: [1, 2], [1, 1/2]; PPO-clip at ratio 1 is -A: [-1, -2], [1, 1/2], [0, 0].
-    from dphrl.rl import hybrid_loss
+    from dphrl.rl.hybrid import hybrid_loss
 
     logp = torch.full((3, 2), -1.0, dtype=torch.float64, requires_grad=True)
     engine = torch.tensor([[-1, -1 - LN2 * 2], [-1, -1 + LN2], [-6, -6]], dtype=torch.float64)
@@ -125,7 +125,7 @@ def test_hybrid_loss_weighs_tokens_by_tis_and_reports_over_live_rows():
 
 def test_hybrid_loss_masks_tokens_with_mis_token():
     # w = 1, 4, 1, 1/2 on the live rows: only the 4 leaves [1/2, 2]; the denominator keeps it.
-    from dphrl.rl import hybrid_loss
+    from dphrl.rl.hybrid import hybrid_loss
 
     logp = torch.full((3, 2), -1.0, dtype=torch.float64, requires_grad=True)
     engine = torch.tensor([[-1, -1 - LN2 * 2], [-1, -1 + LN2], [-6, -6]], dtype=torch.float64)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dphrl import models
+from dphrl import embedded, models
 from dphrl.errors import ConfigError
 
 
@@ -12,7 +12,7 @@ from dphrl.errors import ConfigError
 def test_first_use_converts_then_the_cache_is_hit(tmp_path, monkeypatch):
     from transformers import AutoConfig, AutoTokenizer
 
-    folder = models.provision_embedded("smollm2-135m", str(tmp_path))
+    folder = embedded.provision_embedded("smollm2-135m", str(tmp_path))
     assert folder == tmp_path / "models" / "smollm2-135m"
     assert (folder / "model.safetensors").stat().st_size > 100_000_000
     config = AutoConfig.from_pretrained(folder)
@@ -24,9 +24,9 @@ def test_first_use_converts_then_the_cache_is_hit(tmp_path, monkeypatch):
     def must_not_convert(*_args):
         raise AssertionError("a cached model was converted again")
 
-    monkeypatch.setattr(models, "_convert_gguf", must_not_convert)
-    assert models.provision_embedded("smollm2-135m", str(tmp_path)) == folder
-    assert models.resolve_model_path("embedded:smollm2-135m", str(tmp_path)) == str(folder)
+    monkeypatch.setattr(embedded, "_convert_gguf", must_not_convert)
+    assert embedded.provision_embedded("smollm2-135m", str(tmp_path)) == folder
+    assert embedded.resolve_model_path("embedded:smollm2-135m", str(tmp_path)) == str(folder)
 
 
 def test_an_interrupted_conversion_leaves_nothing_trusted(tmp_path, monkeypatch):
@@ -34,20 +34,20 @@ def test_an_interrupted_conversion_leaves_nothing_trusted(tmp_path, monkeypatch)
         (out / "model.safetensors").write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(models, "_convert_gguf", half_then_killed)
+    monkeypatch.setattr(embedded, "_convert_gguf", half_then_killed)
     with pytest.raises(KeyboardInterrupt):
-        models.provision_embedded("smollm2-135m", str(tmp_path))
+        embedded.provision_embedded("smollm2-135m", str(tmp_path))
     parent = tmp_path / "models"
     assert not (parent / "smollm2-135m").exists()
     assert list(parent.iterdir()) == []
 
     calls = []
     monkeypatch.setattr(
-        models,
+        embedded,
         "_convert_gguf",
         lambda _g, out: calls.append((out / "config.json").write_text("{}")),
     )
-    folder = models.provision_embedded("smollm2-135m", str(tmp_path))
+    folder = embedded.provision_embedded("smollm2-135m", str(tmp_path))
     assert calls and (folder / "config.json").exists()
 
 
@@ -64,14 +64,14 @@ def test_model_path_forms(tmp_path):
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text("{}")
-    assert models.resolve_model_path(str(hf)) == str(hf)
+    assert embedded.resolve_model_path(str(hf)) == str(hf)
     assert (
-        models.resolve_model_path("meta-llama/Llama-3.1-8B-Instruct")
+        embedded.resolve_model_path("meta-llama/Llama-3.1-8B-Instruct")
         == "meta-llama/Llama-3.1-8B-Instruct"
     )
     with pytest.raises(ConfigError, match="no config.json"):
-        models.resolve_model_path(str(tmp_path))
+        embedded.resolve_model_path(str(tmp_path))
     with pytest.raises(ConfigError, match="not an HF model folder"):
-        models.resolve_model_path(str(tmp_path / "missing"))
+        embedded.resolve_model_path(str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="embedded:smollm2-135m"):
-        models.resolve_model_path("embedded:gpt5")
+        embedded.resolve_model_path("embedded:gpt5")

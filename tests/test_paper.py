@@ -13,11 +13,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from dphrl import config as C
-from dphrl import rl
-from dphrl.batching import Packed
 from dphrl.cli import CONF_DIR
-from dphrl.divergence import make_divergence
-from dphrl.objectives import make_policy_loss
+from dphrl.rl import aggregation as rl_aggregation
+from dphrl.rl import hybrid as rl_hybrid
+from dphrl.rl.batching import Packed
+from dphrl.rl.divergence import make_divergence
+from dphrl.rl.policy_loss import make_policy_loss
 
 PAPER = Path(__file__).resolve().parents[1] / "docs" / "PAPER.md"
 METHODS = {  # docs/PAPER.md's first table: method -> the overrides next to the preset
@@ -133,9 +134,9 @@ def test_golden_check_official_weighting(tmp_path):
         m = mask[rows]
         if start < n_roll:
             tok, _ = policy_loss(logp[rows], old[rows], adv[rows], m, clip_low=a.clip_low)
-            official = official + rl.token_mean(tok, m)
+            official = official + rl_aggregation.token_mean(tok, m)
         else:
-            official = official + sft_loss_coeff * rl.token_mean(
+            official = official + sft_loss_coeff * rl_aggregation.token_mean(
                 divergence(logp[rows], ref[rows]), m
             )
     official = official / (n_roll // micro)
@@ -144,14 +145,14 @@ def test_golden_check_official_weighting(tmp_path):
     def packed(m: torch.Tensor) -> Packed:
         return Packed(torch.zeros(len(m), 1, dtype=torch.long), torch.ones(len(m), 1), m)
 
-    batch = rl.StepBatch(
+    batch = rl_hybrid.StepBatch(
         packed(mask[:n_roll]),
         adv,
         old_logp=old[:n_roll],
         store=packed(mask[n_roll:]),
         store_ref_logp=ref[n_roll:],
     )
-    ours, _ = rl.hybrid_loss(
+    ours, _ = rl_hybrid.hybrid_loss(
         batch,
         logp[:n_roll],
         logp[n_roll:],
@@ -172,7 +173,7 @@ def test_golden_check_official_weighting(tmp_path):
         ref_rows
     ].norm()
     # The old preset's beta (sft_loss_coeff itself) weighs the reference rows 8x too much.
-    old_way, _ = rl.hybrid_loss(
+    old_way, _ = rl_hybrid.hybrid_loss(
         batch,
         logp[:n_roll],
         logp[n_roll:],
@@ -192,7 +193,7 @@ def test_golden_check_official_weighting(tmp_path):
 
 
 def test_epochs_budget_in_steps():
-    from dphrl.trainer import steps_for_epochs
+    from dphrl.training.sampler import steps_for_epochs
 
     # 5 epochs over 1000 D_exp prompts at 128 a step: 5000 / 128 = 39.06 -> 40 steps.
     assert steps_for_epochs(5, 1000, 128) == 40

@@ -8,9 +8,8 @@ import math
 
 import pytest
 
-from dphrl.estimators import pass_at_k, prompt_stats
-from dphrl.passk import summarize
-from dphrl.passk_report import figure, markdown, plot_curves
+from dphrl.commands.eval_passk import summarize
+from dphrl.passk import figure, markdown, pass_at_k, plot_curves, prompt_stats
 
 
 def brute_force(n: int, c: int, k: int) -> float:
@@ -149,8 +148,8 @@ def test_plot_legend_names_the_greedy_markers():
 
 
 def test_each_eval_dataset_takes_its_own_databases(tmp_path):
+    from dphrl.commands.eval_passk import task_config
     from dphrl.config import TaskConfig
-    from dphrl.passk import task_config
 
     bird = TaskConfig(name="bird", path="train.json", db_root="/data/bird")
     same = task_config(bird, "bird")

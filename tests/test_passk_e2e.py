@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-import dphrl.passk as passk
+import dphrl.commands.eval_passk as passk
 from dphrl.config import DphrlConfig, EngineConfig, EvalConfig, ModelConfig, TaskConfig
 from dphrl.errors import ConfigError
 

@@ -9,8 +9,12 @@ from functools import partial
 import pytest
 import torch
 
-from dphrl import rl
 from dphrl.config import LossAgg
+from dphrl.rl import advantages as rl_advantages
+from dphrl.rl import aggregation as rl_aggregation
+from dphrl.rl import filters as rl_filters
+from dphrl.rl import hybrid as rl_hybrid
+from dphrl.rl import policy_loss as rl_policy_loss
 
 REWARDS = torch.tensor([1.0, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 1])  # three groups of G = 4
 
@@ -21,19 +25,21 @@ def test_advantages_with_std():
     # Group 3: all equal -> 0.
     h = 0.5 * math.sqrt(3)
     expected = torch.tensor([1.5, -0.5, -0.5, -0.5, h, h, -h, -h, 0, 0, 0, 0])
-    adv = rl.group_advantages(REWARDS, 4, norm_std=True, eps=1e-12)
+    adv = rl_advantages.group_advantages(REWARDS, 4, norm_std=True, eps=1e-12)
     torch.testing.assert_close(adv, expected)
 
 
 def test_advantages_without_std():
     expected = torch.tensor([0.75, -0.25, -0.25, -0.25, 0.5, 0.5, -0.5, -0.5, 0, 0, 0, 0])
-    torch.testing.assert_close(rl.group_advantages(REWARDS, 4, norm_std=False), expected)
+    torch.testing.assert_close(rl_advantages.group_advantages(REWARDS, 4, norm_std=False), expected)
 
 
 @pytest.mark.parametrize("norm_std", [True, False])
 def test_all_equal_group_has_zero_advantage(norm_std):
     rewards = torch.tensor([0.8, 0.8, 0.8, 0.0, 0.0, 0.0])
-    assert torch.equal(rl.group_advantages(rewards, 3, norm_std=norm_std), torch.zeros(6))
+    assert torch.equal(
+        rl_advantages.group_advantages(rewards, 3, norm_std=norm_std), torch.zeros(6)
+    )
 
 
 @pytest.mark.parametrize("norm_std", [True, False])
@@ -42,14 +48,14 @@ def test_equal_partial_credit_rewards_give_exactly_zero_advantage(norm_std, valu
     # Sixteen rewards of 0.3: the float32 mean is 0.3 + 1 ulp, the std ~1e-8, so the plain
     # formula gave each response +0.0289 (issue 13, 9a). Equal rewards carry no signal.
     rewards = torch.cat([torch.full((16,), value), torch.tensor([0.0, 1.0] * 8)])
-    adv = rl.group_advantages(rewards, 16, norm_std=norm_std)
+    adv = rl_advantages.group_advantages(rewards, 16, norm_std=norm_std)
     assert torch.equal(adv[:16], torch.zeros(16))
     assert adv[16:].abs().min() > 0.4
 
 
 def test_advantages_reject_a_ragged_group():
     with pytest.raises(ValueError, match="G=4"):
-        rl.group_advantages(torch.zeros(6), 4)
+        rl_advantages.group_advantages(torch.zeros(6), 4)
 
 
 def _ppo_case():
@@ -64,7 +70,9 @@ def _ppo_case():
 
 def test_ppo_clip_both_sides_with_clip_higher():
     logp, old, adv, mask = _ppo_case()
-    loss, clip_frac = rl.ppo_clip_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.28)
+    loss, clip_frac = rl_policy_loss.ppo_clip_loss(
+        logp, old, adv, mask, clip_low=0.2, clip_high=0.28
+    )
     # A>0: rho 1.5 clipped to 1.28 -> -1.28; rho 0.5 keeps -0.5 (pessimistic min); 1.1 in range.
     # A<0: rho 0.5 clipped to 0.8 -> 0.8; rho 1.5 keeps 1.5; the last token is masked.
     expected = torch.tensor([[-1.28, -0.5, -1.1], [0.8, 1.5, 0.0]], dtype=torch.float64)
@@ -78,7 +86,7 @@ def test_ppo_clip_both_sides_with_clip_higher():
 
 def test_ppo_symmetric_clip_and_per_token_advantages():
     logp, old, adv, mask = _ppo_case()
-    loss, clip_frac = rl.ppo_clip_loss(logp, old, adv[:, None].expand(2, 3), mask)
+    loss, clip_frac = rl_policy_loss.ppo_clip_loss(logp, old, adv[:, None].expand(2, 3), mask)
     assert loss[0, 0].item() == pytest.approx(-1.2)  # 1 + clip_high(0.2)
     assert clip_frac.item() == pytest.approx(2 / 5)
 
@@ -86,61 +94,76 @@ def test_ppo_symmetric_clip_and_per_token_advantages():
 def test_ppo_loss_at_ratio_one_is_minus_advantage():
     logp = torch.zeros(2, 4, requires_grad=True)
     adv = torch.tensor([0.5, -2.0])
-    loss, clip_frac = rl.ppo_clip_loss(logp, logp.detach(), adv, torch.ones(2, 4))
+    loss, clip_frac = rl_policy_loss.ppo_clip_loss(logp, logp.detach(), adv, torch.ones(2, 4))
     torch.testing.assert_close(loss, -adv[:, None].expand(2, 4))
     assert clip_frac.item() == 0.0
 
 
 def test_aggregation_modes_on_the_ppo_case():
     logp, old, adv, mask = _ppo_case()
-    loss, _ = rl.ppo_clip_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.28)
+    loss, _ = rl_policy_loss.ppo_clip_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.28)
     # Row sums -2.88 (3 tokens) and 2.3 (2 tokens).
-    assert rl.aggregate(loss, mask, "token-mean").item() == pytest.approx(-0.58 / 5)
-    assert rl.aggregate(loss, mask, "seq-mean-token-sum").item() == pytest.approx(-0.29)
-    assert rl.aggregate(loss, mask, "seq-mean-token-mean").item() == pytest.approx(0.095)
+    assert rl_aggregation.aggregate(loss, mask, "token-mean").item() == pytest.approx(-0.58 / 5)
+    assert rl_aggregation.aggregate(loss, mask, "seq-mean-token-sum").item() == pytest.approx(-0.29)
+    assert rl_aggregation.aggregate(loss, mask, "seq-mean-token-mean").item() == pytest.approx(
+        0.095
+    )
 
 
 def test_aggregation_on_ragged_masks():
     values = torch.arange(1.0, 13.0).view(3, 4)
     mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]])  # last row fully masked
-    assert rl.aggregate(values, mask).item() == pytest.approx(21 / 6)  # (10 + 11) / 6 tokens
-    assert rl.aggregate(values, mask, "seq-mean-token-sum").item() == pytest.approx(10.5)
-    assert rl.aggregate(values, mask, "seq-mean-token-mean").item() == pytest.approx(4.0)
-    assert rl.aggregate(values, mask, "token-mean", denom=12).item() == pytest.approx(21 / 12)
-    assert rl.aggregate(values, torch.zeros_like(mask)).item() == 0.0
+    assert rl_aggregation.aggregate(values, mask).item() == pytest.approx(
+        21 / 6
+    )  # (10 + 11) / 6 tokens
+    assert rl_aggregation.aggregate(values, mask, "seq-mean-token-sum").item() == pytest.approx(
+        10.5
+    )
+    assert rl_aggregation.aggregate(values, mask, "seq-mean-token-mean").item() == pytest.approx(
+        4.0
+    )
+    assert rl_aggregation.aggregate(values, mask, "token-mean", denom=12).item() == pytest.approx(
+        21 / 12
+    )
+    assert rl_aggregation.aggregate(values, torch.zeros_like(mask)).item() == 0.0
     with pytest.raises(KeyError, match="unknown loss aggregation"):
-        rl.aggregate(values, mask, "sum")
+        rl_aggregation.aggregate(values, mask, "sum")
 
 
 def test_aggregation_registry_matches_config():
-    assert tuple(rl.AGGREGATIONS) == tuple(LossAgg)
+    assert tuple(rl_aggregation.AGGREGATIONS) == tuple(LossAgg)
 
 
 def test_micro_batches_with_global_denominator_add_up_to_the_full_batch():
     values, mask = torch.rand(6, 5), (torch.rand(6, 5) > 0.3).float()
-    full = rl.aggregate(values, mask, "token-mean")
+    full = rl_aggregation.aggregate(values, mask, "token-mean")
     parts = sum(
-        rl.aggregate(values[i : i + 2], mask[i : i + 2], "token-mean", denom=mask.sum().item())
+        rl_aggregation.aggregate(
+            values[i : i + 2], mask[i : i + 2], "token-mean", denom=mask.sum().item()
+        )
         for i in range(0, 6, 2)
     )
     torch.testing.assert_close(parts, full)
 
 
 def test_dynamic_sampling_keeps_groups_with_different_rewards():
-    assert rl.informative_groups(REWARDS, 4).tolist() == [True, True, False]
-    assert rl.informative_groups(torch.tensor([0.8, 0.8, 0.0, 0.8]), 2).tolist() == [False, True]
+    assert rl_filters.informative_groups(REWARDS, 4).tolist() == [True, True, False]
+    assert rl_filters.informative_groups(torch.tensor([0.8, 0.8, 0.0, 0.8]), 2).tolist() == [
+        False,
+        True,
+    ]
 
 
 def test_overlong_filter_masks_only_truncated_responses():
     mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]])
     finished = torch.tensor([True, False, False])
-    out = rl.overlong_filter(mask, finished, max_len=4)
+    out = rl_filters.overlong_filter(mask, finished, max_len=4)
     # Row 0 finished exactly at the limit; row 1 is short; row 2 hit 4 tokens unfinished.
     assert out.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]]
 
 
 def _packed(mask):
-    from dphrl.batching import Packed
+    from dphrl.rl.batching import Packed
 
     ids = torch.zeros(mask.shape, dtype=torch.long)
     return Packed(ids, torch.ones_like(ids), mask)
@@ -152,7 +175,7 @@ def _hybrid_case():
     logp, old, adv, mask = _ppo_case()
     store_logp = torch.tensor([[math.log(2.0), math.log(0.5)]], dtype=torch.float64)
     store_logp.requires_grad_(True)
-    batch = rl.StepBatch(
+    batch = rl_hybrid.StepBatch(
         _packed(mask),
         adv,
         old_logp=old,
@@ -164,10 +187,10 @@ def _hybrid_case():
 
 
 def test_hybrid_loss_adds_ppo_clip_the_policy_term_and_the_divergence():
-    from dphrl.divergence import forward_kl, kl_k1
+    from dphrl.rl.divergence import forward_kl, kl_k1
 
     batch, logp, store_logp = _hybrid_case()
-    loss, stats = rl.hybrid_loss(
+    loss, stats = rl_hybrid.hybrid_loss(
         batch, logp, store_logp, beta=0.1, clip_low=0.2, clip_high=0.28,
         divergence=partial(forward_kl, clamp_log_ratio=None, clamp_value=None),
         policy_term=kl_k1,
@@ -192,10 +215,10 @@ def test_hybrid_loss_adds_ppo_clip_the_policy_term_and_the_divergence():
 
 
 def test_hybrid_loss_with_beta_zero_is_ppo_clip_alone():
-    from dphrl.divergence import forward_kl, kl_k1
+    from dphrl.rl.divergence import forward_kl, kl_k1
 
     batch, logp, store_logp = _hybrid_case()
-    loss, stats = rl.hybrid_loss(
+    loss, stats = rl_hybrid.hybrid_loss(
         batch, logp, store_logp, beta=0.0, clip_high=0.28, divergence=forward_kl, policy_term=kl_k1
     )
     assert loss.item() == pytest.approx(-0.116)
@@ -203,10 +226,10 @@ def test_hybrid_loss_with_beta_zero_is_ppo_clip_alone():
 
 
 def test_hybrid_loss_on_the_ref_store_alone_with_a_global_denominator():
-    from dphrl.divergence import forward_kl
+    from dphrl.rl.divergence import forward_kl
 
     batch, _, store_logp = _hybrid_case()
-    loss, stats = rl.hybrid_loss(
+    loss, stats = rl_hybrid.hybrid_loss(
         batch, None, store_logp, beta=0.5, divergence=forward_kl, store_denom=4.0
     )
     # the two tokens' sum 1/2 over 4 tokens counted on all minibatches and ranks
@@ -217,7 +240,7 @@ def test_hybrid_loss_on_the_ref_store_alone_with_a_global_denominator():
 def test_hybrid_loss_single_pass_uses_the_forward_as_old_log_probs():
     batch, logp, _ = _hybrid_case()
     batch = dataclasses.replace(batch, old_logp=None, online_ref_logp=None, store=None)
-    loss, stats = rl.hybrid_loss(batch, logp, None, beta=0.1, loss_agg="seq-mean-token-sum")
+    loss, stats = rl_hybrid.hybrid_loss(batch, logp, None, beta=0.1, loss_agg="seq-mean-token-sum")
     # ratio 1 everywhere: -A summed over each row's tokens (-3 and +2), mean over 2 rows
     assert loss.item() == pytest.approx(-0.5)
     assert stats["clip_frac"] == 0.0
@@ -239,13 +262,13 @@ def test_dual_clip_caps_negative_advantage_losses():
     logp = ratios.log().requires_grad_(True)
     adv = torch.tensor([-1.0, 1.0], dtype=torch.float64)
     mask = torch.ones_like(ratios)
-    loss, _ = rl.ppo_clip_loss(logp, torch.zeros_like(ratios), adv, mask, dual_clip=3.0)
+    loss, _ = rl_policy_loss.ppo_clip_loss(logp, torch.zeros_like(ratios), adv, mask, dual_clip=3.0)
     torch.testing.assert_close(loss, torch.tensor([[3.0, 2.0], [-1.2, -0.5]], dtype=torch.float64))
     loss.sum().backward()
     torch.testing.assert_close(
         logp.grad, torch.tensor([[0.0, 2.0], [0.0, -0.5]], dtype=torch.float64)
     )
-    plain, _ = rl.ppo_clip_loss(logp.detach(), torch.zeros_like(ratios), adv, mask)
+    plain, _ = rl_policy_loss.ppo_clip_loss(logp.detach(), torch.zeros_like(ratios), adv, mask)
     assert plain[0, 0].item() == pytest.approx(5.0)
 
 
@@ -253,9 +276,11 @@ def test_log_ratio_clamp_bounds_the_ratio():
     # logp - old = 30 with A = -1: exp(30) unclamped; clamped at 20 the loss is e^20.
     logp, old = torch.tensor([[30.0]]), torch.zeros(1, 1)
     adv, mask = torch.tensor([-1.0]), torch.ones(1, 1)
-    loss, _ = rl.ppo_clip_loss(logp, old, adv, mask, clamp_log_ratio=20.0)
+    loss, _ = rl_policy_loss.ppo_clip_loss(logp, old, adv, mask, clamp_log_ratio=20.0)
     assert loss.item() == pytest.approx(math.exp(20.0), rel=1e-6)
-    both, _ = rl.ppo_clip_loss(logp, old, adv, mask, clamp_log_ratio=20.0, dual_clip=3.0)
+    both, _ = rl_policy_loss.ppo_clip_loss(
+        logp, old, adv, mask, clamp_log_ratio=20.0, dual_clip=3.0
+    )
     assert both.item() == pytest.approx(3.0)
 
 
@@ -263,5 +288,7 @@ def test_soft_overlong_penalty_is_dapos_linear_ramp():
     # max_len 10, buffer 4: no penalty up to 6 tokens, then -1/4 per token, -1 at the limit.
     lengths = torch.tensor([3, 6, 7, 8, 10])
     expected = torch.tensor([0.0, 0.0, -0.25, -0.5, -1.0])
-    torch.testing.assert_close(rl.soft_overlong_penalty(lengths, 10, 4), expected)
-    torch.testing.assert_close(rl.soft_overlong_penalty(lengths, 10, 4, 0.5), expected * 0.5)
+    torch.testing.assert_close(rl_filters.soft_overlong_penalty(lengths, 10, 4), expected)
+    torch.testing.assert_close(
+        rl_filters.soft_overlong_penalty(lengths, 10, 4, 0.5), expected * 0.5
+    )

@@ -12,11 +12,12 @@ import torch
 import toytask
 from conftest import compose_config
 
-from dphrl import mismatch, trainer
-from dphrl.batching import pack, repad
+from dphrl.commands import train as trainer
 from dphrl.engine import Sampling
 from dphrl.engine.hf import HFEngine
-from dphrl.logprobs import batch_logprobs
+from dphrl.rl import mismatch
+from dphrl.rl.batching import pack, repad
+from dphrl.rl.logprobs import batch_logprobs
 
 PROMPTS = [[1, 9, 4, 7], [1, 3, 3]]
 

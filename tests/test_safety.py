@@ -20,10 +20,14 @@ import pytest
 import toytask
 from conftest import compose_config
 
-from dphrl import passk, reference, refstore, split, trainer
+from dphrl.commands import eval_passk as passk
+from dphrl.commands import precompute_ref as reference
+from dphrl.commands import split
+from dphrl.commands import train as trainer
 from dphrl.data import write_json, write_jsonl
 from dphrl.errors import ConfigError, DataError, DphrlError, FolderLocked, OutputError
 from dphrl.lock import folder_lock
+from dphrl.presample import refstore
 
 SAMPLING = [
     "engine=hf",
@@ -130,7 +134,7 @@ def test_a_corrupt_shard_is_named_and_only_it_is_rebuilt(
 
 def _train_data(store, model: str, *extra: str):
     """What train reads through `pipeline.training_data` from the fixture's split and store."""
-    from dphrl.pipeline import training_data
+    from dphrl.presample.inputs import training_data
 
     cfg, folder, pef = store
     write_jsonl(pef.parent / "exp.jsonl", [{"id": 9, "prompt": "x", "reward_model": {}}])
@@ -354,7 +358,7 @@ def test_resume_over_changed_training_data_is_refused(tmp_path, tiny_model_dir, 
 
 
 def test_every_key_allowed_to_change_on_resume_exists():
-    from dphrl.checkpoint import RESUMABLE_KEYS, config_items
+    from dphrl.training.checkpoint import RESUMABLE_KEYS, config_items
 
     keys = config_items(compose_config([]))
     for allowed in RESUMABLE_KEYS:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from dphrl.errors import DataError
-from dphrl.sampler import EpochSampler
+from dphrl.training.sampler import EpochSampler
 
 
 def _stream(sampler: EpochSampler, steps: int, size: int) -> list[list[int]]:

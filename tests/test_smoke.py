@@ -11,7 +11,7 @@ from pathlib import Path
 import toytask
 from test_trainer import _cfg, _weights
 
-from dphrl import trainer
+from dphrl.commands import train as trainer
 
 
 def test_two_steps_of_dph_js_make_their_data_and_move_the_weights(

@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 from conftest import compose_config
 
-from dphrl import partition, reference, refstore, split
+from dphrl.commands import precompute_ref as reference
+from dphrl.commands import split
 from dphrl.data import read_jsonl
 from dphrl.errors import ConfigError, DataError
+from dphrl.presample import refstore
+from dphrl.presample import split as partition
 
 pytestmark = pytest.mark.slow
 
@@ -111,9 +114,9 @@ def ref_store(tmp_path_factory) -> Path:
 def test_ref_store_logprobs_equal_the_training_forward_at_step_0(ref_store, real_model_path):
     import torch
 
-    from dphrl.batching import pack, unpad
-    from dphrl.logprobs import response_logprobs
     from dphrl.models import load_policy, load_tokenizer, weights_hash
+    from dphrl.rl.batching import pack, unpad
+    from dphrl.rl.logprobs import response_logprobs
 
     pef_path = Path(json.loads((ref_store / "manifest.json").read_text())["split"]["pef"])
     rows = refstore.load_ref_store(ref_store, pef_path, weights_hash(real_model_path), "float32")

@@ -10,9 +10,11 @@ import pytest
 import toytask
 from conftest import compose_config
 
-from dphrl import trainer
+from dphrl.commands import train as trainer
 from dphrl.data import read_jsonl
 from dphrl.errors import ConfigError
+from dphrl.presample.inputs import training_data
+from dphrl.training.trainer import Trainer
 
 # Whole train runs (split, ref store, steps): the slow tier. tests/test_smoke.py keeps one
 # two-step run in the fast tier.
@@ -117,8 +119,8 @@ def test_the_ref_batch_has_log_r_zero_at_step_0(data_dir, tiny_model_dir, tmp_pa
     from dphrl import dist
 
     cfg = _cfg(tmp_path, tiny_model_dir, "ref.keep=all", data=data_dir)
-    prompts, ref_rows = trainer.training_data(cfg, dist.resolve_layout(cfg.layout), tiny_model_dir)
-    t = trainer.Trainer(
+    prompts, ref_rows = training_data(cfg, True, tiny_model_dir)
+    t = Trainer(
         cfg, tmp_path / "run", dist.resolve_layout(cfg.layout), prompts, ref_rows, tiny_model_dir
     )
     batch, ref_logp = t.ref_batch()
@@ -139,8 +141,8 @@ def test_autocast_runs_the_body_in_bfloat16_over_float32_weights(
     overrides = ("ref.keep=all", "divergence=js", "model.autocast=bfloat16")
     cfg = _cfg(tmp_path, tiny_model_dir, *overrides, data=data_dir)
     layout = dist.resolve_layout(cfg.layout)
-    prompts, ref_rows = trainer.training_data(cfg, layout, tiny_model_dir)
-    t = trainer.Trainer(cfg, tmp_path / "run", layout, prompts, ref_rows, tiny_model_dir)
+    prompts, ref_rows = training_data(cfg, layout.is_main, tiny_model_dir)
+    t = Trainer(cfg, tmp_path / "run", layout, prompts, ref_rows, tiny_model_dir)
     batch, ref_logp = t.ref_batch()  # data_dir's store: float32 log-probs
     logp = t.logprobs(t.policy, batch, 1.0)
     assert logp.dtype == torch.float32
@@ -149,8 +151,8 @@ def test_autocast_runs_the_body_in_bfloat16_over_float32_weights(
     own = tmp_path / "own"
     own_cfg = _cfg(own, tiny_model_dir, "trainer.max_steps=1", *overrides)
     out = trainer.run(own_cfg, own)  # makes its split and store, then steps
-    _, own_rows = trainer.training_data(own_cfg, layout, tiny_model_dir)
-    fresh = trainer.Trainer(own_cfg, own / "fresh", layout, prompts, own_rows, tiny_model_dir)
+    _, own_rows = training_data(own_cfg, layout.is_main, tiny_model_dir)
+    fresh = Trainer(own_cfg, own / "fresh", layout, prompts, own_rows, tiny_model_dir)
     batch, ref_logp = fresh.ref_batch()
     assert float((fresh.logprobs(fresh.policy, batch, 1.0) - ref_logp).abs().max()) < gap / 100
     before, after = _weights(Path(tiny_model_dir)), _weights(out)
@@ -172,8 +174,8 @@ def test_dynamic_sampling_keeps_only_informative_groups_and_refills(
         data=data_dir,
     )
     layout = dist.resolve_layout(cfg.layout)
-    prompts, ref_rows = trainer.training_data(cfg, layout, tiny_model_dir)
-    t = trainer.Trainer(cfg, tmp_path / "run", layout, prompts, ref_rows, tiny_model_dir)
+    prompts, ref_rows = training_data(cfg, layout.is_main, tiny_model_dir)
+    t = Trainer(cfg, tmp_path / "run", layout, prompts, ref_rows, tiny_model_dir)
     r = t.rollout()
     groups = r.rewards.view(-1, 4)
     assert len(groups) > 0
@@ -187,7 +189,7 @@ def test_empty_ref_store_with_a_divergence_that_needs_it_fails_before_rollout(
 ):
     import shutil
 
-    from dphrl import refstore
+    from dphrl.presample import refstore
 
     shutil.copytree(data_dir / "split", tmp_path / "split")
     (tmp_path / "split" / "pef.jsonl").write_text(
@@ -303,10 +305,8 @@ def test_zero_advantage_rows_skip_the_forward_and_the_update_is_unchanged(
         "algo.minibatch_size=4", "algo.prompts_per_step=3", data=data_dir,
     )  # fmt: skip
     layout = dist.resolve_layout(cfg.layout)
-    prompts, _ = trainer.training_data(cfg, layout, tiny_model_dir)
-    skip, full = (
-        trainer.Trainer(cfg, tmp_path / k, layout, prompts, [], tiny_model_dir) for k in "ab"
-    )
+    prompts, _ = training_data(cfg, layout.is_main, tiny_model_dir)
+    skip, full = (Trainer(cfg, tmp_path / k, layout, prompts, [], tiny_model_dir) for k in "ab")
     full._policy_logprobs = lambda mb: full.logprobs(
         full.policy, mb.rollouts, full.algo.temperature, grad=True
     )

@@ -143,10 +143,11 @@ def _trl_step(model_dir: str, out_dir: str) -> dict:
 
 def _dphrl_step(model_dir: str, run_dir, prompt_ids: list[list[int]]) -> dict:
     """dphrl's update path on the same batch: Trainer.advantages -> batch -> update."""
-    from dphrl import dist, trainer
+    from dphrl import dist
     from dphrl.engine import Completion
-    from dphrl.rollout import Scored, render_rows
+    from dphrl.rollout import Rollouts, Scored, render_rows
     from dphrl.tasks import Verdict
+    from dphrl.training.trainer import Trainer
 
     cfg = compose_config(
         [
@@ -175,14 +176,14 @@ def _dphrl_step(model_dir: str, run_dir, prompt_ids: list[list[int]]) -> dict:
     )
     assert cfg.algo.dual_clip is None and cfg.algo.clamp_log_ratio is None
     layout = dist.resolve_layout(cfg.layout)
-    t = trainer.Trainer(cfg, run_dir, layout, _rows(), [], model_dir)
+    t = Trainer(cfg, run_dir, layout, _rows(), [], model_dir)
     ours, _ = render_rows(t.tokenizer, _rows(), cfg.model.max_prompt_len, "train")
     assert [p for p in ours for _ in range(GROUP)] == prompt_ids  # the same prompt tokens
     scored = [
         Scored(Completion("", ids, [0.0] * len(ids), "stop"), Verdict(r))
         for ids, r in zip(_completions(t.tokenizer), REWARDS)
     ]
-    rollouts = trainer.Rollouts(prompt_ids, scored, GROUP)
+    rollouts = Rollouts(prompt_ids, scored, GROUP)
     before = {k: v.detach().clone() for k, v in t.policy.named_parameters()}
     stats = t.update(t.batch(rollouts, t.advantages(rollouts)))
     after = {k: v.detach().clone() for k, v in t.policy.named_parameters()}

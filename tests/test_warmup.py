@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from dphrl import models, warmup
+from dphrl import embedded, warmup
 
 
 def test_padding_masks_the_prompt_and_the_padding_from_the_loss():
@@ -36,15 +36,15 @@ def test_warm_up_lowers_the_response_loss_and_is_deterministic(tiny_model_dir, t
 
 def test_a_changed_recipe_is_a_new_cache_folder(monkeypatch):
     name = "smollm2-135m-arith"
-    before = models._folder_name(name)
+    before = embedded._folder_name(name)
     assert before.startswith(name + "-")
-    monkeypatch.setitem(models.WARMED, name, {**models.WARMED[name], "lr": 1.0})
-    assert models._folder_name(name) != before
-    assert models._folder_name("smollm2-135m") == "smollm2-135m"
+    monkeypatch.setitem(embedded.WARMED, name, {**embedded.WARMED[name], "lr": 1.0})
+    assert embedded._folder_name(name) != before
+    assert embedded._folder_name("smollm2-135m") == "smollm2-135m"
 
 
 def test_an_unknown_embedded_name_lists_the_warmed_ones_too():
     from dphrl.errors import ConfigError
 
     with pytest.raises(ConfigError, match="embedded:smollm2-135m-arith"):
-        models.resolve_model_path("embedded:nope")
+        embedded.resolve_model_path("embedded:nope")

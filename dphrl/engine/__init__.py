@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
+from dphrl.engine.names import ENGINES
 from dphrl.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -72,12 +73,6 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Free the engine for good (vLLM: shut it down, so another can start in-process)."""
-
-
-ENGINES: dict[str, str] = {
-    "vllm": "dphrl.engine.vllm:VLLMEngine",
-    "hf": "dphrl.engine.hf:HFEngine",
-}
 
 
 def resolve_engine_name(name: str) -> str:

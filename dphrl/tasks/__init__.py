@@ -1,7 +1,7 @@
 """The task registry: a task is a loader, a prompt builder and a verifier behind one name.
 
 `split`, `train` and `eval-passk` call `get_task(cfg.name)` and never branch on the task.
-Each task module registers itself in `TASKS` (name -> factory) below; the factories are
+Each task is named in `dphrl.tasks.names.TASKS` (name -> factory); the factories are
 imported lazily so that loading one task never imports another's dependencies.
 """
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from dphrl.errors import ConfigError
+from dphrl.tasks.names import TASKS
 
 if TYPE_CHECKING:
     from dphrl.config import TaskConfig
@@ -47,18 +48,6 @@ class Task(Protocol):
         self, completions: list[str], ground_truths: list[Any], cfg: TaskConfig
     ) -> list[Verdict]:
         """One verdict per completion; uses all cores; never raises for a bad completion."""
-
-
-# name -> "module:factory"; a factory takes the task name and returns a Task.
-TASKS: dict[str, str] = {
-    "arith": "dphrl.tasks.arith:ArithTask",
-    "arith_ood": "dphrl.tasks.arith:ArithTask",  # arith's out-of-domain set, for eval-passk
-    "math": "dphrl.tasks.math:MathTask",
-    "gsm8k": "dphrl.tasks.math:MathTask",
-    "minisql": "dphrl.tasks.sql:SqlTask",
-    "bird": "dphrl.tasks.sql:SqlTask",
-    "spider": "dphrl.tasks.sql:SqlTask",
-}
 
 
 def get_task(name: str) -> Task:

@@ -28,7 +28,7 @@ def sampling_device(layout: LayoutConfig) -> str:
 
 def make_split(cfg: DphrlConfig) -> dict:
     """Build (or finish) the split in `split.out` under its lock; return its stats."""
-    from dphrl.partition import build_split
+    from dphrl.presample.split import build_split
 
     with folder_lock(cfg.split.out, "dphrl split"):
         return build_split(
@@ -38,7 +38,7 @@ def make_split(cfg: DphrlConfig) -> dict:
 
 def make_ref_store(cfg: DphrlConfig) -> dict:
     """Build (or finish, or update) the ref store in `ref.out` from the split's D_pef."""
-    from dphrl.refstore import build_ref_store
+    from dphrl.presample.refstore import build_ref_store
 
     pef = Path(cfg.split.out) / "pef.jsonl"
     with folder_lock(cfg.ref.out, "dphrl precompute-ref"):
@@ -65,9 +65,9 @@ def training_data(
     """
     from dphrl import dist
     from dphrl.data import read_jsonl
-    from dphrl.divergence import DIVERGENCES
     from dphrl.models import weights_hash
-    from dphrl.refstore import identity, is_current, load_ref_store
+    from dphrl.presample.refstore import identity, is_current, load_ref_store
+    from dphrl.rl.divergence import DIVERGENCES
     from dphrl.tasks import get_task
 
     if cfg.divergence.name not in DIVERGENCES or cfg.divergence.beta == 0:

@@ -3,7 +3,7 @@
 For each D_pef prompt, `ref.samples_per_prompt` responses are sampled from the initial policy,
 verified, and kept when correct (`ref.keep=correct`, the paper's choice) or always
 (`ref.keep=all`). Their `ref_logprobs` are computed by the *training* forward pass
-(`dphrl.logprobs.batch_logprobs` over `dphrl.batching.pack`, in the training dtype and
+(`dphrl.rl.logprobs.batch_logprobs` over `dphrl.rl.batching.pack`, in the training dtype and
 layout), not taken from the sampler, so log r = log pi_theta - log pi_ref is 0 before the first
 update up to float rounding.
 
@@ -32,6 +32,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dphrl import seeds
 from dphrl.chunks import Chunk, Settings, run_chunks
 from dphrl.config import EngineConfig, ModelConfig, RefConfig, TaskConfig
 from dphrl.data import atomic_path, read_jsonl, rows_sha256, write_json
@@ -114,7 +115,8 @@ def build_ref_store(
 ) -> dict:
     """Build (or finish, or bring up to date) the store in `ref.out` from `pef_path`; return
     its manifest. The caller holds the folder's lock."""
-    from dphrl.models import resolve_model_path, weights_hash
+    from dphrl.embedded import resolve_model_path
+    from dphrl.models import weights_hash
 
     if not pef_path.exists():
         raise DataError(f"{pef_path}: no D_pef file; run `dphrl split` first (same split.out)")
@@ -244,7 +246,9 @@ class _ShardSampler:
         ids, kept = render_rows(
             self.tokenizer, self.pef[c.start : c.stop], model.max_prompt_len, "precompute-ref"
         )
-        base = Sampling(ref.temperature, ref.top_p, model.max_new_tokens, self.seed + 1_000_003)
+        base = Sampling(
+            ref.temperature, ref.top_p, model.max_new_tokens, seeds.ref_store(self.seed)
+        )
         sampling = base.shifted(c.start, ref.samples_per_prompt)
         task = get_task(self.task_cfg.name)
         scored = sample_and_score(
@@ -289,8 +293,8 @@ def _add_ref_logprobs(
     """ref_logprobs by the training forward pass (`model.autocast` too); every value must be finite."""
     import torch
 
-    from dphrl.batching import pack, unpad
-    from dphrl.logprobs import autocast, batch_logprobs
+    from dphrl.rl.batching import pack, unpad
+    from dphrl.rl.logprobs import autocast, batch_logprobs
 
     for i in range(0, len(records), batch):
         part = records[i : i + batch]

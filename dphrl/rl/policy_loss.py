@@ -1,14 +1,14 @@
-"""The policy objectives published after DPH-RL, as choices next to GRPO's PPO-clip.
+"""Policy losses on D_exp rollouts, chosen by `algo.loss` through `POLICY_LOSSES`.
 
-Each is a pure function of token log-probs, chosen by a config key through a registry:
+Each is a pure function of token log-probs: (logp, old_logp, advantages, mask) -> a per-token
+loss `# (N, T)` (zero where masked) and the fraction of tokens where its clip rule is active,
+so any of them adds to any `divergence=` term and any loss aggregation.
 
-- `POLICY_LOSSES[algo.loss]`: `ppo_clip` (GRPO/DAPO, `dphrl.rl.ppo_clip_loss`), `gspo`,
-  `clip_cov`, `kl_cov`; every one maps (logp, old_logp, advantages, mask) to a per-token loss
-  `# (N, T)` and the fraction of tokens where its clip rule is active, so any of them adds to
-  any `divergence=` term and any loss aggregation.
-- `ADVANTAGES[algo.advantage]`: `grpo` (`dphrl.rl.group_advantages`) or `passk`.
+- `ppo_clip`: PPO-clip (Schulman et al. 2017, arXiv 1707.06347) with DAPO's clip-higher
+  (arXiv 2503.14476) and dual-clip: GRPO's and DAPO's loss.
+- `gspo`, `clip_cov`, `kl_cov`: the objectives published after DPH-RL.
 
-Rollouts are laid out group by group, as in `dphrl.rl`: rows [g*G, (g+1)*G) answer prompt g.
+Rollouts are laid out group by group: rows [g*G, (g+1)*G) answer prompt g.
 """
 
 from __future__ import annotations
@@ -21,7 +21,58 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from dphrl.rl import PolicyLoss, group_advantages, ppo_clip_loss
+if TYPE_CHECKING:
+    from dphrl.config import AlgoConfig
+
+
+def ppo_clip_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    clamp_log_ratio: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-token PPO-clip loss with DAPO's decoupled clip range, and the clip fraction.
+
+        rho = exp(logp - old_logp)
+        loss_t = -min(rho A, clip(rho, 1 - clip_low, 1 + clip_high) A)
+
+    clip_high > clip_low ("clip-higher") lets low-probability tokens with A > 0 grow further
+    before the gradient stops, which DAPO found keeps entropy from collapsing.
+
+    `dual_clip` = c > 1 (dual-clip PPO, Ye et al. 2020, arXiv 1912.09729): where A < 0 the loss
+    is also capped at -c A, so a token whose ratio has grown far past 1 cannot push an unbounded
+    step. `clamp_log_ratio` clamps logp - old_logp to [-x, x] before the exponential. The
+    official DPH-RL code (verl `compute_policy_loss`) uses both, c = 3 and x = 20; None is off.
+
+    Shapes: logp, old_logp, mask `# (N, T)`; advantages `# (N,)` (one per response) or `# (N, T)`.
+    Returns the per-token loss `# (N, T)` (zero where mask is 0; aggregate it with `aggregate`)
+    and the fraction of unmasked tokens where the clipped term is the active one (a scalar).
+    """
+    adv = advantages.unsqueeze(-1) if advantages.dim() == logp.dim() - 1 else advantages
+    log_ratio = logp - old_logp
+    if clamp_log_ratio is not None:
+        log_ratio = log_ratio.clamp(-clamp_log_ratio, clamp_log_ratio)
+    ratio = torch.exp(log_ratio)
+    unclipped = -ratio * adv
+    clipped = -ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv
+    loss = torch.maximum(unclipped, clipped)
+    if dual_clip is not None:
+        loss = torch.where(adv < 0, torch.minimum(loss, -dual_clip * adv), loss)
+    loss = loss * mask
+    was_clipped = (clipped > unclipped).to(mask.dtype) * mask
+    clip_frac = was_clipped.sum() / mask.sum().clamp(min=1)
+    return loss, clip_frac.detach()
+
+
+# (logp, old_logp, advantages, mask, *, clip_low, clip_high) -> (per-token loss (N, T), clip
+# fraction): `ppo_clip_loss`, or any policy loss of that shape, chosen by name by the caller.
+PolicyLoss = Callable[..., tuple[Tensor, Tensor]]
+
 
 if TYPE_CHECKING:
     from dphrl.config import AlgoConfig
@@ -57,37 +108,6 @@ def gspo_loss(
     was_clipped = (clipped > unclipped).to(m.dtype).unsqueeze(-1) * m
     clip_frac = was_clipped.sum() / m.sum().clamp(min=1)
     return seq_loss.unsqueeze(-1) * m, clip_frac.detach()
-
-
-def passk_advantages(rewards: Tensor, group_size: int, k: int, *, threshold: float = 1.0) -> Tensor:
-    """Analytic Pass@k advantages (Chen et al. 2025, "Pass@k Training", arXiv 2508.10751).
-
-    A group of n = G responses with c correct (reward >= threshold) has the unbiased
-    pass@k estimate and its std over the group:
-
-        rho = 1 - C(n - c, k) / C(n, k),     sigma = sqrt(rho (1 - rho))
-        A_correct = (1 - rho) / sigma
-        A_wrong   = (1 - rho - C(n - c - 1, k - 1) / C(n - 1, k - 1)) / sigma
-
-    A group that passes surely (rho = 1) or never (rho = 0) has sigma = 0 and gets 0, like an
-    all-equal GRPO group. k = 1 gives GRPO's advantages with the population std.
-    rewards `# (B*G,)` -> `# (B*G,)` float32.
-    """
-    n = group_size
-    if rewards.dim() != 1 or rewards.numel() % n != 0:
-        raise ValueError(f"rewards must be (B*G,) with G={n}; got {tuple(rewards.shape)}")
-    if not 1 <= k <= n:
-        raise ValueError(f"passk k={k} must be in [1, group size {n}]")
-    correct = (rewards >= threshold).view(-1, n)  # (B, G)
-    out = torch.zeros(correct.shape, dtype=torch.float32)
-    for g, c in enumerate(correct.sum(-1).tolist()):
-        rho = 1.0 - math.comb(n - c, k) / math.comb(n, k)
-        sigma = math.sqrt(rho * (1.0 - rho))
-        if sigma == 0.0:
-            continue
-        wrong = (1.0 - rho - math.comb(n - c - 1, k - 1) / math.comb(n - 1, k - 1)) / sigma
-        out[g] = torch.where(correct[g], (1.0 - rho) / sigma, wrong)
-    return out.reshape(-1).to(rewards.device)
 
 
 def token_covariance(logp: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
@@ -231,20 +251,3 @@ _LOSS_OPTIONS = (
 # the trainer may skip its forward; Clip-Cov and KL-Cov are not: their covariance is centred
 # over every token, and KL-Cov's penalty does not scale with A.
 ZERO_ADVANTAGE_INERT = frozenset({"ppo_clip", "gspo"})
-
-
-Advantage = Callable[[Tensor, int], Tensor]
-
-# `algo.advantage` -> (rewards `# (B*G,)`, group size) -> advantages `# (B*G,)`.
-ADVANTAGES: dict[str, Callable[..., Tensor]] = {
-    "grpo": group_advantages,
-    "passk": passk_advantages,
-}
-
-
-def make_advantage(name: str, *, norm_std: bool = True, k: int = 1) -> Advantage:
-    """The advantage registered under `name`: GRPO with or without the std, or pass@k with k."""
-    if name not in ADVANTAGES:
-        raise KeyError(f"unknown advantage {name!r}; known: {', '.join(ADVANTAGES)}")
-    own = {"grpo": {"norm_std": norm_std}, "passk": {"k": k}}[name]
-    return partial(ADVANTAGES[name], **own)

@@ -17,7 +17,7 @@ class Packed:
 
     input_ids, attention_mask: `# (N, P + T)`; the last T columns are the response slots.
     response_mask: `# (N, T)`, 1 on real response tokens. Per-token log-probs from
-    `dphrl.logprobs.response_logprobs` `# (N, T)` line up with it.
+    `dphrl.rl.logprobs.response_logprobs` `# (N, T)` line up with it.
     """
 
     input_ids: torch.Tensor

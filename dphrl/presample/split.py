@@ -12,7 +12,7 @@ Outputs in `split.out`: `pef.jsonl`, `exp.jsonl` (rows with `pass_rate` added),
 seeds following the global prompt index. The identity of a split (model, task and data, k,
 sampling) is kept in `split_state.json`; `threshold` and `task.limit` may change on a rerun.
 
-Used by `dphrl split` and by `dphrl train` (through `dphrl.pipeline`) when no split exists.
+Used by `dphrl split` and by `dphrl train` (through `dphrl.presample.inputs`) when no split exists.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dphrl.chunks import Chunk, SampleLog, Settings, run_chunks
 from dphrl.config import EngineConfig, ModelConfig, SplitConfig, TaskConfig
 from dphrl.data import write_json, write_jsonl
 from dphrl.errors import DataError
-from dphrl.estimators import pass_rates
+from dphrl.passk import pass_rates
 
 log = logging.getLogger(__name__)
 SETTINGS = "split_state.json"
@@ -60,8 +60,9 @@ def build_split(
 
     The caller holds the folder's lock (`dphrl.lock.folder_lock`).
     """
+    from dphrl.embedded import resolve_model_path
     from dphrl.engine import Sampling, engine_from_config
-    from dphrl.models import load_tokenizer, resolve_model_path
+    from dphrl.models import load_tokenizer
     from dphrl.rollout import render_rows, sample_and_score
     from dphrl.tasks import get_task
 

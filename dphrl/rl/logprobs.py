@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from dphrl.batching import Packed, share_prefixes
+from dphrl.rl.batching import Packed, share_prefixes
 
 
 def _forward_stats(z: Tensor, ids: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -282,7 +282,7 @@ def batch_logprobs(
 ) -> tuple[Tensor, Tensor | None]:
     """`response_logprobs` of a Packed batch, with responses to one prompt sharing its forward.
 
-    With `pack_tokens > 0` the batch is re-laid by `dphrl.batching.share_prefixes` (rows of at
+    With `pack_tokens > 0` the batch is re-laid by `dphrl.rl.batching.share_prefixes` (rows of at
     most that many tokens: one prompt, then its responses, each masked from the others), so the
     forward runs over the real tokens once each: a group of G responses of mean length t to a
     prompt of p tokens costs p + G t token-forwards instead of G (p + T_max). The values are

@@ -1,10 +1,10 @@
 """The run around the steps: start or resume, step until `trainer.max_steps` with held-out
 evals, metrics, progress and checkpoints, then write the final model.
 
-`fit` drives any object with the `Steps` shape (`dphrl.trainer.Trainer` is the one), so the
+`fit` drives any object with the `Steps` shape (`dphrl.training.trainer.Trainer` is the one), so the
 step itself stays the trainer's and this module never imports it. A checkpoint holds the
 weights, the optimizer and schedule, both data positions and the run-defining settings
-(`dphrl.checkpoint`), which is all a resumed run needs to continue as one uninterrupted run.
+(`dphrl.training.checkpoint`), which is all a resumed run needs to continue as one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from dphrl.config import DphrlConfig
     from dphrl.dist import Layout
     from dphrl.metrics import MetricsLogger, Timer
-    from dphrl.sampler import EpochSampler
+    from dphrl.training.sampler import EpochSampler
 
 
 class Steps(Protocol):
@@ -51,9 +51,9 @@ def fit(trainer: Steps, stop_after_step: int | None = None) -> Path:
     `stop_after_step` (a test hook, not a config key) stops as a killed run would: after that
     step's checkpoint, before the final model.
     """
-    from dphrl.checkpoint import data_settings, run_settings
     from dphrl.metrics import reduce_metrics
     from dphrl.progress import track
+    from dphrl.training.checkpoint import data_settings, run_settings
 
     tr, run_dir = trainer.cfg.trainer, trainer.run_dir
     settings = {**run_settings(trainer.cfg), **data_settings(trainer.prompts, trainer.ref_rows)}
@@ -94,7 +94,7 @@ def fit(trainer: Steps, stop_after_step: int | None = None) -> Path:
 def resume(trainer: Steps, settings: dict) -> None:
     """Continue from the run folder's latest checkpoint (refused on changed `settings`), or
     start fresh; either way metrics.jsonl keeps one history, cut at the step resumed from."""
-    from dphrl.checkpoint import check_resume, load_checkpoint
+    from dphrl.training.checkpoint import check_resume, load_checkpoint
 
     found = check_resume(trainer.run_dir, trainer.cfg.trainer.resume, settings)
     if found is None:
@@ -112,7 +112,7 @@ def resume(trainer: Steps, settings: dict) -> None:
 
 def save(trainer: Steps, settings: dict) -> None:
     """A checkpoint of this step: weights, optimizer, schedule, the data position, settings."""
-    from dphrl.checkpoint import save_checkpoint
+    from dphrl.training.checkpoint import save_checkpoint
 
     state = {
         "step": trainer.step_num,

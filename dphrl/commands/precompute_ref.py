@@ -1,6 +1,6 @@
 """`dphrl precompute-ref`: the ref store of D_pef responses and their reference log-probs.
 
-The work is `dphrl.refstore` (the store's format, what it records, how it is checked and
+The work is `dphrl.presample.refstore` (the store's format, what it records, how it is checked and
 resumed); this command takes the folder's lock, builds or updates the store from the split in
 `split.out`, and says what it holds. A rerun keeps the shards that still match the split and
 rebuilds the others (see README, "Resume and safety").
@@ -15,7 +15,7 @@ from dphrl.config import DphrlConfig
 
 def run(cfg: DphrlConfig, run_dir: Path) -> dict:
     """Build (or finish, or update) the ref store in `ref.out`; return its manifest."""
-    from dphrl.pipeline import make_ref_store
+    from dphrl.presample.inputs import make_ref_store
 
     manifest = make_ref_store(cfg)
     counts = manifest["counts"]

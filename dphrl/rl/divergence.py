@@ -18,7 +18,7 @@ Two families, told apart by where the tokens y come from:
   `js_full`).
 
 Every function maps `(logp, ref_logp)` of any shape (typically `# (B, T)`) to per-token values
-of the same shape; masking and averaging belong to `dphrl.rl.aggregate`. `clamp_log_ratio`
+of the same shape; masking and averaging belong to `dphrl.rl.aggregation.aggregate`. `clamp_log_ratio`
 clamps log u before use, `clamp_value` clamps the per-token value after (both stop the gradient
 outside the clamp); None turns a clamp off. Each function's defaults are the official DPH-RL
 code's (verl `core_algos.py`): forward KL and the k3 reverse KL clamp |log u| <= 20 and the

@@ -13,7 +13,7 @@ Per step (`Trainer.step`, which reads like the algorithm):
 
 With a ref-store divergence (forward_kl, js, js_full, alpha) the RL part sees only D_exp; the
 baselines (`none`, `reverse_kl`) train on every prompt, as in the paper. The run around the
-steps (resume, checkpoints, evals, the final model) is `dphrl.runloop.fit`.
+steps (resume, checkpoints, evals, the final model) is `dphrl.training.runloop.fit`.
 """
 
 from __future__ import annotations
@@ -24,30 +24,25 @@ from pathlib import Path
 
 import torch
 
-from dphrl import dist
-from dphrl.batching import Packed, pack_with, share
+from dphrl import dist, seeds
 from dphrl.config import DphrlConfig
-from dphrl.divergence import make_divergence, policy_sample_term
 from dphrl.engine import Sampling, engine_from_config
 from dphrl.errors import ConfigError
-from dphrl.heldout import heldout_pass_at_k, heldout_rows
-from dphrl.logprobs import autocast, batch_logprobs, live_rows_logprobs
-from dphrl.lora import add_adapters, merged_tensors, save_adapter
 from dphrl.metrics import MetricsLogger, Timer, accumulate, step_metrics
-from dphrl.objectives import ZERO_ADVANTAGE_INERT, make_advantage, policy_loss_for
-from dphrl.optim import clipped_step, make_optimizer, zero_gradients
-from dphrl.rl import (
-    StepBatch,
-    agg_count,
-    hybrid_loss,
-    informative_groups,
-    overlong_filter,
-    soft_overlong_penalty,
-)
+from dphrl.rl.advantages import make_advantage
+from dphrl.rl.aggregation import agg_count
+from dphrl.rl.batching import Packed, pack_with, share
+from dphrl.rl.divergence import make_divergence, policy_sample_term
+from dphrl.rl.filters import informative_groups, overlong_filter, soft_overlong_penalty
+from dphrl.rl.hybrid import StepBatch, hybrid_loss
+from dphrl.rl.logprobs import autocast, batch_logprobs, live_rows_logprobs
+from dphrl.rl.policy_loss import ZERO_ADVANTAGE_INERT, policy_loss_for
 from dphrl.rollout import Rollouts, Scored, render_rows, score_outputs
-from dphrl.runloop import fit
-from dphrl.sampler import EpochSampler, steps_for_epochs
 from dphrl.tasks import get_task
+from dphrl.training.heldout import heldout_pass_at_k, heldout_rows
+from dphrl.training.lora import add_adapters, merged_tensors, save_adapter
+from dphrl.training.optim import clipped_step, make_optimizer, zero_gradients
+from dphrl.training.sampler import EpochSampler
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +68,9 @@ class Trainer:
         self.tokenizer = load_tokenizer(model_path)
         torch.manual_seed(cfg.seed)
         self.policy = load_policy(model_path, cfg.model.dtype, layout.device)
-        self.peft = None  # with model.lora.r > 0: the PeftModel over self.policy (dphrl.lora)
+        self.peft = (
+            None  # with model.lora.r > 0: the PeftModel over self.policy (dphrl.training.lora)
+        )
         if cfg.model.lora.r:
             if layout.fsdp:
                 raise ConfigError(
@@ -117,7 +114,9 @@ class Trainer:
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = make_optimizer(trainable, tr, layout.device)
         self.prompt_sampler = EpochSampler(len(prompts), cfg.seed)
-        self.ref_sampler = EpochSampler(len(ref_rows), cfg.seed + 1) if ref_rows else None
+        self.ref_sampler = (
+            EpochSampler(len(ref_rows), seeds.ref_sampler(cfg.seed)) if ref_rows else None
+        )
         self.engine = engine_from_config(
             cfg.engine, cfg.model, model_path, device=layout.device, seed=cfg.seed
         )
@@ -133,7 +132,7 @@ class Trainer:
         """One optimizer step of the hybrid objective; returns this step's metrics."""
         self.timer.reset()
         rollouts = self.rollout()  # G responses per D_exp prompt, with their rewards
-        self.cov_generator.manual_seed(self.cfg.seed * 1_000_003 + self.step_num)
+        self.cov_generator.manual_seed(seeds.clip_cov(self.cfg.seed, self.step_num))
         self.engine.sleep()  # gpu layouts with engine.sleep_mode: free the engine's memory to train
         with self.timer("train"):
             advantages = self.advantages(rollouts)
@@ -162,7 +161,7 @@ class Trainer:
         for round_ in range(a.max_refill_rounds + 1 if a.dynamic_sampling else 1):
             rows = [self.prompts[i] for i in self.prompt_sampler.next_batch(want)][mine]
             ids, kept = render_rows(self.tokenizer, rows, self.cfg.model.max_prompt_len, "train")
-            seed = self.cfg.seed + 1_000_003 * (self.step_num + 1) + 100_019 * round_
+            seed = seeds.rollout(self.cfg.seed, self.step_num, round_)
             sampling = Sampling(
                 a.temperature, a.top_p, self.cfg.model.max_new_tokens, seed
             ).shifted(mine.start, a.group_size)
@@ -340,7 +339,7 @@ class Trainer:
         matmuls or a GPU the step is faster, while AdamW still updates float32 weights (a step
         of 2e-5 on a weight near 1 is below bfloat16's spacing there, 2^-7, and would round
         away), and the lm_head and log-softmax stay in model.dtype
-        (`dphrl.logprobs._scaled_logits`). precompute-ref makes the ref store's log-probs under
+        (`dphrl.rl.logprobs._scaled_logits`). precompute-ref makes the ref store's log-probs under
         the same autocast, so log r is 0 at step 0 again.
         """
         with torch.set_grad_enabled(grad), autocast(self.layout.device, self.cfg.model.autocast):
@@ -358,13 +357,13 @@ class Trainer:
         m = self.cfg.model
         return heldout_pass_at_k(
             self.engine, self.task, self.cfg.task, self.tokenizer, self.eval_rows,
-            self.cfg.eval, m.max_prompt_len, m.max_new_tokens, self.cfg.seed + 7,
+            self.cfg.eval, m.max_prompt_len, m.max_new_tokens, seeds.heldout(self.cfg.seed),
         )  # fmt: skip
 
     def save_model(self, out: Path) -> Path:
         """The final HF model in `out` (collective); under LoRA the adapter folder first
         (`run_dir/adapter`), then the adapters merged into the weights for the HF model."""
-        from dphrl.checkpoint import save_hf_model
+        from dphrl.training.checkpoint import save_hf_model
 
         if self.peft is not None:
             if self.layout.is_main:
@@ -391,45 +390,3 @@ class Trainer:
     def summarize(self, r: Rollouts, stats: dict[str, float]) -> dict[str, float]:
         """The step's metrics: rollouts (rewards, lengths, entropy), loss statistics, times."""
         return step_metrics(r.scored, r.group_size, stats, self.timer.totals(), self.layout.device)
-
-
-def training_data(
-    cfg: DphrlConfig, layout: dist.Layout, model_path: str
-) -> tuple[list[dict], list[dict]]:
-    """The RL prompts and the ref-store rows (`dphrl.pipeline.training_data`): rank 0 makes a
-    missing split or a missing or stale ref store, every rank reads them verified."""
-    from dphrl.pipeline import training_data as pipeline_training_data
-
-    return pipeline_training_data(cfg, layout.is_main, model_path)
-
-
-def run(cfg: DphrlConfig, run_dir: Path, *, stop_after_step: int | None = None) -> Path:
-    """Train; return the folder of the final HF model.
-
-    Rank 0 holds the run folder's lock; a folder with checkpoints is resumed
-    (`trainer.resume=true`, same run-defining settings) or refused before any model loads.
-    """
-    import contextlib
-
-    from dphrl.checkpoint import check_resume, run_settings
-    from dphrl.lock import folder_lock
-    from dphrl.models import resolve_model_path
-
-    layout = dist.resolve_layout(cfg.layout)
-    dist.init(layout)
-    run_dir = Path(cfg.trainer.run_dir) if cfg.trainer.run_dir else Path(run_dir)
-    try:
-        lock = folder_lock(run_dir, "dphrl train") if layout.is_main else contextlib.nullcontext()
-        with lock:
-            check_resume(run_dir, cfg.trainer.resume, run_settings(cfg))
-            model_path = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
-            prompts, ref_rows = training_data(cfg, layout, model_path)
-            if cfg.trainer.epochs is not None:
-                cfg.trainer.max_steps = steps_for_epochs(
-                    cfg.trainer.epochs, len(prompts), cfg.algo.prompts_per_step
-                )
-                print(f"train: {cfg.trainer.epochs} epochs = {cfg.trainer.max_steps} steps")
-            trainer = Trainer(cfg, run_dir, layout, prompts, ref_rows, model_path)
-            return fit(trainer, stop_after_step)  # steps, checkpoints, the final model
-    finally:
-        dist.shutdown()

@@ -1,6 +1,6 @@
 """`eval.every`: the training policy's pass@k on held-out prompts, through the rollout engine.
 
-The unbiased estimator of `dphrl.estimators.pass_at_k`, averaged over prompts, and with
+The unbiased estimator of `dphrl.passk.pass_at_k`, averaged over prompts, and with
 `eval.greedy` the greedy (temperature 0) accuracy, so a run's curve shows both what the paper's
 tables show; the full report (diversity, plots) is `dphrl eval-passk` on a saved model.
 """
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from dphrl.engine import Engine, Sampling
 from dphrl.errors import ConfigError
-from dphrl.estimators import pass_at_k
+from dphrl.passk import pass_at_k
 from dphrl.rollout import render_rows, sample_and_score
 from dphrl.tasks import Task
 

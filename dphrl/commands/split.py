@@ -1,6 +1,6 @@
 """`dphrl split`: partition the training prompts into D_pef / D_exp by k samples each.
 
-The work is `dphrl.partition` (what the split is, its files, how it resumes); this command
+The work is `dphrl.presample.split` (what the split is, its files, how it resumes); this command
 takes the folder's lock, runs it and prints a summary. A rerun on the same `split.out`
 finishes a killed split or, when complete, rewrites pef/exp for the current threshold; other
 settings on the same folder are refused (see README, "Resume and safety").
@@ -15,7 +15,7 @@ from dphrl.config import DphrlConfig
 
 def run(cfg: DphrlConfig, run_dir: Path) -> dict:
     """Sample, verify, and write the split; returns the stats written to split_stats.json."""
-    from dphrl.pipeline import make_split
+    from dphrl.presample.inputs import make_split
 
     stats = make_split(cfg)
     _print_summary(stats, Path(cfg.split.out))

@@ -1,0 +1,145 @@
+"""DPH-RL's per-step objective: the policy loss on D_exp rollouts plus beta times the
+divergence on ref-store responses (arXiv 2509.07430, Sec. 3), over a `StepBatch`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from dphrl.rl.aggregation import aggregate
+from dphrl.rl.mismatch import correct, mismatch_stats
+from dphrl.rl.policy_loss import PolicyLoss, ppo_clip_loss
+
+if TYPE_CHECKING:
+    from dphrl.rl.batching import Packed
+    from dphrl.rl.divergence import Divergence
+
+
+@dataclass
+class StepBatch:
+    """A step's tensors, carried from `Trainer.step` into `hybrid_loss`.
+
+    N rollouts of D_exp prompts (rows [g*G, (g+1)*G) answer prompt g) and M ref-store responses
+    of D_pef prompts. Log-probs are per response token, 0 past a response's end; the policy's
+    own log-probs are not here: they come from the forward of each minibatch, with grad.
+    """
+
+    rollouts: Packed | None  # ids (N, P+T), response_mask (N, T); None: no group this step
+    advantages: Tensor  # (N,) one per response, or (N, T) per token
+    old_logp: Tensor | None = None  # (N, T) pi_old; None: the loss forward's own, detached
+    online_ref_logp: Tensor | None = None  # (N, T) online reference model (reverse_kl, js_full)
+    store: Packed | None = None  # ref-store ids (M, P'+S), response_mask (M, S)
+    store_ref_logp: Tensor | None = None  # (M, S) pi_ref, as precompute-ref stored it
+    engine_logp: Tensor | None = None  # (N, T) the engine's log-probs of the sampled tokens
+
+    def __len__(self) -> int:
+        return 0 if self.rollouts is None else len(self.rollouts)
+
+    def minibatch(self, rows: slice, store_rows: slice | None) -> StepBatch:
+        """Rollout rows `rows` and ref-store rows `store_rows` (None: no store part)."""
+
+        def cut(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[rows]
+
+        has_store = self.store is not None and store_rows is not None
+        return replace(
+            self,
+            rollouts=None if self.rollouts is None else self.rollouts.select(rows),
+            advantages=self.advantages[rows],
+            old_logp=cut(self.old_logp),
+            online_ref_logp=cut(self.online_ref_logp),
+            engine_logp=cut(self.engine_logp),
+            store=self.store.select(store_rows) if has_store else None,
+            store_ref_logp=self.store_ref_logp[store_rows] if has_store else None,
+        )
+
+
+LOSS_STATS = ("pg_loss", "clip_frac", "div_loss", "kl_ref", "rkl_loss")
+
+
+def hybrid_loss(
+    batch: StepBatch,
+    logp: Tensor | None,
+    store_logp: Tensor | None,
+    *,
+    beta: float,
+    divergence: Divergence | None = None,
+    policy_term: Divergence | None = None,
+    policy_loss: PolicyLoss = ppo_clip_loss,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    loss_agg: str = "token-mean",
+    denom: float | None = None,
+    store_denom: float | None = None,
+    rollout_correction: str = "none",
+    correction_low: float = 0.5,
+    correction_high: float = 2.0,
+) -> tuple[Tensor, dict[str, float]]:
+    """DPH-RL's per-step objective (arXiv 2509.07430, Sec. 3) on one minibatch:
+
+        L = agg(policy_loss(logp, old_logp, A))                     on the N rollouts
+          + beta * agg(policy_term(logp, online_ref_logp))          on the rollouts, when given
+          + beta * token-mean(divergence(store_logp, store_ref_logp)) on the M ref-store rows
+
+    `policy_loss` is PPO-clip by default (any `PolicyLoss`); `policy_term` the reverse-KL estimator (GRPO + KL baseline) or `js_full`'s policy half,
+    against an online reference model; `divergence` the mass-covering f(u) on reference samples.
+
+    logp `# (N, T)` and store_logp `# (M, S)`: the policy's log-probs with grad (None: that half
+    is absent). `agg` is `loss_agg`; `denom` / `store_denom` replace its count (tokens or
+    responses) so that minibatches and ranks add up to the global mean. Returns the scalar loss
+    and the statistics of `LOSS_STATS` as floats: the clip fraction and, on the ref store, the
+    KL(pi_ref || pi_theta) estimate `kl_ref` (k3 form, no gradient).
+
+    With the engine's log-probs in the batch, `rollout_correction` (`dphrl.rl.mismatch`) weighs or
+    masks the policy loss's tokens by pi_old / pi_engine (bounds `correction_low` / `_high`);
+    masked tokens add 0 and keep their place in the denominator. The mismatch and correction
+    statistics are added, taken over the tokens of responses with a nonzero advantage.
+    """
+    loss = torch.zeros((), device=batch.advantages.device)
+    stats = dict.fromkeys(LOSS_STATS, 0.0)
+    if logp is not None and batch.rollouts is not None:
+        mask = batch.rollouts.response_mask
+        old = logp.detach() if batch.old_logp is None else batch.old_logp
+        weights, pg_mask = None, mask
+        if batch.engine_logp is not None:
+            bounds = (correction_low, correction_high)
+            weights, pg_mask, _ = correct(rollout_correction, old, batch.engine_logp, mask, *bounds)
+            stats.update(_mismatch_report(batch, old, mask, rollout_correction, bounds))
+        pg_tok, clip_frac = policy_loss(
+            logp, old, batch.advantages, pg_mask, clip_low=clip_low, clip_high=clip_high
+        )
+        if weights is not None:
+            pg_tok = pg_tok * weights
+        pg = aggregate(pg_tok, mask, loss_agg, denom)
+        loss = loss + pg
+        stats["pg_loss"], stats["clip_frac"] = float(pg.detach()), float(clip_frac)
+        if batch.online_ref_logp is not None and policy_term is not None and beta > 0:
+            rkl = aggregate(policy_term(logp, batch.online_ref_logp), mask, loss_agg, denom)
+            loss = loss + beta * rkl
+            stats["rkl_loss"] = float(rkl.detach())
+    if store_logp is not None and batch.store is not None and divergence is not None and beta > 0:
+        mask, ref = batch.store.response_mask, batch.store_ref_logp
+        div = aggregate(divergence(store_logp, ref), mask, "token-mean", store_denom)
+        loss = loss + beta * div
+        with torch.no_grad():
+            log_u = (store_logp - ref) * mask
+            kl = aggregate(torch.expm1(log_u) - log_u, mask, "token-mean", store_denom)
+        stats["div_loss"], stats["kl_ref"] = float(div.detach()), float(kl)
+    return loss, stats
+
+
+def _mismatch_report(
+    batch: StepBatch, old: Tensor, mask: Tensor, name: str, bounds: tuple[float, float]
+) -> dict[str, float]:
+    """Mismatch and correction statistics over the tokens of responses with a nonzero
+    advantage: those the correction acts on, and those the trainer forwards when it skips the
+    rest (whose `old` is then a placeholder)."""
+    adv = batch.advantages
+    live = adv != 0 if adv.dim() == 1 else (adv != 0).any(-1)  # (N,)
+    live_mask = mask * live.unsqueeze(-1).to(mask.dtype)
+    _, _, report = correct(name, old, batch.engine_logp, live_mask, *bounds)
+    report.update(mismatch_stats(old, batch.engine_logp, live_mask))
+    return {key: float(value) for key, value in report.items()}
