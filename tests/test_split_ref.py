@@ -161,12 +161,13 @@ def test_tampered_manifest_is_refused(ref_store, real_model_path, tmp_path):
         refstore.load_ref_store(copy, pef, weights_hash(real_model_path), "float32")
 
 
-def test_empty_pef_is_a_message_not_a_crash(tmp_path, capsys):
+def test_empty_pef_is_a_message_not_a_crash(tmp_path, caplog):
     split_dir = tmp_path / "split"
     split_dir.mkdir()
     (split_dir / "pef.jsonl").write_text("")
     out = tmp_path / "ref"
     cfg = compose_config([*SMALL, f"split.out={split_dir}", f"ref.out={out}"], "precompute-ref")
-    manifest = reference.run(cfg, tmp_path)
+    with caplog.at_level("INFO", logger="dphrl"):
+        manifest = reference.run(cfg, tmp_path)
     assert manifest["counts"] == {"prompts": 0, "sampled": 0, "kept": 0}
-    assert "0 responses from 0 D_pef prompts" in capsys.readouterr().out
+    assert "0 responses from 0 D_pef prompts" in caplog.text

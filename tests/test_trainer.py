@@ -203,13 +203,16 @@ def test_empty_ref_store_with_a_divergence_that_needs_it_fails_before_rollout(
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_empty_pef_trains_with_the_divergence_off(data_dir, tiny_model_dir, tmp_path, capsys):
+def test_empty_pef_trains_with_the_divergence_off(data_dir, tiny_model_dir, tmp_path, caplog):
     import shutil
 
     shutil.copytree(data_dir / "split", tmp_path / "split")
     (tmp_path / "split" / "pef.jsonl").write_text("")
-    trainer.run(_cfg(tmp_path, tiny_model_dir, "divergence=js", "trainer.max_steps=1"), tmp_path)
-    assert "D_pef is empty" in capsys.readouterr().out
+    with caplog.at_level("INFO", logger="dphrl"):
+        trainer.run(
+            _cfg(tmp_path, tiny_model_dir, "divergence=js", "trainer.max_steps=1"), tmp_path
+        )
+    assert "D_pef is empty" in caplog.text
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["div_loss"] == 0.0
 
 

@@ -8,9 +8,12 @@ rebuilds the others (see README, "Resume and safety").
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from dphrl.config import DphrlConfig
+
+log = logging.getLogger(__name__)
 
 
 def run(cfg: DphrlConfig, run_dir: Path) -> dict:
@@ -19,7 +22,10 @@ def run(cfg: DphrlConfig, run_dir: Path) -> dict:
 
     manifest = make_ref_store(cfg)
     counts = manifest["counts"]
-    print(
-        f"precompute-ref: {counts['kept']} responses from {counts['prompts']} D_pef prompts -> {cfg.ref.out}"
+    log.info(
+        "precompute-ref: %d responses from %d D_pef prompts -> %s",
+        counts["kept"],
+        counts["prompts"],
+        cfg.ref.out,
     )
     return manifest

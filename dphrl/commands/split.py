@@ -1,16 +1,20 @@
 """`dphrl split`: partition the training prompts into D_pef / D_exp by k samples each.
 
 The work is `dphrl.presample.split` (what the split is, its files, how it resumes); this command
-takes the folder's lock, runs it and prints a summary. A rerun on the same `split.out`
+takes the folder's lock, runs it and logs a summary. A rerun on the same `split.out`
 finishes a killed split or, when complete, rewrites pef/exp for the current threshold; other
 settings on the same folder are refused (see README, "Resume and safety").
 """
 
 from __future__ import annotations
 
+import io
+import logging
 from pathlib import Path
 
 from dphrl.config import DphrlConfig
+
+log = logging.getLogger(__name__)
 
 
 def run(cfg: DphrlConfig, run_dir: Path) -> dict:
@@ -36,4 +40,6 @@ def _print_summary(stats: dict, out: Path) -> None:
         str(stats["never_solved"]),
         f"{stats['mean_pass_rate']:.3f}",
     )
-    Console().print(table)
+    console = Console(width=100, record=True, file=io.StringIO())
+    console.print(table)
+    log.info("\n%s", console.export_text().rstrip())

@@ -82,12 +82,12 @@ def training_data(
     weights = weights_hash(model_path)
     if is_main:
         if not (split_dir / "exp.jsonl").exists():
-            print(f"train: no split in {split_dir}: making it (as `dphrl split` does)")
+            log.info("train: no split in %s: making it (as `dphrl split` does)", split_dir)
             make_split(cfg)
         wanted = identity(cfg.ref, cfg.task, cfg.model, weights, cfg.ref.seed)
         # Another store's settings make make_ref_store refuse, naming them.
         if not is_current(ref_dir, split_dir / "pef.jsonl", wanted):
-            print(
+            log.info(
                 f"train: {ref_dir} holds no finished ref store of this split and these settings: "
                 "making or updating it (as `dphrl precompute-ref` does)"
             )
@@ -102,12 +102,12 @@ def training_data(
     pef = len(read_jsonl(split_dir / "pef.jsonl"))
     if is_main:
         total = pef + len(prompts)
-        print(
+        log.info(
             f"train: D_pef {pef} of {total} prompts ({100 * pef / total:.0f}%, rehearsed through "
             f"{len(ref_rows)} ref-store responses), D_exp {len(prompts)} (RL)"
         )
     if not ref_rows and pef == 0:
-        print(
+        log.warning(
             f"train: D_pef is empty (no prompt solved in all {cfg.split.k} samples): the divergence term is off"
         )
     elif not ref_rows:

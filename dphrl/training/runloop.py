@@ -9,8 +9,11 @@ weights, the optimizer and schedule, both data positions and the run-defining se
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -79,15 +82,13 @@ def fit(trainer: Steps, stop_after_step: int | None = None) -> Path:
             if (tr.save_every and trainer.step_num % tr.save_every == 0) or last:
                 save(trainer, settings)
             if stop_after_step is not None and trainer.step_num >= stop_after_step:
-                print(
-                    f"train: stopping after step {trainer.step_num} (stop_after_step, a test hook)"
-                )
+                log.info("train: stopping after step %d (stop_after_step)", trainer.step_num)
                 return run_dir
     out = run_dir / "model"
     trainer.save_model(out)  # collective; rank 0 writes
     trainer.metrics.close()
     if trainer.layout.is_main:
-        print(summary(trainer, metrics, out))
+        log.info("%s", summary(trainer, metrics, out))
     return out
 
 
@@ -107,7 +108,7 @@ def resume(trainer: Steps, settings: dict) -> None:
         trainer.ref_sampler.load_state_dict(state["ref_sampler"])
     trainer.push_weights()
     trainer.metrics.truncate_after(trainer.step_num)
-    print(f"train: resumed from {found} at step {trainer.step_num}")
+    log.info("train: resumed from %s at step %d", found, trainer.step_num)
 
 
 def save(trainer: Steps, settings: dict) -> None:
