@@ -170,14 +170,18 @@ class ModelConfig:
     name: str = "smollm2-135m"
     path: str = "embedded:smollm2-135m"
     cache_dir: str | None = None  # default: $DPHRL_CACHE or the user's cache dir
+    # The compute dtype of training's forwards and backwards, and the engine's dtype (unless
+    # engine.dtype). Weights and AdamW state are float32 whatever it is: a step of lr 1e-6 on a
+    # weight near 0.02 is ~100x below bfloat16's spacing there and would round away. bfloat16
+    # computes through FSDP2's MixedPrecisionPolicy on FSDP layouts and torch.autocast on one
+    # process; the lm_head and the log-softmax stay float32 either way (dphrl.rl.logprobs).
     dtype: DType = DType.float32
     max_prompt_len: int = bounded(512, ge=1)  # longer prompts are dropped (counted)
     max_new_tokens: int = bounded(128, ge=1)
     gradient_checkpointing: bool = False
-    # Log-prob forwards (train, precompute-ref) run the decoder body, and training its
-    # backward, under torch.autocast in this dtype over weights kept in model.dtype (AdamW,
-    # the lm_head and the log-softmax stay there; dphrl.training.trainer.Trainer.logprobs). None:
-    # everything in model.dtype.
+    # The training compute dtype for a float32 model.dtype (whose engine then samples in
+    # float32 unless engine.dtype): `model.dtype=float32 model.autocast=bfloat16` trains as
+    # `model.dtype=bfloat16` does. None: model.dtype decides.
     autocast: DType | None = None
     # Log-prob forwards (train, precompute-ref) put a prompt's responses in rows after one copy
     # of it, at most this many tokens a row (dphrl.rl.batching.share_prefixes); 0 = padded rows.
@@ -185,10 +189,25 @@ class ModelConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     @property
+    def compute_dtype(self) -> str | None:
+        """The dtype training's decoder body computes in, or None for float32 throughout."""
+        dtype = str(self.autocast or self.dtype)
+        return None if dtype == "float32" else dtype
+
+    @property
     def numerics(self) -> str:
-        """The training forward's numerics as a ref store records them: model.dtype, and
-        under autocast `+autocast:<dtype>` (e.g. `float32+autocast:bfloat16`)."""
-        return self.dtype if self.autocast is None else f"{self.dtype}+autocast:{self.autocast}"
+        """The training forward's numerics as a ref store records them: float32 weights, and
+        `+autocast:<dtype>` when the body computes in another dtype."""
+        compute = self.compute_dtype
+        return "float32" if compute is None else f"float32+autocast:{compute}"
+
+    @staticmethod
+    def check(m: ModelConfig) -> None:
+        if m.autocast is not None and m.dtype != "float32" and m.autocast != m.dtype:
+            raise ConfigError(
+                f"model.autocast={m.autocast} with model.dtype={m.dtype}: both name the training "
+                "compute dtype; set one of them (model.dtype alone on GPUs)"
+            )
 
 
 @dataclass
@@ -248,7 +267,9 @@ class AlgoConfig:
     clip_low: float = bounded(0.2, ge=0.0, le=1.0)
     clip_high: float = bounded(0.2, ge=0.0)
     ppo_epochs: int = bounded(1, ge=1)
-    minibatch_size: int = bounded(0, ge=0)  # sequences per optimizer minibatch; 0 = the batch
+    # Rollouts per Adam update, counted over all ranks (each rank takes its 1/world share), so
+    # a step makes ceil(rollouts / minibatch_size) updates on 1 GPU and on 8; 0 = one update.
+    minibatch_size: int = bounded(0, ge=0)
     loss_agg: LossAgg = LossAgg["token-mean"]  # seq-mean-token-sum-norm: Dr. GRPO's
     # loss=ppo_clip: dual-clip's c (A < 0 losses capped at -c A) and the |log ratio| clamp
     # before exp; None is off. The official code uses 3 and 20 (on in the paper presets).
@@ -314,6 +335,10 @@ class TrainerConfig:
     warmup_steps: int = bounded(0, ge=0)
     schedule: Schedule = Schedule.constant
     ref_batch_size: int = bounded(16, ge=1)  # ref-store responses per step
+    # Tokens (prompt + response, padded) each rank forwards at once in the training phase; a
+    # minibatch is cut into micro-batches of at most this many and their gradients add up to
+    # the minibatch's (gradient accumulation). 0 = the whole minibatch in one forward.
+    micro_batch_tokens: int = bounded(0, ge=0)
     save_every: int = bounded(0, ge=0)  # 0 = only the final model
     keep: int = bounded(2, ge=1)
     resume: bool = False
@@ -415,6 +440,22 @@ class DphrlConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     ref: RefConfig = field(default_factory=RefConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @staticmethod
+    def check(cfg: DphrlConfig) -> None:
+        """Rules across sections, checked before any model loads."""
+        if cfg.model.lora.r and cfg.layout.fsdp:
+            raise ConfigError(
+                f"model.lora.r={cfg.model.lora.r} with layout={cfg.layout.name} (layout.fsdp=true): "
+                "LoRA runs unsharded; use layout=gpu1 or cpu, or model.lora.r=0"
+            )
+        tp = cfg.engine.vllm.tensor_parallel_size
+        if tp > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError(
+                f"engine.vllm.tensor_parallel_size={tp} under torchrun: each rank runs its own "
+                "engine on its own GPU and samples its own prompts (data parallel); use "
+                "engine.vllm.tensor_parallel_size=1, or run one process with tensor parallelism"
+            )
 
 
 def pick(key: str, table: dict[str, Any]) -> Any:

@@ -10,7 +10,6 @@ alone writes files.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -85,6 +84,11 @@ def shutdown() -> None:
     _OWNED = False
 
 
+def owns_default_group() -> bool:
+    """Whether `init` made the default process group (torchrun), so it is dphrl's to destroy."""
+    return _OWNED and dist.is_initialized()
+
+
 def barrier() -> None:
     """Wait for every rank (a no-op outside a process group)."""
     if dist.is_initialized():
@@ -101,19 +105,31 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def shard(model: torch.nn.Module, layout: Layout) -> torch.nn.Module:
-    """FSDP2: shard each decoder layer, then the root, over a 1-D mesh of all ranks."""
+def shard(
+    model: torch.nn.Module, layout: Layout, compute_dtype: str | None = None
+) -> torch.nn.Module:
+    """FSDP2: shard each decoder layer, then the root, over a 1-D mesh of all ranks.
+
+    The sharded parameters (the master weights AdamW steps) stay float32. With `compute_dtype`
+    (model.dtype bfloat16 on GPUs) each decoder layer all-gathers its weights in that dtype and
+    computes in it, and gradients are reduced in float32 (`MixedPrecisionPolicy(param_dtype,
+    reduce_dtype=float32)`); the root (embeddings, final norm, lm_head) stays float32, so the
+    lm_head and the log-softmax run in float32 as on one process.
+    """
     if not layout.fsdp:
         return model
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(
         "cuda" if layout.device.startswith("cuda") else "cpu", (layout.world_size,)
     )
+    layer_policy = MixedPrecisionPolicy(
+        param_dtype=getattr(torch, compute_dtype or "float32"), reduce_dtype=torch.float32
+    )
     for layer in _decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=layer_policy)
+    fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
     return model
 
 
@@ -135,19 +151,6 @@ def average_gradients(model: torch.nn.Module, layout: Layout) -> None:
     for p in model.parameters():
         if p.grad is not None:
             dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-
-
-def full_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Named full parameters, gathered one at a time (never the whole model at once).
-
-    A DTensor shard (FSDP2) is all-gathered into a full tensor, yielded, and dropped before
-    the next, so weight sync to the engine peaks at one parameter beyond the shards.
-    """
-    for name, param in model.named_parameters():
-        tensor = param.detach()
-        if hasattr(tensor, "full_tensor"):
-            tensor = tensor.full_tensor()
-        yield name, tensor
 
 
 def all_reduce_sum(values: list[float], device: str) -> list[float]:
@@ -173,3 +176,23 @@ def rank_denominator(count: float, layout: Layout) -> float:
     """A count summed over ranks (at least 1), divided by the world size: what each rank
     divides its loss sum by, so that the rank-average of gradients is the global mean's."""
     return max(all_reduce_sum([count], layout.device)[0], 1.0) / layout.world_size
+
+
+def peak_memory_gib(device: str) -> float | None:
+    """The CUDA allocator's peak since the last call, in GiB (None off CUDA); resets the peak,
+    so each training phase (rollout, train, weight sync) reports its own."""
+    if not device.startswith("cuda"):
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
+def free_cache(device: str) -> None:
+    """Return the CUDA allocator's cached blocks to the device (a no-op elsewhere): between
+    training and the engine's wake-up, so the engine finds the memory training freed."""
+    if device.startswith("cuda"):
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()

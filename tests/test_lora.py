@@ -16,8 +16,9 @@ from dphrl import dist
 from dphrl.commands import train as trainer
 from dphrl.config import LoraConfig
 from dphrl.presample.inputs import training_data
-from dphrl.training.lora import add_adapters, base_of, merged_model_dir, merged_tensors
+from dphrl.training.lora import add_adapters, base_of, merged_model_dir
 from dphrl.training.trainer import Trainer
+from dphrl.training.weight_sync import merged_tensors
 
 
 @pytest.fixture(autouse=True)

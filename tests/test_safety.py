@@ -150,7 +150,7 @@ def test_train_warns_about_a_store_in_another_dtype(store, tiny_model_dir, caplo
     with caplog.at_level("WARNING"):
         _, rows = _train_data(store, tiny_model_dir, "model.dtype=bfloat16")
     assert sampled == [] and len(rows) == 3  # the store is used, not rebuilt
-    assert "float32 log-probs but training runs in bfloat16" in caplog.text
+    assert "float32 log-probs but training runs in float32+autocast:bfloat16" in caplog.text
 
 
 @pytest.mark.slow  # runs the pipeline on the tiny model

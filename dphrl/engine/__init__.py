@@ -66,10 +66,12 @@ class Engine(Protocol):
         """Replace the engine's weights with these named tensors (HF names)."""
 
     def sleep(self) -> None:
-        """Release engine memory while training, where supported (else a no-op)."""
+        """Release engine memory while training, where supported (else a no-op). The weights
+        may be dropped: the next `load_weights` overwrites every one of them."""
 
-    def wake_up(self) -> None:
-        """Take the memory back before the next rollout."""
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Take the memory back: `["weights"]` before `load_weights`, `["kv_cache"]` after it,
+        None for both (`dphrl.training.weight_sync.push`)."""
 
     def close(self) -> None:
         """Free the engine for good (vLLM: shut it down, so another can start in-process)."""

@@ -187,8 +187,10 @@ class HFEngine:
             self.model.to("cpu")
             torch.cuda.empty_cache()
 
-    def wake_up(self) -> None:
-        if self.sleep_mode:
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """The weights back on the device (`tags` None or with "weights"); the hf engine keeps
+        no cache between calls, so "kv_cache" needs nothing."""
+        if self.sleep_mode and (tags is None or "weights" in tags):
             self.model.to(self.device)
 
     def close(self) -> None:

@@ -9,6 +9,12 @@ drawn from (vLLM's default, `raw_logprobs`, would give the unscaled model distri
 temperature 0 (greedy) vLLM applies no processing and returns the model's own (temperature 1)
 log-probs; the hf engine does the same.
 
+Under torchrun each rank runs its own engine on its own device (`LOCAL_RANK`) and samples its
+own share of the prompts: vLLM's `external_launcher` executor, which joins the process group
+torchrun made instead of taking GPU 0 as the uniprocess executor would. Its start-up is
+collective (the KV budget is the minimum over ranks), so every rank starts its engine at the
+same point, and `close()` leaves the default group alone when dphrl made it.
+
 Seeds: prompt i of a call, sample j, draws from the stream seeded `sampling.seed + i * n + j`
 (vLLM seeds the j-th child of a request `seed + j`), so the result does not depend on which
 other prompts share the batch; that is what makes a resumed eval equal an uninterrupted one.
@@ -23,6 +29,7 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from dphrl import dist
 from dphrl.engine import Completion, Sampling
 from dphrl.errors import EngineError
 
@@ -81,6 +88,8 @@ class VLLMEngine:
         # vLLM works (`_serving`).
         self.torch_threads = torch.get_num_threads()
         extra: dict[str, Any] = {}
+        if under_torchrun():
+            extra["distributed_executor_backend"] = "external_launcher"
         if max_model_len is not None:
             extra["max_model_len"] = max_model_len
         if self.on_cpu:
@@ -139,8 +148,9 @@ class VLLMEngine:
         ]
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
-        """Replace the weights in place (HF names); the tied `lm_head.weight` is left out."""
-        named = [(k, v) for k, v in weights if not (self.tied and k == "lm_head.weight")]
+        """Replace the weights in place (HF names), consuming `weights` lazily: one full tensor
+        alive at a time (`dphrl.training.weight_sync`). The tied `lm_head.weight` is left out."""
+        named = ((k, v) for k, v in weights if not (self.tied and k == "lm_head.weight"))
         with self._serving():
             self.llm.collective_rpc(
                 "reload_weights", kwargs={"weights_iterator": named, "is_checkpoint_format": True}
@@ -159,30 +169,66 @@ class VLLMEngine:
             torch.set_num_threads(self.torch_threads)
 
     def sleep(self) -> None:
-        """Free weights and KV cache (GPU with sleep_mode); the next `load_weights` refills them."""
+        """Free weights and KV cache (GPU with sleep_mode). Level 2 drops the weights rather
+        than copying them to host memory (level 1): the next `load_weights` overwrites them."""
         if self.sleep_mode and not self.asleep:
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=2)
             self.asleep = True
 
-    def wake_up(self) -> None:
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Reallocate the `tags` ("weights", "kv_cache"; None: all) after `sleep`."""
         if self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
+            self.llm.wake_up(tags=tags)
+            self.asleep = tags is not None and "kv_cache" not in tags
 
     def close(self) -> None:
-        """Shut vLLM down so that another engine can start in this process."""
-        from vllm.distributed.parallel_state import (
-            destroy_distributed_environment,
-            destroy_model_parallel,
-        )
+        """Shut vLLM down so that another engine can start in this process.
 
-        engine_core = getattr(self.llm.llm_engine, "engine_core", None)
-        if engine_core is not None and hasattr(engine_core, "shutdown"):
-            engine_core.shutdown()
-        del self.llm
-        destroy_model_parallel()
-        destroy_distributed_environment()
+        vLLM's model-parallel groups and its world group go. The default process group goes
+        too only when vLLM made it (one process): under torchrun it is the trainer's
+        (`dphrl.dist.init`), which vLLM's teardown (`EngineCore.shutdown` ->
+        `cleanup_dist_env_and_memory` -> `destroy_distributed_environment`) would destroy with
+        `torch.distributed.destroy_process_group()`.
+        """
+        from vllm.distributed import parallel_state
+
+        with _sparing_default_group():
+            engine_core = getattr(self.llm.llm_engine, "engine_core", None)
+            if engine_core is not None and hasattr(engine_core, "shutdown"):
+                engine_core.shutdown()
+            del self.llm
+            parallel_state.destroy_model_parallel()
+            parallel_state.destroy_distributed_environment()
         gc.collect()
+
+
+@contextlib.contextmanager
+def _sparing_default_group() -> Iterator[None]:
+    """While vLLM tears down, its `destroy_distributed_environment` destroys its own world
+    group only, when the default group is dphrl's (torchrun); otherwise nothing changes."""
+    from vllm.distributed import parallel_state
+
+    if not dist.owns_default_group():
+        yield
+        return
+
+    def world_group_only() -> None:
+        if parallel_state._WORLD is not None:
+            parallel_state._WORLD.destroy()
+        parallel_state._WORLD = None
+        parallel_state._NODE_COUNT = None
+
+    original = parallel_state.destroy_distributed_environment
+    parallel_state.destroy_distributed_environment = world_group_only
+    try:
+        yield
+    finally:
+        parallel_state.destroy_distributed_environment = original
+
+
+def under_torchrun() -> bool:
+    """Started by torchrun with more than one process: each rank gets its own engine."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _completion(out: Any) -> Completion:

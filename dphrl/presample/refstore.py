@@ -58,7 +58,7 @@ def identity(ref: RefConfig, task: TaskConfig, model: ModelConfig, weights: str,
     return {
         "model": model.path,
         "weights_sha256": weights,
-        "dtype": model.numerics,  # model.dtype, and model.autocast's when set
+        "dtype": model.numerics,  # float32, or float32+autocast:<compute dtype>
         "task": task.name,
         "samples_per_prompt": ref.samples_per_prompt,
         "keep": ref.keep,
@@ -241,7 +241,8 @@ class _ShardSampler:
             self.engine = engine_from_config(
                 self.engine_cfg, model, self.model_path, self.device, self.seed
             )
-            self.policy = load_policy(self.model_path, model.dtype, self.device).eval()
+            # the trainer's numerics: float32 weights, the body in model.dtype (compute_dtype)
+            self.policy = load_policy(self.model_path, "float32", self.device).eval()
             self.tokenizer = load_tokenizer(self.model_path)
         ids, kept = render_rows(
             self.tokenizer, self.pef[c.start : c.stop], model.max_prompt_len, "precompute-ref"
@@ -272,7 +273,7 @@ class _ShardSampler:
             self.tokenizer.pad_token_id,
             self.device,
             model.pack_tokens,
-            model.autocast,
+            model.compute_dtype,
         )
         return records
 
@@ -290,7 +291,8 @@ def _add_ref_logprobs(
     autocast_dtype: str | None,
     batch: int = 8,
 ) -> None:
-    """ref_logprobs by the training forward pass (`model.autocast` too); every value must be finite."""
+    """ref_logprobs by the training forward pass (float32 weights, the body under autocast in
+    `autocast_dtype`, as the trainer's); every value must be finite."""
     import torch
 
     from dphrl.rl.batching import pack, unpad
@@ -346,8 +348,8 @@ def load_ref_store(
     folder: str | os.PathLike, pef_path: Path, weights_sha256: str, dtype: str
 ) -> list[dict]:
     """Read a finished store, verified: made from this model's weights and this `pef.jsonl`,
-    every shard whole. A store made in other numerics than training's (`dtype`: model.dtype, and
-    model.autocast's when set) is used with a warning (its log-probs differ from the training
+    every shard whole. A store made in other numerics than training's (`dtype`: `model.numerics`,
+    float32 weights and the compute dtype) is used with a warning (its log-probs differ from the training
     forward's by the rounding of either)."""
     import pyarrow.parquet as pq
 
@@ -374,7 +376,7 @@ def load_ref_store(
     if manifest.get("dtype") != dtype:
         log.warning(
             "the ref store %s holds %s log-probs but training runs in %s: log r is not 0 at step 0 "
-            "(rounding); rerun precompute-ref with the trainer's model.dtype and model.autocast "
+            "(rounding); rerun precompute-ref with the trainer's model.dtype (and model.autocast) "
             "for an exact rehearsal",
             folder,
             manifest.get("dtype"),

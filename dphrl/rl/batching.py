@@ -186,3 +186,32 @@ def share_prefixes(batch: Packed, max_tokens: int) -> SharedPrefix:
         torch.tensor(xs, dtype=torch.long) for xs in (source, target, slot)
     ]
     return SharedPrefix(*(t.to(device) for t in tensors))
+
+
+def micro_slices(tokens: list[int], budget: int, parts: int | None = None) -> list[slice]:
+    """Contiguous slices of the rows (`tokens`: one count per row) holding at most `budget`
+    tokens each, filled greedily; a row over the budget makes a slice alone. 0 = no budget.
+
+    With `parts` (every rank's count, the most any rank needs: FSDP's collectives need equal
+    forwards on every rank) the biggest slice is halved until there are `parts`, and when
+    there are fewer rows than that, empty slices close the list.
+    """
+    n = len(tokens)
+    bounds = [0]
+    filled = 0
+    for i, count in enumerate(tokens):
+        if budget > 0 and filled and filled + count > budget:
+            bounds.append(i)
+            filled = 0
+        filled += count
+    bounds.append(n)
+    slices = [slice(a, b) for a, b in zip(bounds, bounds[1:])] or [slice(0, 0)]
+    while parts is not None and len(slices) < parts:
+        widest = max(range(len(slices)), key=lambda k: slices[k].stop - slices[k].start)
+        s = slices[widest]
+        if s.stop - s.start < 2:
+            slices += [slice(n, n)] * (parts - len(slices))
+            break
+        middle = (s.start + s.stop) // 2
+        slices[widest : widest + 1] = [slice(s.start, middle), slice(middle, s.stop)]
+    return slices

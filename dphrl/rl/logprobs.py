@@ -18,6 +18,7 @@ makes the log-probs those of the distribution that sampled the tokens.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -215,6 +216,32 @@ def hidden_logprobs(
     return logp.view(ids.shape), entropy.view(ids.shape) if with_entropy else None
 
 
+def decoder_hidden(model: torch.nn.Module, input_ids: Tensor, **kwargs: Any) -> Tensor:
+    """The decoder body's last hidden states `# (B, L, H)` (after its final norm).
+
+    On one process the body runs alone (`model.base_model`). Under FSDP2 the root module's
+    forward must run, since it is what all-gathers the root's parameters (embeddings, final
+    norm, lm_head) and registers their gradients' reduce-scatter; so the whole model runs with
+    one position's logits kept, and a hook takes the body's output. FSDP2 leaves the root's
+    parameters gathered after the forward (they are needed again in the backward), so the
+    lm_head weight read next (`model.get_output_embeddings().weight`) is the full one, and
+    its gradient is reduce-scattered with the root's at the end of the backward.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return model.base_model(input_ids=input_ids, **kwargs).last_hidden_state
+    captured: list[Tensor] = []
+    hook = model.base_model.register_forward_hook(
+        lambda _module, _args, out: captured.append(out.last_hidden_state)
+    )
+    try:
+        model(input_ids=input_ids, logits_to_keep=1, **kwargs)
+    finally:
+        hook.remove()
+    return captured[0]
+
+
 def response_logprobs(
     model: torch.nn.Module,
     input_ids: Tensor,
@@ -235,11 +262,10 @@ def response_logprobs(
     Returns log-probs `# (B, T)` float32, 0 where response_mask is 0, and the entropy `# (B, T)`
     (detached) when `with_entropy`.
 
-    `from_hidden=True` runs the decoder body and makes logits chunk by chunk from the lm_head
-    weight, so full logits never exist. It calls `model.base_model` directly, bypassing the
-    root module's forward; under FSDP2 with the lm_head in the root group use
-    `from_hidden=False`, which calls the whole model for the response logits (in model dtype)
-    and only chunks the float32 log-softmax.
+    `from_hidden=True` runs the decoder body (`decoder_hidden`, FSDP2 too) and makes logits
+    chunk by chunk from the lm_head weight, so full logits never exist. `from_hidden=False`
+    calls the whole model for the response logits (in model dtype) and only chunks the float32
+    log-softmax: the reference the chunked path is tested against.
     """
     T = response_mask.shape[1]
     L = input_ids.shape[1]
@@ -249,7 +275,7 @@ def response_logprobs(
     targets = input_ids[:, L - T :] * response_mask.long()  # (B, T); masked ids -> 0, valid index
     kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     if from_hidden:
-        hidden = model.base_model(input_ids=input_ids, **kwargs).last_hidden_state  # (B, L, H)
+        hidden = decoder_hidden(model, input_ids, **kwargs)  # (B, L, H)
         head = model.get_output_embeddings()
         logp, entropy = hidden_logprobs(
             hidden[:, L - T - 1 : L - 1],  # position t predicts token t + 1
@@ -315,7 +341,7 @@ def batch_logprobs(
     )
     R, S = sp.input_ids.shape
     if from_hidden:
-        hidden = model.base_model(input_ids=sp.input_ids, **kwargs).last_hidden_state  # (R, S, H)
+        hidden = decoder_hidden(model, sp.input_ids, **kwargs)  # (R, S, H)
         head = model.get_output_embeddings()
         logp, entropy = hidden_logprobs(
             hidden.reshape(R * S, -1)[sp.source],  # (K, H)

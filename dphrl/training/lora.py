@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,27 +37,6 @@ def add_adapters(model: torch.nn.Module, lora: LoraConfig) -> Any:
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
-
-
-def merged_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The model's weights with each LoRA delta merged, under the base model's names.
-
-    A LoRA layer yields `base_layer.weight + delta` as `<layer>.weight`; the adapter's own
-    parameters are not yielded; everything else passes through. The model is not changed.
-    """
-    from peft.tuners.lora import LoraLayer
-
-    lora_layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
-    for name, param in model.named_parameters():
-        if ".lora_" in name:
-            continue
-        owner = name.rsplit(".base_layer.", 1)[0] if ".base_layer." in name else None
-        tensor = param.detach()
-        if owner in lora_layers and name.endswith(".base_layer.weight"):
-            layer = lora_layers[owner]
-            for adapter in layer.active_adapters:
-                tensor = tensor + layer.get_delta_weight(adapter).to(tensor.dtype)
-        yield name.replace(".base_layer.", "."), tensor
 
 
 def save_adapter(peft_model: Any, tokenizer: Any, out: str | os.PathLike, base: str) -> Path:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,24 +28,28 @@ import torch
 from dphrl import dist, seeds
 from dphrl.config import DphrlConfig
 from dphrl.engine import Sampling, engine_from_config
-from dphrl.errors import ConfigError
 from dphrl.metrics import MetricsLogger, Timer, accumulate, step_metrics
 from dphrl.rl.advantages import make_advantage
 from dphrl.rl.aggregation import agg_count
-from dphrl.rl.batching import Packed, pack_with, share
+from dphrl.rl.batching import Packed, micro_slices, pack_with, share
 from dphrl.rl.divergence import make_divergence, policy_sample_term
 from dphrl.rl.filters import informative_groups, overlong_filter, soft_overlong_penalty
-from dphrl.rl.hybrid import StepBatch, hybrid_loss
+from dphrl.rl.hybrid import LOSS_STATS, StepBatch, hybrid_loss
 from dphrl.rl.logprobs import autocast, batch_logprobs, live_rows_logprobs
 from dphrl.rl.policy_loss import ZERO_ADVANTAGE_INERT, policy_loss_for
 from dphrl.rollout import Rollouts, Scored, render_rows, score_outputs
 from dphrl.tasks import get_task
+from dphrl.training import weight_sync
 from dphrl.training.heldout import heldout_pass_at_k, heldout_rows
-from dphrl.training.lora import add_adapters, merged_tensors, save_adapter
+from dphrl.training.lora import add_adapters, save_adapter
 from dphrl.training.optim import clipped_step, make_optimizer, zero_gradients
 from dphrl.training.sampler import EpochSampler
 
 log = logging.getLogger(__name__)
+
+# Loss statistics taken over the whole minibatch's denominators: micro-batches' values add up.
+# The others (clip and mismatch fractions, ratios) are averaged by each micro-batch's tokens.
+ADDITIVE_STATS = frozenset({"pg_loss", "div_loss", "kl_ref", "rkl_loss"})
 
 
 class Trainer:
@@ -67,28 +72,17 @@ class Trainer:
         self.prompts, self.ref_rows = prompts, ref_rows
         self.tokenizer = load_tokenizer(model_path)
         torch.manual_seed(cfg.seed)
-        self.policy = load_policy(model_path, cfg.model.dtype, layout.device)
-        self.peft = (
-            None  # with model.lora.r > 0: the PeftModel over self.policy (dphrl.training.lora)
-        )
-        if cfg.model.lora.r:
-            if layout.fsdp:
-                raise ConfigError(
-                    f"model.lora.r={cfg.model.lora.r} with layout {cfg.layout.name} (FSDP): LoRA "
-                    "runs unsharded for now; use layout=gpu1 or cpu, or model.lora.r=0"
-                )
+        # float32 master weights and AdamW state whatever model.dtype (the compute dtype) is
+        self.compute_dtype = cfg.model.compute_dtype
+        self.policy = load_policy(model_path, "float32", layout.device)
+        self.peft = None  # with model.lora.r > 0: the PeftModel over self.policy (training.lora)
+        if cfg.model.lora.r:  # unsharded: the config refuses LoRA with FSDP
             self.peft = add_adapters(self.policy, cfg.model.lora)
-        if cfg.model.autocast and layout.fsdp:  # the full-model forward would autocast lm_head
-            raise ConfigError(
-                f"model.autocast={cfg.model.autocast} with layout {cfg.layout.name} (FSDP): "
-                "autocast runs unsharded for now; on GPUs use model.dtype=bfloat16, or "
-                "model.autocast=null"
-            )
         if cfg.model.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
             if self.peft is not None:
                 self.policy.enable_input_require_grads()  # frozen embeddings: checkpoints need it
-        self.policy = dist.shard(self.policy, layout)
+        self.policy = dist.shard(self.policy, layout, self.compute_dtype)
         # reverse_kl's estimator, or js_full's policy half: on the rollouts, vs an online reference
         self.policy_term = policy_sample_term(self.div.name, self.div.estimator)
         a = self.algo
@@ -98,8 +92,9 @@ class Trainer:
         self.policy_loss = policy_loss_for(a, self.cov_generator)
         self.ref_model = None  # under LoRA the reference is the policy with adapters disabled
         if self.policy_term is not None and self.peft is None:
-            self.ref_model = load_policy(model_path, cfg.model.dtype, layout.device).eval()
-            self.ref_model.requires_grad_(False)
+            ref_model = load_policy(model_path, "float32", layout.device).eval()
+            ref_model.requires_grad_(False)
+            self.ref_model = dist.shard(ref_model, layout, self.compute_dtype)  # as the policy
         self.divergence = (
             make_divergence(
                 self.div.name,
@@ -123,7 +118,8 @@ class Trainer:
         self.metrics = MetricsLogger(
             run_dir, tensorboard=tr.tensorboard, wandb=tr.wandb, enabled=layout.is_main
         )
-        self.timer = Timer()
+        self.timer = Timer(cuda_sync=layout.device.startswith("cuda"))
+        self.max_len = cfg.model.max_new_tokens
         self.step_num = 0
         self.eval_rows = heldout_rows(self.task, cfg.task, cfg.eval.limit) if cfg.eval.every else []
 
@@ -133,15 +129,18 @@ class Trainer:
         self.timer.reset()
         rollouts = self.rollout()  # G responses per D_exp prompt, with their rewards
         self.cov_generator.manual_seed(seeds.clip_cov(self.cfg.seed, self.step_num))
-        self.engine.sleep()  # gpu layouts with engine.sleep_mode: free the engine's memory to train
+        peaks = {"mem_peak_rollout_gib": dist.peak_memory_gib(self.layout.device)}
+        self.engine.sleep()  # engine.sleep_mode on GPUs: weights and KV cache freed to train
         with self.timer("train"):
             advantages = self.advantages(rollouts)
             batch = self.batch(rollouts, advantages)
-            stats = self.update(batch)  # PPO passes: hybrid loss -> AdamW, per minibatch
+            stats = self.update(batch)  # per minibatch: micro-batches' backwards, then AdamW
+        peaks["mem_peak_train_gib"] = dist.peak_memory_gib(self.layout.device)
         with self.timer("weight_sync"):
-            self.engine.wake_up()
-            self.push_weights()
+            self.push_weights()  # weights woken, streamed in, then the KV cache
+        peaks["mem_peak_weight_sync_gib"] = dist.peak_memory_gib(self.layout.device)
         self.step_num += 1
+        stats.update({k: v for k, v in peaks.items() if v is not None})  # on CUDA
         return self.summarize(rollouts, stats)
 
     def rollout(self) -> Rollouts:
@@ -218,11 +217,9 @@ class Trainer:
         a, t = self.algo, self.algo.temperature
         # One epoch over one minibatch: the loss's forward runs before any update, so its
         # detached log-probs are the old ones (ratio 1); a separate forward would repeat it.
-        single_pass = a.ppo_epochs == 1 and (
-            not a.minibatch_size or a.minibatch_size >= len(rollouts)
-        )
+        single_pass = a.ppo_epochs == 1 and self.updates_per_epoch(len(rollouts)) == 1
         with torch.no_grad():
-            old = None if single_pass else self.logprobs(self.policy, rollouts, t)
+            old = None if single_pass else self.logprobs_in_parts(self.policy, rollouts, t)
             online = None if self.policy_term is None else self.reference_logprobs(rollouts, t)
         return StepBatch(
             rollouts,
@@ -249,24 +246,32 @@ class Trainer:
         )
         return packed.to(self.layout.device), ref_logp.to(self.layout.device)
 
+    def updates_per_epoch(self, rollouts: int) -> int:
+        """Adam updates per pass over the step's rollouts: ceil(rollouts on all ranks /
+        `algo.minibatch_size`), so 1 GPU and 8 make the same number for the same global batch."""
+        size = self.algo.minibatch_size
+        if not size:
+            return 1
+        total = dist.all_reduce_sum([float(rollouts)], self.layout.device)[0]
+        return max(1, math.ceil(total / size))
+
     def update(self, batch: StepBatch) -> dict[str, float]:
-        """`algo.ppo_epochs` passes over minibatches: the hybrid loss, then AdamW, each."""
+        """`algo.ppo_epochs` passes over the step's minibatches; each is forwarded and
+        backpropagated in micro-batches (`trainer.micro_batch_tokens`), then AdamW steps once.
+        Every rank takes its share of each global minibatch (`updates_per_epoch`)."""
         a, n = self.algo, len(batch)
-        size = a.minibatch_size or max(n, 1)
-        n_mb = max(1, math.ceil(n / size))
+        n_mb = self.updates_per_epoch(n)
         n_store = 0 if batch.store is None else len(batch.store)
         totals: dict[str, float] = {}
         for _ in range(a.ppo_epochs):
             for k in range(n_mb):
-                rows = slice(k * size, (k + 1) * size)
-                loss, stats = self.loss(batch.minibatch(rows, share(n_store, n_mb, k)))
+                mb = batch.minibatch(share(n, n_mb, k), share(n_store, n_mb, k))
                 self.optimizer.zero_grad(set_to_none=True)
-                if loss.requires_grad:
-                    loss.backward()
-                elif n:
+                stats, has_grad = self.backward(mb)
+                if not has_grad:
+                    if not n:  # no rollouts (all filtered) and no ref batch: nothing to step on
+                        continue
                     zero_gradients(self.policy)
-                else:  # no rollouts (all filtered) and no ref batch: nothing to step on
-                    continue
                 stats["grad_norm"] = clipped_step(  # rank-averaged, clipped; AdamW steps
                     self.policy, self.optimizer, self.cfg.trainer.grad_clip, self.layout
                 )
@@ -275,21 +280,71 @@ class Trainer:
         self.scheduler.step()
         return totals
 
-    def loss(self, mb: StepBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """The policy's forwards on one minibatch, then `hybrid_loss`, scaled so that the
-        rank-average of gradients equals the gradient of the global mean (the denominators
-        count tokens or responses on all ranks)."""
+    def backward(self, mb: StepBatch) -> tuple[dict[str, float], bool]:
+        """The hybrid loss's gradient on one minibatch, accumulated over its micro-batches:
+        first the rollouts', then the ref-store rows'. Each micro-batch's loss divides by the
+        whole minibatch's count on all ranks, so the gradients add up to the minibatch's.
+        Returns the loss statistics and whether any micro-batch's loss had a gradient."""
         a, beta = self.algo, self.div.beta
-        logp = denom = store_logp = store_denom = None
+        use_store = mb.store is not None and beta > 0 and self.divergence is not None
+        rollout_mask = None if mb.rollouts is None else mb.rollouts.response_mask
+        counts = [
+            0.0 if rollout_mask is None else agg_count(rollout_mask, a.loss_agg, self.max_len),
+            agg_count(mb.store.response_mask, "token-mean", 0) if use_store else 0.0,
+        ]
+        total = dist.all_reduce_sum(counts, self.layout.device)
+        denom, store_denom = (max(c, 1.0) / self.layout.world_size for c in total)
+        parts: list[tuple[StepBatch, float]] = []
+        if mb.rollouts is not None:
+            rows = self.micro_slices(mb.rollouts)
+            parts += [(mb.minibatch(r, None), w) for r, w in rows]
+        if use_store:
+            rows = self.micro_slices(mb.store)
+            no_rollouts = replace(mb, rollouts=None, advantages=mb.advantages[:0])
+            parts += [(no_rollouts.minibatch(slice(0, 0), r), w) for r, w in rows]
+        merged: dict[str, float] = {}
+        stepped = False
+        for part, weight in parts:
+            loss, stats = self.loss(part, denom, store_denom)
+            if loss.requires_grad:
+                (loss * (weight > 0)).backward()  # weight 0: a stand-in forward (FSDP)
+                stepped = True
+            for key, value in stats.items():
+                share_ = 1.0 if key in ADDITIVE_STATS else weight
+                merged[key] = merged.get(key, 0.0) + share_ * value * (weight > 0)
+        return {**dict.fromkeys(LOSS_STATS, 0.0), **merged}, stepped
+
+    def micro_slices(self, rows: Packed) -> list[tuple[slice, float]]:
+        """Micro-batches of `rows` of at most `trainer.micro_batch_tokens` real tokens each,
+        as many on every rank under FSDP, with each one's share of the rows' tokens. A rank
+        with fewer rows than micro-batches forwards its first row again at weight 0: FSDP's
+        collectives need every rank to forward as often."""
+        tokens = rows.attention_mask.sum(-1).tolist()
+        budget = self.cfg.trainer.micro_batch_tokens
+        parts = len(micro_slices(tokens, budget))
+        if dist.forward_on_every_rank(self.layout):
+            parts = int(dist.all_reduce_max([float(parts)], self.layout.device)[0])
+        total = max(sum(tokens), 1)
+        out = []
+        for s in micro_slices(tokens, budget, parts):
+            if s.stop > s.start:
+                out.append((s, sum(tokens[s]) / total))
+            elif dist.forward_on_every_rank(self.layout) and tokens:
+                out.append((slice(0, 1), 0.0))
+        return out
+
+    def loss(
+        self, mb: StepBatch, denom: float, store_denom: float
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The policy's forwards on one micro-batch, then `hybrid_loss` over the minibatch's
+        denominators (tokens or responses on all ranks, over the world size), so that the
+        rank-average of the accumulated gradients equals the gradient of the global mean."""
+        a, beta = self.algo, self.div.beta
+        logp = store_logp = None
         if mb.rollouts is not None and len(mb.rollouts):
             logp = self._policy_logprobs(mb)
-            count = agg_count(mb.rollouts.response_mask, a.loss_agg, self.cfg.model.max_new_tokens)
-            denom = dist.rank_denominator(count, self.layout)
-        if mb.store is not None and beta > 0 and self.divergence is not None:
+        if mb.store is not None and len(mb.store) and beta > 0 and self.divergence is not None:
             store_logp = self.logprobs(self.policy, mb.store, 1.0, grad=True)
-            store_denom = dist.rank_denominator(
-                agg_count(mb.store.response_mask, "token-mean", 0), self.layout
-            )
         return hybrid_loss(
             mb,
             logp,
@@ -342,15 +397,19 @@ class Trainer:
         (`dphrl.rl.logprobs._scaled_logits`). precompute-ref makes the ref store's log-probs under
         the same autocast, so log r is 0 at step 0 again.
         """
-        with torch.set_grad_enabled(grad), autocast(self.layout.device, self.cfg.model.autocast):
+        # FSDP layouts compute in model.dtype through their MixedPrecisionPolicy (dist.shard)
+        dtype = None if self.layout.fsdp else self.compute_dtype
+        with torch.set_grad_enabled(grad), autocast(self.layout.device, dtype):
             logp, _ = batch_logprobs(
-                model,
-                batch,
-                pack_tokens=self.cfg.model.pack_tokens,
-                temperature=temperature,
-                from_hidden=not self.layout.fsdp,
+                model, batch, pack_tokens=self.cfg.model.pack_tokens, temperature=temperature
             )
         return logp
+
+    def logprobs_in_parts(self, model, batch: Packed, temperature: float) -> torch.Tensor:
+        """`logprobs` without grad `# (N, T)`, forwarded in micro-batches (`micro_slices`)."""
+        parts = self.micro_slices(batch)
+        outs = [(s, self.logprobs(model, batch.select(s), temperature)) for s, _ in parts]
+        return torch.cat([logp for (_, weight), (_, logp) in zip(parts, outs) if weight > 0])
 
     def evaluate(self) -> dict[str, float]:
         """pass@k of the current policy on the held-out prompts (`eval.every`)."""
@@ -377,15 +436,18 @@ class Trainer:
         """The online reference's log-probs of the rollouts: the initial model's copy, or under
         LoRA the policy itself with its adapters disabled."""
         if self.peft is None:
-            return self.logprobs(self.ref_model, rollouts, temperature)
+            return self.logprobs_in_parts(self.ref_model, rollouts, temperature)
         with self.peft.disable_adapter():
-            return self.logprobs(self.policy, rollouts, temperature)
+            return self.logprobs_in_parts(self.policy, rollouts, temperature)
 
     def push_weights(self) -> None:
-        """Push the updated weights to the rollout engine, one full tensor at a time (under
-        LoRA, each adapted weight merged: W + BA under the base name)."""
-        tensors = merged_tensors(self.policy) if self.peft else dist.full_tensors(self.policy)
-        self.engine.load_weights(tensors)
+        """The updated weights into the rollout engine (`dphrl.training.weight_sync.push`): one
+        full tensor at a time, in the engine's dtype (under LoRA each adapted weight merged)."""
+        engine_dtype = self.cfg.engine.dtype or self.cfg.model.dtype
+        weight_sync.push(
+            self.policy, self.engine, self.layout.device, lora=self.peft is not None,
+            dtype=str(engine_dtype),
+        )  # fmt: skip
 
     def summarize(self, r: Rollouts, stats: dict[str, float]) -> dict[str, float]:
         """The step's metrics: rollouts (rewards, lengths, entropy), loss statistics, times."""
