@@ -4,14 +4,14 @@
 # run per method -- DPH-RL with JS / forward KL / alpha, and the baselines GRPO, GRPO + reverse
 # KL, DAPO as the paper ran it -- then pass@k of every model on BIRD dev (in-domain) and Spider
 # dev (out-of-domain). Needs BIRD=<folder with train/ and dev/> and SPIDER=<spider folder>.
-# Prints every command before it runs; DRY_RUN=1 only prints them.
+# Prints every command (shell-quoted, ready to paste) before it runs; DRY_RUN=1 only prints them.
 set -euo pipefail
 : "${BIRD:?set BIRD to the BIRD folder (train/train.json, train/train_databases, dev/...)}"
 : "${SPIDER:?set SPIDER to the Spider folder (dev.json, database/)}"
 OUT=${OUT:-runs/paper_bird}
 DATA=(task.path="$BIRD/train/train.json" task.db_root="$BIRD/train/train_databases"
       task.eval_path="$BIRD/dev/dev.json" split.out="$OUT/split" ref.out="$OUT/ref")
-step() { echo "+ $*"; if [ -z "${DRY_RUN:-}" ]; then "$@"; fi; }
+step() { echo "+ $(printf '%q ' "$@")"; if [ -z "${DRY_RUN:-}" ]; then "$@"; fi; }
 
 step dphrl split +experiment=paper_bird layout=gpu1 "${DATA[@]}" "hydra.run.dir=$OUT/logs/split"
 step dphrl precompute-ref +experiment=paper_bird layout=gpu1 "${DATA[@]}" "hydra.run.dir=$OUT/logs/ref"
@@ -33,6 +33,11 @@ for entry in "${methods[@]}"; do
   models+=("$OUT/$name/model")
 done
 list=$(IFS=,; echo "${models[*]}")
-step dphrl eval-passk +experiment=paper_bird layout=gpu1 \
+# Each dataset entry is quoted (Hydra reads `name=file` in a list only as a string), and each
+# SQL set takes its own databases (`++` adds keys to the empty eval.db_roots): BIRD dev's are
+# not BIRD train's, Spider's are its own.
+step dphrl eval-passk +experiment=paper_bird layout=gpu1 "${DATA[@]}" \
   "eval.models=[meta-llama/Llama-3.1-8B-Instruct,$list]" \
-  "eval.datasets=[bird=$BIRD/dev/dev.json,spider=$SPIDER/dev.json]" "hydra.run.dir=$OUT/eval"
+  "eval.datasets=['bird=$BIRD/dev/dev.json','spider=$SPIDER/dev.json']" \
+  "++eval.db_roots={bird:'$BIRD/dev/dev_databases',spider:'$SPIDER/database'}" \
+  "hydra.run.dir=$OUT/eval"

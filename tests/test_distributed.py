@@ -1,4 +1,5 @@
-"""torchrun --nproc_per_node 2 over gloo gives the losses of one process on the same global batch."""
+"""torchrun --nproc_per_node 2 over gloo gives the losses and the Adam updates of one process
+on the same global batch."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ COMMON = [
     "split.k=2",
     "ref.keep=all",
     "trainer.ref_batch_size=4",
+    "algo.minibatch_size=8",  # 16 rollouts a step over all ranks: 2 Adam updates on 1 or 2
     "trainer.max_steps=2",
     "trainer.lr=1e-2",
     "trainer.tensorboard=false",
@@ -77,6 +79,7 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir, one_process, fsdp):
     two = _train(2, tmp_path / "two", data, tiny_model_dir, f"layout.fsdp={str(fsdp).lower()}")
     assert len(one) == len(two) == 2
     for a, b in zip(one, two):
+        assert a["adam_updates"] == b["adam_updates"] == 2
         for key in ("reward_mean", "pg_loss", "div_loss", "kl_ref", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
     assert (tmp_path / "two" / "model" / "config.json").exists()

@@ -122,6 +122,21 @@ class Trainer:
         self.max_len = cfg.model.max_new_tokens
         self.step_num = 0
         self.eval_rows = heldout_rows(self.task, cfg.task, cfg.eval.limit) if cfg.eval.every else []
+        if layout.is_main:
+            log.info("train: %s", self.plan_line())
+
+    def plan_line(self) -> str:
+        """What a step is: rollouts over the ranks, Adam updates, micro-batches, numerics."""
+        a, tr = self.algo, self.cfg.trainer
+        rollouts = a.prompts_per_step * a.group_size
+        per_epoch = math.ceil(rollouts / a.minibatch_size) if a.minibatch_size else 1
+        micro = f"{tr.micro_batch_tokens} tokens" if tr.micro_batch_tokens else "whole minibatches"
+        return (
+            f"{rollouts} rollouts a step over {self.layout.world_size} rank(s), "
+            f"{a.ppo_epochs * per_epoch} Adam update(s) a step (algo.minibatch_size="
+            f"{a.minibatch_size or 'all'}, ppo_epochs={a.ppo_epochs}); micro-batches of {micro}; "
+            f"float32 weights, compute in {self.compute_dtype or 'float32'}"
+        )
 
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> dict[str, float]:
@@ -263,6 +278,7 @@ class Trainer:
         n_mb = self.updates_per_epoch(n)
         n_store = 0 if batch.store is None else len(batch.store)
         totals: dict[str, float] = {}
+        updates = 0
         for _ in range(a.ppo_epochs):
             for k in range(n_mb):
                 mb = batch.minibatch(share(n, n_mb, k), share(n_store, n_mb, k))
@@ -276,7 +292,9 @@ class Trainer:
                     self.policy, self.optimizer, self.cfg.trainer.grad_clip, self.layout
                 )
                 accumulate(totals, stats, a.ppo_epochs * n_mb)
+                updates += 1
         totals["lr"] = self.scheduler.get_last_lr()[0]
+        totals["adam_updates"] = updates
         self.scheduler.step()
         return totals
 
