@@ -172,6 +172,17 @@ def all_reduce_max(values: list[float], device: str) -> list[float]:
     return t.tolist()
 
 
+def offsets(counts: list[int], device: str) -> list[int]:
+    """Where this rank's items start in the order of all ranks' (rank 0's first): for each
+    count, the sum of that count over the lower ranks (0s in one process)."""
+    if not dist.is_initialized():
+        return [0] * len(counts)
+    mine = torch.zeros(dist.get_world_size(), len(counts), dtype=torch.float64, device=device)
+    mine[dist.get_rank()] = torch.tensor(counts, dtype=torch.float64, device=device)
+    dist.all_reduce(mine)
+    return [int(v) for v in mine[: dist.get_rank()].sum(0).tolist()]
+
+
 def rank_denominator(count: float, layout: Layout) -> float:
     """A count summed over ranks (at least 1), divided by the world size: what each rank
     divides its loss sum by, so that the rank-average of gradients is the global mean's."""

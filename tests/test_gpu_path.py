@@ -133,9 +133,10 @@ def test_a_bfloat16_model_trains_float32_masters(tmp_path, real_model_path):
 
     cfg = compose_config(
         [
-            "task=arith", "engine=hf", "engine.dtype=float32", "divergence=none",
-            f"model.path={real_model_path}", "model.dtype=bfloat16", "model.max_new_tokens=8",
-            "algo.group_size=2", "algo.prompts_per_step=2", "trainer.lr=1e-6",
+            "task=arith", "task.name=coin", "engine=hf", "engine.dtype=float32",
+            "divergence=none", f"model.path={real_model_path}", "model.dtype=bfloat16",
+            "model.max_new_tokens=8", "algo.group_size=4", "algo.prompts_per_step=2",
+            "trainer.lr=1e-6",
             "trainer.tensorboard=false", "task.limit=8", f"trainer.run_dir={tmp_path}/run",
         ]
     )  # fmt: skip
@@ -192,19 +193,20 @@ def test_micro_batches_give_the_whole_minibatch_gradient(data_dir, tiny_model_di
 
     whole_stats, whole = gradient(0)
     budget = int(batch.rollouts.attention_mask.sum(-1).max()) + 1  # one rollout at a time
+    micro_stats, micro = gradient(budget)
     assert len(t.micro_slices(batch.rollouts)) == len(batch.rollouts) > 2
     assert len(t.micro_slices(batch.store)) > 1
-    micro_stats, micro = gradient(budget)
     for name in whole:
         torch.testing.assert_close(micro[name], whole[name], rtol=1e-5, atol=1e-8)
     for key in ("pg_loss", "div_loss", "kl_ref", "clip_frac"):
-        assert micro_stats[key] == pytest.approx(whole_stats[key], rel=1e-5, abs=1e-9), key
+        assert micro_stats[key] == pytest.approx(whole_stats[key], rel=1e-5, abs=1e-7), key
     t.engine.close()
 
 
-def test_the_weight_push_holds_one_full_tensor_at_a_time(tiny_vllm_model_dir):
-    """vLLM consumes the stream lazily: when the next full tensor is made, at most the one
-    vLLM is still loading is alive (a list would keep every earlier one)."""
+def test_the_weight_push_streams_full_tensors(tiny_vllm_model_dir):
+    """vLLM consumes the stream lazily: when the next full tensor is made, at most two earlier
+    ones are alive, the one vLLM is loading and the one its loader's `itertools.groupby` has
+    read ahead (a list, as the push was before, keeps every earlier one)."""
     import torch
 
     from dphrl.engine.vllm import VLLMEngine
@@ -212,11 +214,12 @@ def test_the_weight_push_holds_one_full_tensor_at_a_time(tiny_vllm_model_dir):
 
     policy = load_policy(tiny_vllm_model_dir)
     alive: weakref.WeakSet = weakref.WeakSet()
-    most = 0
+    most = count = 0
 
     def counted():
-        nonlocal most
+        nonlocal most, count
         for name, tensor in full_tensors(policy, torch.bfloat16):  # a new tensor each
+            count += 1
             gc.collect()
             most = max(most, len(alive))
             alive.add(tensor)
@@ -228,4 +231,4 @@ def test_the_weight_push_holds_one_full_tensor_at_a_time(tiny_vllm_model_dir):
         engine.load_weights(counted())
     finally:
         engine.close()
-    assert 0 < most <= 1
+    assert 0 < most <= 2 < count - 5

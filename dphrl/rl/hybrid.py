@@ -38,8 +38,8 @@ class StepBatch:
     def __len__(self) -> int:
         return 0 if self.rollouts is None else len(self.rollouts)
 
-    def minibatch(self, rows: slice, store_rows: slice | None) -> StepBatch:
-        """Rollout rows `rows` and ref-store rows `store_rows` (None: no store part)."""
+    def minibatch(self, rows: slice | Tensor, store_rows: slice | Tensor | None) -> StepBatch:
+        """Rollout rows and ref-store rows (a slice or an index; None: no store part)."""
 
         def cut(t: Tensor | None) -> Tensor | None:
             return None if t is None else t[rows]

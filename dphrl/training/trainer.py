@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from dphrl import dist, seeds
 from dphrl.config import DphrlConfig
@@ -263,25 +264,48 @@ class Trainer:
 
     def updates_per_epoch(self, rollouts: int) -> int:
         """Adam updates per pass over the step's rollouts: ceil(rollouts on all ranks /
-        `algo.minibatch_size`), so 1 GPU and 8 make the same number for the same global batch."""
+        `algo.minibatch_size`), so 1 GPU and 8 make the same number for the same global batch;
+        at most the groups of the rank with fewest, so every rank has rows in every minibatch."""
         size = self.algo.minibatch_size
         if not size:
             return 1
-        total = dist.all_reduce_sum([float(rollouts)], self.layout.device)[0]
-        return max(1, math.ceil(total / size))
+        groups = rollouts // self.algo.group_size
+        total, fewest = (
+            dist.all_reduce_sum([float(rollouts)], self.layout.device)[0],
+            -float(dist.all_reduce_max([-float(groups)], self.layout.device)[0]),
+        )
+        return int(max(1, min(math.ceil(total / size), fewest)))
+
+    def minibatch_rows(self, batch: StepBatch, n_mb: int) -> list[tuple[Tensor, Tensor | None]]:
+        """This rank's rows of each global minibatch: prompt group g of the step (counted over
+        all ranks) goes to minibatch g mod n_mb, and so does ref-store row j; so a minibatch
+        holds the same rollouts on 1 rank and on 8, and a group's responses stay together
+        (they share their prompt's forward, `model.pack_tokens`)."""
+        G, n = self.algo.group_size, len(batch)
+        n_store = 0 if batch.store is None else len(batch.store)
+        group_start, store_start = dist.offsets([n // G, n_store], self.layout.device)
+        group_of_row = torch.arange(n) // G + group_start
+        store_index = torch.arange(n_store) + store_start
+        return [
+            (
+                (group_of_row % n_mb == k).nonzero()[:, 0],
+                None if batch.store is None else (store_index % n_mb == k).nonzero()[:, 0],
+            )
+            for k in range(n_mb)
+        ]
 
     def update(self, batch: StepBatch) -> dict[str, float]:
         """`algo.ppo_epochs` passes over the step's minibatches; each is forwarded and
         backpropagated in micro-batches (`trainer.micro_batch_tokens`), then AdamW steps once.
-        Every rank takes its share of each global minibatch (`updates_per_epoch`)."""
+        Every rank takes its rows of each global minibatch (`minibatch_rows`)."""
         a, n = self.algo, len(batch)
         n_mb = self.updates_per_epoch(n)
-        n_store = 0 if batch.store is None else len(batch.store)
+        rows = self.minibatch_rows(batch, n_mb)
         totals: dict[str, float] = {}
         updates = 0
         for _ in range(a.ppo_epochs):
             for k in range(n_mb):
-                mb = batch.minibatch(share(n, n_mb, k), share(n_store, n_mb, k))
+                mb = batch.minibatch(*rows[k])
                 self.optimizer.zero_grad(set_to_none=True)
                 stats, has_grad = self.backward(mb)
                 if not has_grad:
@@ -296,6 +320,7 @@ class Trainer:
         totals["lr"] = self.scheduler.get_last_lr()[0]
         totals["adam_updates"] = updates
         self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)  # no gradients held while sampling
         return totals
 
     def backward(self, mb: StepBatch) -> tuple[dict[str, float], bool]:

@@ -13,9 +13,10 @@ The sequence on a GPU colocating FSDP and vLLM (as verl's and TRL's colocate mod
     free_cache                         the last gathered tensor's memory
     engine.wake_up(["kv_cache"])       then the KV cache, into the memory training left
 
-`stream` yields each full tensor and drops it before the next, so the sync peaks at one full
-parameter beyond the shards; the engine must consume it lazily (`VLLMEngine.load_weights`
-passes the generator through to vLLM's `reload_weights`).
+`stream` yields each full tensor and drops it before the next, so the sync holds at most two
+full parameters beyond the shards (the one vLLM loads, and the one its loader's
+`itertools.groupby` reads ahead); the engine must consume it lazily (`VLLMEngine.load_weights`
+passes the generator through to vLLM's `reload_weights`; tests/test_gpu_path.py counts them).
 """
 
 from __future__ import annotations
