@@ -1,9 +1,10 @@
 """Driver for the torchrun test of the vLLM engine under a process group dphrl made: each rank
 starts its own engine (vLLM's external_launcher), samples, closes it, starts a second one
-the same way, and the default group still all-reduces. Prints one JSON line per rank."""
+the same way, and the default group still all-reduces. Writes `<folder>/rank<r>.json`."""
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as tdist
@@ -24,5 +25,6 @@ for _ in range(2):  # a second engine after the first's close: eval-passk's next
     engine.close()
 total = torch.tensor([float(layout.rank + 1)])
 tdist.all_reduce(total)  # the trainer's group survived the engine's close
-print(json.dumps({"rank": layout.rank, "samples": samples, "sum": total.item()}))
+result = {"rank": layout.rank, "samples": samples, "sum": total.item()}
+(Path(sys.argv[2]) / f"rank{layout.rank}.json").write_text(json.dumps(result))
 dist.shutdown()

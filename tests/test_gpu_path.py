@@ -50,11 +50,11 @@ def _torchrun(script: Path, *args: str, port: int) -> subprocess.CompletedProces
     return out
 
 
-def test_vllm_engines_under_torchrun_keep_the_trainers_group(tiny_vllm_model_dir):
+def test_vllm_engines_under_torchrun_keep_the_trainers_group(tiny_vllm_model_dir, tmp_path):
     """Each rank's engine starts under external_launcher, samples, closes; a second starts the
     same way and draws the same seeded samples; the default group still all-reduces."""
-    out = _torchrun(HERE / "run_vllm_group.py", tiny_vllm_model_dir, port=29541)
-    ranks = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    _torchrun(HERE / "run_vllm_group.py", tiny_vllm_model_dir, str(tmp_path), port=29541)
+    ranks = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("rank*.json"))]
     assert sorted(r["rank"] for r in ranks) == [0, 1]
     for r in ranks:
         assert r["sum"] == 3.0  # 1 + 2 over the trainer's group, after both engines closed
