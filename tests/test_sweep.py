@@ -50,3 +50,55 @@ def test_multirun_over_objectives_and_divergences_trains_each(tiny_model_dir, tm
         assert "mismatch_abs_mean" in metrics[0] and "rc_weight_mean" in metrics[0]
         assert (job / "model" / "model.safetensors").exists()
     assert seen == {(a, d) for a in ("grpo", "gspo", "dr_grpo") for d in ("none", "js")}
+
+
+@pytest.mark.slow
+def test_joblib_jobs_racing_on_one_missing_split_build_it_once(tiny_model_dir, tmp_path):
+    """Two jobs of a `hydra/launcher=joblib` multirun start at once on one missing split: the
+    first to take the split's folder lock builds it (and then the ref store), the other waits
+    at the lock and uses what was built; both train. The test holds the lock itself until
+    both jobs wait at it, so the race is certain rather than likely."""
+    import time
+
+    from dphrl.lock import folder_lock
+
+    split, sweep = tmp_path / "split", tmp_path / "sweep"
+    args = [sys.executable, "-m", "dphrl", "train", "--multirun", "hydra/launcher=joblib"]
+    args += ["hydra.launcher.n_jobs=2", "seed=0,1", "divergence=js", "engine=hf"]
+    args += [
+        f"model.path={tiny_model_dir}",
+        "model.max_new_tokens=6",
+        "task.limit=4",
+        "algo.group_size=2",
+        "algo.prompts_per_step=2",
+        "split.k=2",
+        "ref.keep=all",
+        "trainer.max_steps=1",
+        "trainer.ref_batch_size=2",
+        "trainer.tensorboard=false",
+        f"split.out={split}",
+        f"ref.out={tmp_path}/ref",
+        f"hydra.sweep.dir={sweep}",
+        "hydra.sweep.subdir=${hydra.job.num}",
+    ]
+    env = {**os.environ, "COLUMNS": "100"}
+    with folder_lock(split, "the test, holding the split until both jobs wait"):
+        proc = subprocess.Popen(
+            args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        logs = [sweep / str(job) / "train.log" for job in (0, 1)]
+        deadline = time.time() + 300
+        while not all(p.exists() and "waiting for it" in p.read_text() for p in logs):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.time() < deadline, "the jobs never both waited at the split's lock"
+            time.sleep(0.5)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    texts = [p.read_text() for p in logs]
+    builders = [t for t in texts if "split: chunk" in t]
+    assert len(builders) == 1, "the split was sampled by both jobs, or by none"
+    samples = (split / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 4 * 2  # 4 prompts x k = 2, once
+    for job in (0, 1):
+        metrics = (sweep / str(job) / "metrics.jsonl").read_text().splitlines()
+        assert len(metrics) == 1 and (sweep / str(job) / "model" / "model.safetensors").exists()
