@@ -49,8 +49,10 @@ def _job(command: str):
             from dphrl.logs import route
 
             route(typed.verbose)
+            from dphrl.dist import ranks_from_submitit
             from dphrl.memory.plan import plan_before_launch
 
+            ranks_from_submitit()  # hydra/launcher=slurm: each task is a rank, as under torchrun
             # before any model loads: a run that cannot fit the card stops here, naming the knob
             plan_before_launch(command, typed, dry_run=typed.dry_run)
             run_dir = Path(HydraConfig.get().runtime.output_dir)

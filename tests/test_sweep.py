@@ -102,3 +102,58 @@ def test_joblib_jobs_racing_on_one_missing_split_build_it_once(tiny_model_dir, t
     for job in (0, 1):
         metrics = (sweep / str(job) / "metrics.jsonl").read_text().splitlines()
         assert len(metrics) == 1 and (sweep / str(job) / "model" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "joblib"])
+def test_shipped_launchers_compose(launcher):
+    """`hydra/launcher=slurm` is dphrl's file over hydra-submitit-launcher's SLURM schema: one
+    node of 8 tasks and 8 GPUs per sweep job; joblib is the plugin's own."""
+    from hydra import compose, initialize_config_dir
+
+    from dphrl import config
+    from dphrl.cli import CONF_DIR
+
+    config.register()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            overrides=[f"hydra/launcher={launcher}", "hydra.launcher.n_jobs=2"]
+            if launcher == "joblib"
+            else [f"hydra/launcher={launcher}", "hydra.launcher.partition=gpu"],
+            return_hydra_config=True,
+        )
+    launcher_cfg = cfg.hydra.launcher
+    if launcher == "joblib":
+        assert launcher_cfg._target_.endswith("JoblibLauncher") and launcher_cfg.n_jobs == 2
+        return
+    assert launcher_cfg._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher_cfg.nodes, launcher_cfg.tasks_per_node, launcher_cfg.gpus_per_node) == (
+        1,
+        8,
+        8,
+    )
+    assert launcher_cfg.partition == "gpu"
+
+
+def test_submitit_tasks_become_torchrun_ranks(monkeypatch):
+    """Each task of a submitit job (SLURM's, or its local executor's as here) gets torchrun's
+    variables, so dphrl.dist sees rank 1 of 2 as it would under torchrun."""
+    from dphrl import dist
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    for key, value in {"NTASKS": "2", "GLOBALID": "1", "LOCALID": "1", "JOB_ID": "4242"}.items():
+        monkeypatch.setenv(f"SUBMITIT_LOCAL_{key}", value)
+    monkeypatch.setenv("SUBMITIT_LOCAL_JOB_NUM_NODES", "1")
+    monkeypatch.setenv("SUBMITIT_LOCAL_NODEID", "0")
+    dist.ranks_from_submitit()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == (
+        "1",
+        "2",
+        "1",
+    )
+    assert os.environ["MASTER_ADDR"] and int(os.environ["MASTER_PORT"]) >= 20000
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ  # every task sees the node's GPUs
