@@ -11,7 +11,7 @@ bytes (`model.dtype`, or `model.autocast` over float32 weights), T tokens in one
     engine (vllm)                   gpu_memory_utilization x card    (weights + KV cache + graphs)
     gathered layers (FSDP2)         b (root + 2 layer) + b head + (b + 4) layer
     activations                     T (L a + n)  or, checkpointed,  T (L h b + a + n)
-    log-prob head                   chunk V (4 + b)  or, with full logits (FSDP),  2 T V b + 4 chunk V
+    log-prob head                   chunk V 8 (fp32 head)  or, full logits (FSDP),  2 T V b + 4 chunk V
     attention mask                  rows S^2 b  (shared-prefix rows of width S)
 
 where a = 2 (4 + 2b) h + 5 b q + 4 heads + 4 b i is what autograd keeps per token of one HF
@@ -21,4 +21,7 @@ attention output and o_proj's input; the MLP's gate, SiLU, up and product), q th
 width, i the MLP width and n = (4 + 2b) h the final norm. The plan counts tensors the
 allocator holds, plus a fixed 1 GiB for the CUDA context and library workspaces; the
 allocator's caching and fragmentation come on top (README, "Memory plan": how far off it is).
+
+`shape` reads the model's shape, `formulas` holds the arithmetic, `plan` the config -> lines,
+the table, the check and the hook every command runs (`plan_before_launch`).
 """

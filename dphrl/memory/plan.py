@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 RUNTIME_BYTES = GIB  # CUDA context, cuBLAS / NCCL workspaces: outside torch's allocator
+HEADROOM = 0.9  # a suggested setting fits this share of the card (fragmentation, caching)
 
 
 @dataclass(frozen=True)
@@ -334,10 +335,10 @@ def fitting_budget(cfg: DphrlConfig, shape: ModelShape, world: int, capacity: in
 def what_fits(plan: Plan, cfg: DphrlConfig, shape: ModelShape, world: int) -> str:
     """A setting that makes the overflowing phase fit, when one knob does it."""
     phase, cap = plan.over(), plan.capacity
-    if phase == "training":
-        budget = fitting_budget(cfg, shape, world, cap)
+    if phase == "training":  # within 90 % of the card: room for the allocator's caching
+        budget = fitting_budget(cfg, shape, world, int(HEADROOM * cap))
         if budget is not None and budget != cfg.trainer.micro_batch_tokens:
-            return f"trainer.micro_batch_tokens={budget} fits."
+            return f"trainer.micro_batch_tokens={budget} fits (in {HEADROOM:.0%} of the card)."
     if phase == "sampling" and resolve_engine_name(cfg.engine.name) == "vllm":
         util = cfg.engine.vllm.gpu_memory_utilization
         rest = plan.total("sampling") - int(util * cap)
