@@ -49,6 +49,12 @@ def _job(command: str):
             from dphrl.logs import route
 
             route(typed.verbose)
+            from dphrl.dist import ranks_from_submitit
+            from dphrl.memory.plan import plan_before_launch
+
+            ranks_from_submitit()  # hydra/launcher=slurm: each task is a rank, as under torchrun
+            # before any model loads: a run that cannot fit the card stops here, naming the knob
+            plan_before_launch(command, typed, dry_run=typed.dry_run)
             run_dir = Path(HydraConfig.get().runtime.output_dir)
             if typed.dry_run:
                 _dry_run(command, typed, run_dir)
@@ -70,6 +76,7 @@ def _job(command: str):
 
 def _dry_run(command: str, cfg, run_dir: Path) -> None:
     """`dry_run=true`: prove the config, the model and the data resolve; write nothing more.
+    (The memory plan, which the dry run also prints and checks, ran before this.)
 
     Useful before launching a sweep: each job of a `--multirun` gets its folder and its
     composed `.hydra/config.yaml`, and a bad path fails here rather than after a rollout.

@@ -252,6 +252,9 @@ class LayoutConfig:
     device: Device = Device.auto
     backend: Backend = Backend.auto
     fsdp: bool = False  # shard the policy with FSDP2 (fully_shard) under torchrun
+    # GiB of one GPU for the memory plan (dphrl.memory): a card other than the one CUDA
+    # reports, or any card from a machine without one (a dry run before a cluster launch)
+    gpu_memory_gib: float | None = bounded(None, gt=0.0)
 
 
 @dataclass
@@ -335,9 +338,9 @@ class TrainerConfig:
     warmup_steps: int = bounded(0, ge=0)
     schedule: Schedule = Schedule.constant
     ref_batch_size: int = bounded(16, ge=1)  # ref-store responses per step
-    # Tokens (prompt + response, padded) each rank forwards at once in the training phase; a
-    # minibatch is cut into micro-batches of at most this many and their gradients add up to
-    # the minibatch's (gradient accumulation). 0 = the whole minibatch in one forward.
+    # Real tokens (prompt + response) each rank forwards at once in the training phase; a
+    # minibatch is cut into micro-batches of at most this many (a longer row alone) whose
+    # gradients add up to the minibatch's (gradient accumulation). 0 = one forward each.
     micro_batch_tokens: int = bounded(0, ge=0)
     save_every: int = bounded(0, ge=0)  # 0 = only the final model
     keep: int = bounded(2, ge=1)

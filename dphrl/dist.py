@@ -63,6 +63,20 @@ def resolve_layout(cfg: LayoutConfig) -> Layout:
     return Layout(name, device, backend, bool(cfg.fsdp), rank, world, local)
 
 
+def ranks_from_submitit() -> None:
+    """Under hydra-submitit-launcher (`hydra/launcher=slurm`) with several tasks, set torchrun's
+    variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from the job's: each
+    task is one rank, as each of torchrun's processes is. Every task keeps seeing all the
+    node's GPUs and takes `cuda:<LOCAL_RANK>`. Nothing under torchrun or outside submitit."""
+    if "RANK" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    env = TorchDistributedEnvironment()
+    if env.world_size > 1:
+        env.export(set_cuda_visible_devices=False)
+
+
 def init(layout: Layout) -> None:
     """Join the process group when started by torchrun with several ranks or with FSDP."""
     global _OWNED

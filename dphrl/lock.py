@@ -4,7 +4,9 @@ Two commands writing one folder at once interleave their chunks (every sample tw
 histogram with impossible buckets). Each command holds `<folder>/.dphrl.lock` while it writes:
 the file names the holder (pid, host, command), and the lock itself is a `flock` on it, which
 the kernel drops when the holder dies, so a lock left by a killed process is stale by
-construction and the next run takes it over. A second writer stops at once, naming the holder.
+construction and the next run takes it over. A second writer stops at once, naming the holder,
+or, where it only needs what the holder is making (train's split and ref store, which two jobs
+of a sweep may both find missing), waits for it (`wait=True`) and then finds it made.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ def _holder(fd: int) -> dict:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
-    """Hold the folder's lock for the block; raise `FolderLocked` naming a live holder."""
+def folder_lock(folder: str | os.PathLike, command: str, *, wait: bool = False) -> Iterator[Path]:
+    """Hold the folder's lock for the block; raise `FolderLocked` naming a live holder, or
+    with `wait`, log who holds it and block until it is released."""
     folder = Path(folder)
     path = folder / LOCK
     try:
@@ -49,11 +52,17 @@ def folder_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             h = _holder(fd)
-            raise FolderLocked(
-                f"{folder} is being written by another run ({h.get('command', 'dphrl')}, pid "
-                f"{h.get('pid', '?')} on host {h.get('host', '?')}, since {h.get('since', '?')}); "
-                "wait for it to finish, or use another output folder"
-            ) from None
+            held = (
+                f"{h.get('command', 'dphrl')}, pid {h.get('pid', '?')} on host "
+                f"{h.get('host', '?')}, since {h.get('since', '?')}"
+            )
+            if not wait:
+                raise FolderLocked(
+                    f"{folder} is being written by another run ({held}); "
+                    "wait for it to finish, or use another output folder"
+                ) from None
+            log.info("%s is being written by another run (%s): waiting for it", folder, held)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         gone = _holder(fd)
         if gone:  # released only by the kernel: its holder died without unlocking
             log.warning(

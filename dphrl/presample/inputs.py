@@ -26,22 +26,35 @@ def sampling_device(layout: LayoutConfig) -> str:
     return dist.resolve_layout(replace(layout, fsdp=False)).device
 
 
-def make_split(cfg: DphrlConfig) -> dict:
-    """Build (or finish) the split in `split.out` under its lock; return its stats."""
+def make_split(cfg: DphrlConfig, *, wait: bool = False) -> dict | None:
+    """Build (or finish) the split in `split.out` under its lock; return its stats.
+
+    `wait` (train's inputs): another run writing the folder is waited for, and a split it
+    finished is taken as it is (None): two jobs of a sweep that both find it missing build
+    it once.
+    """
     from dphrl.presample.split import build_split
 
-    with folder_lock(cfg.split.out, "dphrl split"):
+    with folder_lock(cfg.split.out, "dphrl split", wait=wait):
+        if wait and (Path(cfg.split.out) / "exp.jsonl").exists():
+            return None
         return build_split(
             cfg.split, cfg.task, cfg.model, cfg.engine, sampling_device(cfg.layout), cfg.split.seed
         )
 
 
-def make_ref_store(cfg: DphrlConfig) -> dict:
-    """Build (or finish, or update) the ref store in `ref.out` from the split's D_pef."""
-    from dphrl.presample.refstore import build_ref_store
+def make_ref_store(cfg: DphrlConfig, *, wanted: dict | None = None) -> dict | None:
+    """Build (or finish, or update) the ref store in `ref.out` from the split's D_pef.
+
+    `wanted` (train's inputs: the store's identity): another run writing the folder is
+    waited for, and a store current for these settings is left as it is (None).
+    """
+    from dphrl.presample.refstore import build_ref_store, is_current
 
     pef = Path(cfg.split.out) / "pef.jsonl"
-    with folder_lock(cfg.ref.out, "dphrl precompute-ref"):
+    with folder_lock(cfg.ref.out, "dphrl precompute-ref", wait=wanted is not None):
+        if wanted is not None and is_current(Path(cfg.ref.out), pef, wanted):
+            return None
         return build_ref_store(
             cfg.ref,
             pef,
@@ -81,9 +94,11 @@ def training_data(
     split_dir, ref_dir = Path(cfg.split.out), Path(cfg.ref.out)
     weights = weights_hash(model_path)
     if is_main:
+        # Each check is repeated under the folder's lock (waited for): another job of a sweep
+        # may be making the same split or store, and then this one uses it.
         if not (split_dir / "exp.jsonl").exists():
             log.info("train: no split in %s: making it (as `dphrl split` does)", split_dir)
-            make_split(cfg)
+            make_split(cfg, wait=True)
         wanted = identity(cfg.ref, cfg.task, cfg.model, weights, cfg.ref.seed)
         # Another store's settings make make_ref_store refuse, naming them.
         if not is_current(ref_dir, split_dir / "pef.jsonl", wanted):
@@ -91,7 +106,7 @@ def training_data(
                 f"train: {ref_dir} holds no finished ref store of this split and these settings: "
                 "making or updating it (as `dphrl precompute-ref` does)"
             )
-            make_ref_store(cfg)
+            make_ref_store(cfg, wanted=wanted)
     dist.barrier()
     prompts = read_jsonl(split_dir / "exp.jsonl")
     if not prompts:

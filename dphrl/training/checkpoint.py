@@ -75,6 +75,8 @@ RESUMABLE_KEYS = (
     "engine.vllm.enforce_eager",
     "engine.hf.batch_size",
     "engine.sleep_mode",
+    "trainer.micro_batch_tokens",  # the memory plan's knobs: how much at once, not what
+    "layout.gpu_memory_gib",
     "model.cache_dir",
     "dry_run",
 )
