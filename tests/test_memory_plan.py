@@ -145,8 +145,11 @@ PAPER += ["layout.gpu_memory_gib=80"]
 def test_8b_preset_on_80gb_needs_a_token_budget_and_fits_with_it():
     shape = KNOWN["meta-llama/Llama-3.1-8B-Instruct"]
     assert shape.params == 8_030_261_248
+    assert plan_before_launch("train", compose_config(PAPER), dry_run=True)  # fits as shipped
     with pytest.raises(PlanExceedsMemory) as err:  # the whole minibatch in one forward
-        plan_before_launch("train", compose_config(PAPER), dry_run=True)
+        plan_before_launch(
+            "train", compose_config([*PAPER, "trainer.micro_batch_tokens=0"]), dry_run=True
+        )
     msg = str(err.value)
     assert "the training phase needs" in msg and "activations, 1,947,648 tokens" in msg
     assert "trainer.micro_batch_tokens" in msg
