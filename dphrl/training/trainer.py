@@ -31,8 +31,9 @@ from dphrl.errors import ConfigError
 from dphrl.metrics import MetricsLogger, Timer, accumulate, step_metrics
 from dphrl.rl.advantages import make_advantage
 from dphrl.rl.aggregation import agg_count
-from dphrl.rl.batching import Packed, pack_with, share
-from dphrl.rl.divergence import make_divergence, policy_sample_term
+from dphrl.rl.batching import Packed, pack_topk, pack_with, share
+from dphrl.rl.divergence import TOPK_DIVERGENCES, make_divergence, policy_sample_term
+from dphrl.rl.entropy import adaptive_entropy_coef
 from dphrl.rl.filters import informative_groups, overlong_filter, soft_overlong_penalty
 from dphrl.rl.hybrid import StepBatch, hybrid_loss
 from dphrl.rl.logprobs import autocast, batch_logprobs, live_rows_logprobs
@@ -110,6 +111,8 @@ class Trainer:
             if ref_rows
             else None
         )
+        self.topk = self.div.name in TOPK_DIVERGENCES  # the rehearsal reads the stored top-k
+        self.entropy_coef = a.entropy_coef_init  # algo.entropy_target: follows it step by step
         tr = cfg.trainer
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = make_optimizer(trainable, tr, layout.device)
@@ -141,6 +144,18 @@ class Trainer:
         with self.timer("weight_sync"):
             self.engine.wake_up()
             self.push_weights()
+        if self.algo.entropy_target is not None:  # ranks agree: the update reads the global mean
+            stats["entropy_coef"] = self.entropy_coef
+            self.entropy_coef = adaptive_entropy_coef(
+                self.entropy_coef,
+                dist.all_reduce_sum(
+                    [stats.get("policy_entropy", self.algo.entropy_target)], self.layout.device
+                )[0]
+                / self.layout.world_size,
+                target=self.algo.entropy_target,
+                step=self.algo.entropy_coef_step,
+                max_coef=self.algo.entropy_coef_max,
+            )
         self.step_num += 1
         return self.summarize(rollouts, stats)
 
@@ -200,9 +215,10 @@ class Trainer:
     def batch(self, r: Rollouts, advantages: torch.Tensor) -> StepBatch:
         """Pack the rollouts with the engine's log-probs of their tokens, their old and
         online-reference log-probs (trainer forwards), and draw this rank's share of the ref store."""
-        store, store_ref_logp = self.ref_batch()
+        store, store_ref_logp, *topk = self.ref_batch()
+        topk = dict(zip(("store_topk_ids", "store_topk_ref_logp"), topk))
         if not r.scored:
-            return StepBatch(None, advantages, store=store, store_ref_logp=store_ref_logp)
+            return StepBatch(None, advantages, store=store, store_ref_logp=store_ref_logp, **topk)
         rollouts, engine_logp = pack_with(
             r.prompt_ids,
             [s.completion.token_ids for s in r.scored],
@@ -232,10 +248,12 @@ class Trainer:
             store,
             store_ref_logp,
             engine_logp.to(self.layout.device),
+            **topk,
         )
 
-    def ref_batch(self) -> tuple[Packed | None, torch.Tensor | None]:
-        """This rank's share of `trainer.ref_batch_size` ref-store responses and their ref log-probs."""
+    def ref_batch(self) -> tuple:
+        """This rank's share of `trainer.ref_batch_size` ref-store responses and their ref
+        log-probs; for a top-k divergence also the stored top-k ids and log-probs."""
         if self.ref_sampler is None:
             return None, None
         size = self.cfg.trainer.ref_batch_size
@@ -247,7 +265,11 @@ class Trainer:
             [r["ref_logprobs"] for r in rows],
             self.tokenizer.pad_token_id,
         )
-        return packed.to(self.layout.device), ref_logp.to(self.layout.device)
+        dev = self.layout.device
+        if not self.topk:
+            return packed.to(dev), ref_logp.to(dev)
+        top_ids, top_logp = pack_topk(rows, packed.response_mask)  # (M, S, K) each
+        return packed.to(dev), ref_logp.to(dev), top_ids.to(dev), top_logp.to(dev)
 
     def update(self, batch: StepBatch) -> dict[str, float]:
         """`algo.ppo_epochs` passes over minibatches: the hybrid loss, then AdamW, each."""
@@ -280,13 +302,22 @@ class Trainer:
         rank-average of gradients equals the gradient of the global mean (the denominators
         count tokens or responses on all ranks)."""
         a, beta = self.algo, self.div.beta
-        logp = denom = store_logp = store_denom = None
-        if mb.rollouts is not None and len(mb.rollouts):
+        logp = denom = store_logp = store_denom = store_topk_logp = entropy = None
+        if mb.rollouts is not None and len(mb.rollouts) and a.entropy_target is not None:
+            logp, entropy = self.forward(
+                self.policy, mb.rollouts, a.temperature, grad=True, with_entropy=True
+            )  # every row: the entropy bonus acts on zero-advantage rows too
+        elif mb.rollouts is not None and len(mb.rollouts):
             logp = self._policy_logprobs(mb)
+        if logp is not None:
             count = agg_count(mb.rollouts.response_mask, a.loss_agg, self.cfg.model.max_new_tokens)
             denom = dist.rank_denominator(count, self.layout)
         if mb.store is not None and beta > 0 and self.divergence is not None:
-            store_logp = self.logprobs(self.policy, mb.store, 1.0, grad=True)
+            store_logp, _ = self.forward(
+                self.policy, mb.store, 1.0, grad=True, extra_ids=mb.store_topk_ids
+            )  # (M, S), or (M, S, 1 + K) with the stored top-k tokens after the sampled one
+            if mb.store_topk_ids is not None:
+                store_logp, store_topk_logp = store_logp[..., 0], store_logp[..., 1:]
             store_denom = dist.rank_denominator(
                 agg_count(mb.store.response_mask, "token-mean", 0), self.layout
             )
@@ -306,6 +337,9 @@ class Trainer:
             rollout_correction=a.rollout_correction,
             correction_low=a.rollout_correction_low,
             correction_high=a.rollout_correction_high,
+            store_topk_logp=store_topk_logp,
+            entropy=entropy,
+            entropy_coef=self.entropy_coef,
         )
 
     def _policy_logprobs(self, mb: StepBatch) -> torch.Tensor:
@@ -342,15 +376,22 @@ class Trainer:
         (`dphrl.rl.logprobs._scaled_logits`). precompute-ref makes the ref store's log-probs under
         the same autocast, so log r is 0 at step 0 again.
         """
+        return self.forward(model, batch, temperature, grad)[0]
+
+    def forward(
+        self, model, batch: Packed, temperature: float, grad: bool = False, **options
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`logprobs` with `batch_logprobs`' options (`with_entropy`, `extra_ids`): the
+        log-probs and the per-token entropy (None unless asked)."""
         with torch.set_grad_enabled(grad), autocast(self.layout.device, self.cfg.model.autocast):
-            logp, _ = batch_logprobs(
+            return batch_logprobs(
                 model,
                 batch,
                 pack_tokens=self.cfg.model.pack_tokens,
                 temperature=temperature,
                 from_hidden=not self.layout.fsdp,
+                **options,
             )
-        return logp
 
     def evaluate(self) -> dict[str, float]:
         """pass@k of the current policy on the held-out prompts (`eval.every`)."""
