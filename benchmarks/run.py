@@ -39,6 +39,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "cost_curves": ([], ["--quick"]),
     "mfu": ([], ["--quick"]),
     "autocast_step": ([], ["--quick"]),
+    "topk_rehearsal": ([], ["--quick"]),
 }
 
 RERUN = """

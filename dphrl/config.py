@@ -35,7 +35,8 @@ def _choices(name: str, values: tuple[str, ...]) -> type[StrEnum]:
 # `dphrl.rl.aggregation.AGGREGATIONS`, `dphrl.rl.policy_loss.POLICY_LOSSES`, ...) import torch, which
 # validation must not; tests check that each registry and its set agree.
 DivergenceName = _choices(
-    "DivergenceName", ("forward_kl", "js", "js_full", "alpha", "reverse_kl", "none")
+    "DivergenceName",
+    ("forward_kl", "js", "js_full", "alpha", "forward_kl_topk", "reverse_kl", "none"),
 )
 Estimator = _choices("Estimator", ("k1", "k2", "k3"))
 DType = _choices("DType", ("float32", "bfloat16", "float16"))
@@ -43,8 +44,10 @@ LayoutName = _choices("LayoutName", ("auto", "cpu", "gpu1", "gpu8", "multinode")
 Device = _choices("Device", ("auto", "cpu", "cuda"))
 Backend = _choices("Backend", ("auto", "gloo", "nccl"))
 AlgoName = _choices("AlgoName", ("grpo", "dapo", "dapo_ds", "gspo", "dr_grpo"))
-PolicyLossName = _choices("PolicyLossName", ("ppo_clip", "gspo", "clip_cov", "kl_cov"))
-AdvantageName = _choices("AdvantageName", ("grpo", "passk"))
+PolicyLossName = _choices(
+    "PolicyLossName", ("ppo_clip", "gspo", "clip_cov", "kl_cov", "dppo_tv", "dppo_kl", "cispo")
+)
+AdvantageName = _choices("AdvantageName", ("grpo", "passk", "maxrl"))
 RolloutCorrection = _choices("RolloutCorrection", ("none", "tis", "mis_token", "mis_seq"))
 LossAgg = _choices(
     "LossAgg",
@@ -294,6 +297,22 @@ class AlgoConfig:
     clip_cov_high: float = 5.0
     kl_cov_ratio: float = bounded(2e-3, ge=0.0, le=1.0)  # loss=kl_cov: share penalised
     kl_cov_coef: float = bounded(1.0, ge=0.0)  # loss=kl_cov: weight of |logp - old logp|
+    # loss=dppo_tv / dppo_kl: the divergence thresholds for A <= 0 / A > 0 (None: the paper's,
+    # 0.2 for TV, 0.05 for KL) and the cap C of the importance weight min(rho, C).
+    dppo_delta_low: float | None = bounded(None, gt=0.0)
+    dppo_delta_high: float | None = bounded(None, gt=0.0)
+    dppo_ratio_cap: float = bounded(20.0, gt=0.0)
+    # loss=cispo: the importance weight is clipped to [1 - cispo_low, 1 + cispo_high]
+    cispo_low: float = bounded(1.0, ge=0.0, le=1.0)
+    cispo_high: float = bounded(5.0, ge=0.0)
+    # Adaptive entropy regularisation (dphrl.rl.entropy): - coef * entropy of the rollouts' token
+    # distributions joins the loss; after each step coef moves by entropy_coef_step towards
+    # keeping the entropy at entropy_target (up when below it, down when above), within
+    # [0, entropy_coef_max]. entropy_target null (default) is off.
+    entropy_target: float | None = bounded(None, gt=0.0)
+    entropy_coef_init: float = bounded(0.0, ge=0.0)
+    entropy_coef_step: float = bounded(0.005, ge=0.0)
+    entropy_coef_max: float = bounded(0.05, ge=0.0)
     # Engine vs trainer log-prob mismatch (dphrl.rl.mismatch.ROLLOUT_CORRECTIONS).
     rollout_correction: RolloutCorrection = RolloutCorrection.none
     rollout_correction_low: float = bounded(0.5, ge=0.0)  # mis_*: lowest ratio kept
@@ -315,6 +334,11 @@ class AlgoConfig:
             raise ConfigError(
                 f"algo.clip_cov_low={a.clip_cov_low} > algo.clip_cov_high={a.clip_cov_high}: "
                 "the Cov band is empty"
+            )
+        if a.entropy_coef_init > a.entropy_coef_max:
+            raise ConfigError(
+                f"algo.entropy_coef_init={a.entropy_coef_init} > algo.entropy_coef_max="
+                f"{a.entropy_coef_max}: the coefficient starts outside its range"
             )
         if a.rollout_correction_high <= max(a.rollout_correction_low, 0.0):
             raise ConfigError(
@@ -381,6 +405,9 @@ class RefConfig:
     top_p: float = 1.0
     out: str = "dphrl_data/${task.name}/${model.name}/ref"
     chunk_size: int = bounded(64, ge=1)  # D_pef prompts per engine call; one parquet shard each
+    # also store the initial policy's k most likely tokens and their log-probs at every response
+    # token (divergence=forward_kl_topk reads them); 0 = off, the store as before
+    topk: int = bounded(0, ge=0)
     # sampling seed, not the run's `seed`: one store serves training runs of every seed
     seed: int = 0
 
@@ -458,6 +485,11 @@ class DphrlConfig:
                 f"engine.vllm.tensor_parallel_size={tp} under torchrun: each rank runs its own "
                 "engine on its own GPU and samples its own prompts (data parallel); use "
                 "engine.vllm.tensor_parallel_size=1, or run one process with tensor parallelism"
+            )
+        if cfg.divergence.name == "forward_kl_topk" and cfg.ref.topk == 0:
+            raise ConfigError(
+                "divergence=forward_kl_topk reads the initial policy's top-k log-probs from the "
+                "ref store, but ref.topk=0 stores none; set ref.topk=8 (or more)"
             )
 
 

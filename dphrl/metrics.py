@@ -38,6 +38,7 @@ CONSOLE_FIELDS = (
     ("clip_frac", "clip", "{:.3f}"),
     ("div_loss", "div", "{:.3g}"),  # small but non-zero early in a run: keep the digits
     ("kl_ref", "kl", "{:.3g}"),
+    ("ref_forgot_frac", "forgot", "{:.2f}"),  # ref responses > 1 nat below the initial policy
     ("entropy", "ent", "{:.3f}"),
     ("response_len", "len", "{:.1f}"),
     ("grad_norm", "gnorm", "{:.3f}"),

@@ -10,7 +10,9 @@ set), `arms/<arm>/seed<s>/metrics.jsonl` (the training curves, with `eval_*` eve
   person into the committed RESULTS.md, not generated;
 - `passk_curves.png`: pass@k vs k, one panel per set, one line per arm (mean over seeds);
 - `passk_over_steps.png`: held-out pass@k and greedy during training, one line per arm (step 0
-  is the base model's eval-passk, the last step the final model's where training skipped it).
+  is the base model's eval-passk, the last step the final model's where training skipped it),
+  and the rehearsal's forgetting for the arms with a ref store: the share of ref responses whose
+  log-prob fell more than 1 nat below the initial policy's (`ref_forgot_frac`, every step).
 
     .venv/bin/python scripts/reproduce_report.py runs/reproduce_small --arms "grpo dph_js" --seeds "0 1"
 """
@@ -141,8 +143,13 @@ def plot_curves(table: dict, arms: list[str], ks: list[int], path: Path) -> None
     save_png(fig, path)
 
 
+# The forgetting signal every step of a ref-store arm logs (dphrl.rl.hybrid.FORGETTING_STATS).
+FORGETTING = "ref_forgot_frac"
+
+
 def training_curves(out: Path, arms: list[str], seeds: list[str]) -> dict:
-    """curves[arm][metric] = [(step, mean over seeds)] for the `eval_*` metrics of training.
+    """curves[arm][metric] = [(step, mean over seeds)] for the `eval_*` metrics of training,
+    and `FORGETTING` where the arm logs it (every step).
 
     A seed evaluated during training (`eval.every`) but not at its last step (`eval.at_end=false`:
     eval-passk evaluates the final model on the same held-out prompts and n anyway) gets its
@@ -156,6 +163,9 @@ def training_curves(out: Path, arms: list[str], seeds: list[str]) -> dict:
             if not path.exists():
                 continue
             rows = read_jsonl(path, tolerate_torn_tail=True)
+            for row in rows:
+                if row.get(FORGETTING) is not None:
+                    per_step[FORGETTING][row["step"]].append(row[FORGETTING])
             evaluated = [r for r in rows if any(k.startswith("eval_") for k in r)]
             if not rows or not evaluated:
                 continue
@@ -212,7 +222,8 @@ def with_base(curves: dict, table: dict) -> dict:
 
 
 def plot_over_steps(curves: dict, arms: list[str], path: Path) -> None:
-    """Held-out pass@k (largest k) and greedy during training, one line per arm."""
+    """Held-out pass@k (largest k) and greedy during training, one line per arm, and a panel of
+    the rehearsal's forgetting (`FORGETTING`) when some arm logged it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -222,7 +233,11 @@ def plot_over_steps(curves: dict, arms: list[str], path: Path) -> None:
     passk = [k for k in keys if k.startswith("eval_pass@")]
     shown = [
         k
-        for k in [max(passk, key=lambda k: int(k.split("@")[1]), default=None), "eval_greedy"]
+        for k in [
+            max(passk, key=lambda k: int(k.split("@")[1]), default=None),
+            "eval_greedy",
+            FORGETTING,
+        ]
         if k in keys
     ]
     fig, axes = plt.subplots(
@@ -233,7 +248,11 @@ def plot_over_steps(curves: dict, arms: list[str], path: Path) -> None:
             points = curves.get(arm, {}).get(key, [])
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", label=LABELS.get(arm, arm))
-        ax.set_title(f"held-out {key.removeprefix('eval_')} during training")
+        ax.set_title(
+            "ref responses > 1 nat below the initial policy"
+            if key == FORGETTING
+            else f"held-out {key.removeprefix('eval_')} during training"
+        )
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8)

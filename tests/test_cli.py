@@ -38,7 +38,10 @@ def test_top_help_lists_the_four_commands_one_line_each():
 def test_command_help_shows_groups_and_options():
     out = dphrl("train", "--help")
     assert out.returncode == 0, out.stderr
-    assert "divergence: alpha, forward_kl, js, js_full, none, reverse_kl" in out.stdout
+    assert (
+        "divergence: alpha, forward_kl, forward_kl_topk, js, js_full, none, reverse_kl"
+        in out.stdout
+    )
     assert "task: arith, bird, gsm8k, math, minisql, spider" in out.stdout
     assert "layout: auto, cpu, gpu1, gpu8, multinode" in out.stdout
 

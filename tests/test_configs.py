@@ -102,6 +102,9 @@ def test_every_config_key_has_a_reader():
         ("engine.vllm.gpu_memory_utilization=0", "engine.vllm.gpu_memory_utilization=0.0"),
         ("algo.advantage=passk algo.passk_k=16", "algo.passk_k=16 is out of range"),
         ("algo.rollout_correction_high=0.4", "algo.rollout_correction_high=0.4 must be >"),
+        ("divergence=forward_kl_topk ref.topk=0", "ref.topk=0 stores none; set ref.topk=8"),
+        ("algo.entropy_coef_init=0.1", "algo.entropy_coef_init=0.1 > algo.entropy_coef_max"),
+        ("algo.cispo_low=1.5", "algo.cispo_low=1.5 is out of range"),
     ],
 )
 def test_bad_values_raise_one_clear_error(override, message):

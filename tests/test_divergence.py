@@ -12,8 +12,10 @@ from dphrl.config import DivergenceName, Estimator
 from dphrl.rl import divergence as dv
 
 LOG2 = math.log(2.0)
+# The per-token divergences of (logp, ref_logp) of one token each; the top-k ones are below.
+PER_TOKEN = {k: f for k, f in dv.DIVERGENCES.items() if k not in dv.TOPK_DIVERGENCES}
 ALL = {
-    **dv.DIVERGENCES,
+    **PER_TOKEN,
     **{f"reverse_kl_{k}": f for k, f in dv.REVERSE_KL_ESTIMATORS.items()},
     "js_policy_half": dv.js_policy_half,
 }
@@ -121,7 +123,7 @@ def test_expectations_over_full_categorical_are_exact(seed):
     # The official clamps bias forward KL where u - log u - 1 > 10 (u > ~13 or u < ~e^-11),
     # which these spread-out categoricals reach; the identity is about the unclamped value.
     fns = {
-        **dv.DIVERGENCES,
+        **PER_TOKEN,
         "forward_kl": partial(dv.forward_kl, clamp_log_ratio=None, clamp_value=None),
     }
     for name, fn in fns.items():
@@ -223,3 +225,58 @@ def test_default_clamps_are_the_official_codes():
     assert dv.forward_kl(-big, zero).item() == 10.0
     assert dv.make_divergence("js")(big, zero).item() > 1e12
     assert dv.make_divergence("alpha", alpha=0.2)(big, zero).item() > 1e12
+
+
+def _top(logq: torch.Tensor, k: int) -> torch.Tensor:
+    return logq.topk(k).indices
+
+
+def test_forward_kl_topk_by_hand():
+    # p_ref = (1/2, 1/4, 1/4), p_theta = (1/4, 1/4, 1/2); K = 1 keeps token 0.
+    # head = 1/2 log(2); tail: Q = 1/2, P = 3/4 -> 1/2 log(2/3); value 1/2 log(4/3).
+    # d/dl_0 [-q_0 l_0 - Q log(1 - e^l_0)] = -1/2 + Q e^l_0 / (1 - e^l_0) = -1/2 + 1/6 = -1/3.
+    l0 = torch.tensor([[math.log(0.25)]], dtype=torch.float64, requires_grad=True)
+    q0 = torch.tensor([[math.log(0.5)]], dtype=torch.float64)
+    value = dv.forward_kl_topk(l0, q0)
+    assert value.shape == (1,)
+    assert value.item() == pytest.approx(0.5 * math.log(4 / 3))
+    value.sum().backward()
+    assert l0.grad.item() == pytest.approx(-1 / 3)
+    # The head alone (verl's form) would be 1/2 log 2 = 0.347 > the exact KL here:
+    exact = _kl(torch.tensor([0.5, 0.25, 0.25]).log(), torch.tensor([0.25, 0.25, 0.5]).log())
+    assert exact.item() == pytest.approx(0.25 * math.log(2))  # 0.173
+    assert value.item() <= exact.item() < 0.5 * math.log(2)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_forward_kl_topk_against_the_exact_kl_on_a_small_vocabulary(seed):
+    """K = V is the exact KL(pi_ref || pi_theta); K < V lies in [0, exact] and grows with K."""
+    logp, logq = _categoricals(seed, n=8, spread=2.0)
+    exact = _kl(logq, logp)
+    values = []
+    for k in range(1, 9):
+        top = _top(logq, k)
+        values.append(dv.forward_kl_topk(logp[top], logq[top]).item())
+    assert values[-1] == pytest.approx(exact.item(), rel=1e-9)
+    assert all(0 <= v <= exact.item() + 1e-12 for v in values)
+    assert all(a <= b + 1e-12 for a, b in zip(values, values[1:]))  # coarser -> smaller (DPI)
+
+
+def test_forward_kl_topk_is_zero_with_zero_gradient_at_the_reference():
+    logq = torch.log_softmax(torch.randn(2, 3, 16, dtype=torch.float64), -1)
+    top = logq.topk(4, dim=-1)
+    logp = top.values.clone().requires_grad_(True)
+    value = dv.forward_kl_topk(logp, top.values)
+    torch.testing.assert_close(value, torch.zeros(2, 3, dtype=torch.float64))
+    value.sum().backward()
+    torch.testing.assert_close(logp.grad, torch.zeros_like(logp), atol=1e-12, rtol=0)
+
+
+def test_forward_kl_topk_gradient_equals_the_full_softmax_gradient_at_k_equal_v():
+    """Through log_softmax, the top-k term at K = V has the exact forward KL's gradient on the
+    logits, p_theta - p_ref."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(6, dtype=torch.float64, generator=g, requires_grad=True)
+    logq = torch.log_softmax(torch.randn(6, dtype=torch.float64, generator=g), -1)
+    dv.forward_kl_topk(torch.log_softmax(z, -1), logq).backward()
+    torch.testing.assert_close(z.grad, torch.softmax(z.detach(), -1) - logq.exp())

@@ -223,3 +223,61 @@ def test_shared_prefix_rows_hold_each_prompt_once():
     assert [6, 5] not in visible and [7, 6] not in visible  # but not response 1, nor 2 from 3
     assert sp.source[:3].tolist() == [2, 3, 4]  # the prompt's last token predicts token 1
     assert sp.source[3].item() == 2 and sp.slot[3].item() == 2 * 6  # row 2's only token
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_several_ids_per_position_and_the_entropy_have_the_naive_gradient(softcap):
+    """ids `# (..., J)` score J tokens a position (the ref store's top-k); the entropy is
+    differentiable (dH/dz = -p (log p + H)): both equal log_softmax's, values and gradients."""
+    hidden = torch.randn(2, 5, 16, requires_grad=True)
+    weight = torch.randn(V, 16, requires_grad=True)
+    ids = torch.randint(0, V, (2, 5, 3))
+    ours, entropy = hidden_logprobs(
+        hidden, weight, ids, temperature=0.7, softcap=softcap, chunk=3, with_entropy=True
+    )
+    logits = hidden @ weight.T
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    naive = (logits / 0.7).log_softmax(-1).gather(-1, ids)
+    assert ours.shape == (2, 5, 3) and entropy.shape == (2, 5)
+    torch.testing.assert_close(ours, naive, atol=1e-5, rtol=1e-5)
+    w, u = torch.randn(2, 5, 3), torch.randn(2, 5)
+    loss_ours = (ours * w).sum() + (entropy * u).sum()
+    loss_naive = (naive * w).sum() + (_naive_entropy(logits, 0.7) * u).sum()
+    for a, b in zip(
+        torch.autograd.grad(loss_ours, (hidden, weight)),
+        torch.autograd.grad(loss_naive, (hidden, weight)),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    logits2 = torch.randn(4, V, requires_grad=True)
+    _, ent = token_logprobs(logits2, torch.zeros(4, dtype=torch.long), chunk=3, with_entropy=True)
+    (g,) = torch.autograd.grad(ent.sum(), logits2)
+    (g_naive,) = torch.autograd.grad(_naive_entropy(logits2).sum(), logits2)
+    torch.testing.assert_close(g, g_naive, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pack_tokens", [0, 9])
+def test_extra_ids_and_topk_on_both_layouts(tiny_llama, pack_tokens):
+    """`batch_topk_logprobs` is the top-k of the full log-softmax; `batch_logprobs` with those
+    ids as `extra_ids` gives `# (N, T, 1 + k)`: the response token, then the same top-k values."""
+    from dphrl.rl.logprobs import batch_logprobs, batch_topk_logprobs
+
+    batch = _grouped_batch()
+    top_logp, top_ids = batch_topk_logprobs(tiny_llama, batch, 4, pack_tokens=pack_tokens)
+    assert top_logp.shape == top_ids.shape == (6, 6, 4)
+    plain, _ = batch_logprobs(tiny_llama, batch, pack_tokens=0)
+    T, L = batch.response_mask.shape[1], batch.input_ids.shape[1]
+    pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = tiny_llama(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos
+        ).logits[:, L - T - 1 : L - 1]
+    naive = logits.log_softmax(-1).topk(4, dim=-1)
+    m = batch.response_mask.bool()
+    torch.testing.assert_close(top_logp[m], naive.values[m], atol=1e-5, rtol=1e-5)
+    assert (top_ids[m] == naive.indices[m]).all() and (top_logp[~m] == 0).all()
+    both, _ = batch_logprobs(tiny_llama, batch, pack_tokens=pack_tokens, extra_ids=top_ids)
+    assert both.shape == (6, 6, 5)
+    torch.testing.assert_close(both[..., 0], plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both[..., 1:], top_logp, atol=1e-5, rtol=1e-5)

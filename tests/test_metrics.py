@@ -186,3 +186,8 @@ def test_tensorboard_forgets_redone_steps_on_resume(tmp_path):
         (3, 3),
         (4, 40),
     ]
+
+
+def test_console_line_shows_the_rehearsal_forgetting():
+    line = format_line(3, {"kl_ref": 0.01, "ref_forgot_frac": 0.25, "ref_logratio_seq": -0.4})
+    assert "kl 0.01 | forgot 0.25" in line and "logratio" not in line  # the jsonl has the rest

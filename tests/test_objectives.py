@@ -180,3 +180,88 @@ def test_dr_grpo_sums_tokens_over_a_constant_length():
     assert rl_aggregation.aggregate(
         values, mask, "seq-mean-token-sum-norm", 2 * 8
     ).item() == pytest.approx(10 / 16)
+
+
+def _probs_case():
+    """p_old = 1/2 on every token; p and A per token (a-f), as the DPPO tests below read them."""
+    p = torch.tensor([[0.8, 0.6, 0.2, 0.4, 0.9, 0.68]], dtype=torch.float64)
+    logp = p.log().requires_grad_(True)
+    old = torch.full_like(p, math.log(0.5))
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0, -1.0, 1.0]], dtype=torch.float64)
+    return logp, old, adv, torch.ones_like(p)
+
+
+def test_dppo_tv_blocks_tokens_moved_past_delta_in_the_advantages_direction():
+    # TV |p - 1/2| with delta 0.2: a (A > 0, up 0.3) and c (A < 0, down 0.3) are blocked; e moved
+    # up 0.4 against A < 0: not blocked. Value -A rho, gradient d/dlogp = -A rho (0 if blocked).
+    logp, old, adv, mask = _probs_case()
+    loss, frac = rl_policy_loss.dppo_tv_loss(logp, old, adv, mask)
+    rho = torch.tensor([[0, 1.2, 0, 0.8, 1.8, 1.36]], dtype=torch.float64)
+    torch.testing.assert_close(loss, -adv * rho)
+    assert frac.item() == pytest.approx(2 / 6)
+    loss.sum().backward()
+    torch.testing.assert_close(logp.grad, -adv * rho)
+
+
+def test_dppo_kl_uses_the_binary_kl_and_caps_the_weight():
+    # KL(Bern(1/2) || Bern(p)) = 0.5 log(0.25 / (p (1 - p))): 0.2231 at p = 0.8 or 0.2 (blocked),
+    # 0.0204 at 0.6 / 0.4, 0.0694 at 0.68 (> 0.05: blocked, though its TV 0.18 passes).
+    # Cap C = 1.5: e's weight 1.8 -> 1.5, value and gradient alike.
+    logp, old, adv, mask = _probs_case()
+    binary_kl = 0.5 * math.log(0.25 / (0.68 * 0.32))
+    assert binary_kl == pytest.approx(0.0694, abs=1e-4)
+    loss, frac = rl_policy_loss.dppo_kl_loss(logp, old, adv, mask, ratio_cap=1.5)
+    w = torch.tensor([[0, 1.2, 0, 0.8, 1.5, 0]], dtype=torch.float64)
+    torch.testing.assert_close(loss, -adv * w)
+    assert frac.item() == pytest.approx(3 / 6)
+    loss.sum().backward()
+    torch.testing.assert_close(logp.grad, -adv * w)
+
+
+def test_cispo_clips_the_weight_but_keeps_every_gradient():
+    # rho = 2 with A = +1: PPO-clip (0.2) has no gradient there; CISPO's weight is clip(2, 0.8,
+    # 1.2) = 1.2: value -1.2, gradient -1.2. rho = 0.5, A = -1: weight 0.8, value and grad +0.8.
+    # rho = 1: -A, gradient -A.
+    logp = torch.tensor([[math.log(0.5), math.log(0.25), math.log(0.3)]], dtype=torch.float64)
+    logp.requires_grad_(True)
+    old = torch.tensor([[math.log(0.25), math.log(0.5), math.log(0.3)]], dtype=torch.float64)
+    adv = torch.tensor([[1.0, -1.0, 2.0]], dtype=torch.float64)
+    mask = torch.ones_like(old)
+    loss, frac = rl_policy_loss.cispo_loss(logp, old, adv, mask, weight_low=0.2, weight_high=0.2)
+    expected = torch.tensor([[-1.2, 0.8, -2.0]], dtype=torch.float64)
+    torch.testing.assert_close(loss, expected)
+    assert frac.item() == pytest.approx(2 / 3)
+    loss.sum().backward()
+    torch.testing.assert_close(logp.grad, expected)
+    ppo, _ = rl_policy_loss.ppo_clip_loss(logp.detach().requires_grad_(True), old, adv, mask)
+    assert ppo[0, 0].item() == pytest.approx(-1.2)  # same value, but PPO-clip's is constant there
+
+
+def test_cispo_default_has_no_lower_bound():
+    logp = torch.tensor([[math.log(0.05)]], dtype=torch.float64)
+    old = torch.tensor([[math.log(0.5)]], dtype=torch.float64)
+    loss, _ = rl_policy_loss.cispo_loss(logp, old, torch.tensor([-1.0]), torch.ones(1, 1))
+    assert loss.item() == pytest.approx(0.1)  # weight rho = 0.1, unclipped below
+
+
+def test_maxrl_divides_by_the_group_mean():
+    # G = 4. 1 of 4 correct: mean 1/4 -> (1 - 1/4) / (1/4) = 3, wrong (0 - 1/4) / (1/4) = -1.
+    # 3 of 4: mean 3/4 -> correct 1/3, wrong -1. All wrong / all right: 0.
+    rewards = torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 1])
+    adv = rl_advantages.maxrl_advantages(rewards, 4)
+    third = 1 / 3
+    expected = torch.tensor([3.0, -1, -1, -1, third, third, third, -1] + [0.0] * 8)
+    torch.testing.assert_close(adv, expected, atol=1e-4, rtol=1e-5)
+    # Each group's advantages sum to 0 (the control variate), like GRPO's.
+    torch.testing.assert_close(adv.view(4, 4).sum(-1), torch.zeros(4), atol=1e-4, rtol=0)
+
+
+def test_adaptive_entropy_coefficient_follows_the_target():
+    from dphrl.rl.entropy import adaptive_entropy_coef
+
+    kw = {"target": 0.2, "step": 0.005, "max_coef": 0.01}
+    assert adaptive_entropy_coef(0.0, 0.1, **kw) == pytest.approx(0.005)  # below: up
+    assert adaptive_entropy_coef(0.0, 0.3, **kw) == 0.0  # above, at 0: stays 0
+    assert adaptive_entropy_coef(0.008, 0.1, **kw) == pytest.approx(0.01)  # capped
+    assert adaptive_entropy_coef(0.008, 0.3, **kw) == pytest.approx(0.003)  # above: down
+    assert adaptive_entropy_coef(0.004, 0.2, **kw) == pytest.approx(0.004)  # on target

@@ -190,3 +190,28 @@ def test_carry_analysis_counts_pass_at_1_and_the_spurious_carry_per_kind_of_sum(
         "| heldout | no carry | base | 1 | 100 | 0 |",
         "| heldout | no carry | grpo | 2 | 50 | 50 |",
     ]
+
+
+def test_passk_over_steps_gains_the_forgetting_panel(tmp_path):
+    """Synthetic runs: dph_js logs `ref_forgot_frac` every step (two seeds, averaged), grpo has
+    no ref store and logs none; the plot gets a third panel (3 x 5 inches wide) for it."""
+    from PIL import Image
+
+    report = load_report()
+    for arm, seed, forgot in (("dph_js", "0", 0.0), ("dph_js", "1", 0.5), ("grpo", "0", None)):
+        run = tmp_path / "arms" / arm / f"seed{seed}"
+        run.mkdir(parents=True)
+        rows = [{"step": s, "eval_greedy": 0.5, "eval_pass@8": 0.75} for s in (1, 2)]
+        for row in rows if forgot is not None else []:
+            row["ref_forgot_frac"] = forgot * row["step"]
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    curves = report.training_curves(tmp_path, ["grpo", "dph_js"], ["0", "1"])
+    assert curves["dph_js"]["ref_forgot_frac"] == [(1, 0.25), (2, 0.5)]
+    assert "ref_forgot_frac" not in curves["grpo"]
+    report.plot_over_steps(curves, ["grpo", "dph_js"], tmp_path / "over.png")
+    width, height = Image.open(tmp_path / "over.png").size
+    assert width / height == pytest.approx(15 / 4, rel=0.05)
+    del curves["dph_js"]["ref_forgot_frac"]  # no arm with a ref store: the two panels as before
+    report.plot_over_steps(curves, ["grpo", "dph_js"], tmp_path / "two.png")
+    width, height = Image.open(tmp_path / "two.png").size
+    assert width / height == pytest.approx(10 / 4, rel=0.05)

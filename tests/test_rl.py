@@ -292,3 +292,64 @@ def test_soft_overlong_penalty_is_dapos_linear_ramp():
     torch.testing.assert_close(
         rl_filters.soft_overlong_penalty(lengths, 10, 4, 0.5), expected * 0.5
     )
+
+
+def test_forgetting_stats_by_hand():
+    # Three ref responses: log r per token (0.5, -1.0), (-0.8, -0.4, [masked 9]), (0.1).
+    # Token mean (0.5 - 1 - 0.8 - 0.4 + 0.1) / 5 = -0.32; sequence sums -0.5, -1.2, 0.1: mean
+    # -0.5333; one of three (-1.2) fell more than 1 nat.
+    log_r = torch.tensor([[0.5, -1.0, 0.0], [-0.8, -0.4, 9.0], [0.1, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1, 0], [1, 1, 0], [1, 0, 0]])
+    ref = torch.full_like(log_r, -2.0)
+    stats = rl_hybrid.forgetting_stats(ref + log_r, ref, mask)
+    assert stats["ref_logratio_token"] == pytest.approx(-0.32)
+    assert stats["ref_logratio_seq"] == pytest.approx(-1.6 / 3)
+    assert stats["ref_forgot_frac"] == pytest.approx(1 / 3)
+
+
+def test_hybrid_loss_reports_forgetting_on_the_ref_batch():
+    from dphrl.rl.divergence import forward_kl
+
+    batch, logp, store_logp = _hybrid_case()  # log r = log 2, log 1/2 on one response: sum 0
+    _, stats = rl_hybrid.hybrid_loss(batch, logp, store_logp, beta=0.1, divergence=forward_kl)
+    assert stats["ref_logratio_token"] == pytest.approx(0.0, abs=1e-12)
+    assert stats["ref_logratio_seq"] == pytest.approx(0.0, abs=1e-12)
+    assert stats["ref_forgot_frac"] == 0.0
+    _, stats = rl_hybrid.hybrid_loss(batch, logp, store_logp - 1.0, beta=0.1, divergence=forward_kl)
+    assert stats["ref_logratio_seq"] == pytest.approx(-2.0) and stats["ref_forgot_frac"] == 1.0
+
+
+def test_hybrid_loss_with_the_top_k_divergence_reads_the_stored_top_k():
+    """The value on the ref store is forward_kl_topk of the policy's top-k log-probs against
+    the stored ones (the sampled token's log-prob still feeds kl_ref and the forgetting stats)."""
+    from dphrl.rl.divergence import forward_kl_topk
+
+    batch, logp, store_logp = _hybrid_case()
+    # Two tokens, K = 1: the by-hand case of test_forward_kl_topk_by_hand on each, 1/2 log(4/3).
+    batch.store_topk_ref_logp = torch.full((1, 2, 1), math.log(0.5), dtype=torch.float64)
+    topk = torch.full((1, 2, 1), math.log(0.25), dtype=torch.float64, requires_grad=True)
+    loss, stats = rl_hybrid.hybrid_loss(
+        batch, None, store_logp, beta=0.5, divergence=forward_kl_topk, store_topk_logp=topk
+    )
+    assert stats["div_loss"] == pytest.approx(0.5 * math.log(4 / 3))
+    assert stats["kl_ref"] == pytest.approx(0.25)  # from the sampled tokens, as before
+    loss.backward()
+    torch.testing.assert_close(
+        topk.grad, torch.full((1, 2, 1), 0.5 * -1 / 3 / 2, dtype=torch.float64)
+    )
+    assert store_logp.grad is None  # the top-k term alone carries the rehearsal's gradient
+
+
+def test_hybrid_loss_entropy_bonus():
+    # Entropy 1.0 on every rollout token: the bonus is -coef * token-mean = -0.1, its gradient
+    # -coef / 5 on each of the 5 unmasked tokens; policy_entropy is reported either way.
+    batch, logp, _ = _hybrid_case()
+    entropy = torch.ones_like(logp, requires_grad=True)
+    base, _ = rl_hybrid.hybrid_loss(batch, logp, None, beta=0.0, clip_high=0.28)
+    loss, stats = rl_hybrid.hybrid_loss(
+        batch, logp, None, beta=0.0, clip_high=0.28, entropy=entropy, entropy_coef=0.1
+    )
+    assert loss.item() == pytest.approx(base.item() - 0.1)
+    assert stats["policy_entropy"] == pytest.approx(1.0)
+    loss.backward()
+    torch.testing.assert_close(entropy.grad, -0.1 * batch.rollouts.response_mask / 5)

@@ -343,3 +343,47 @@ def test_zero_advantage_rows_skip_the_forward_and_the_update_is_unchanged(
         moved = max(float((p.detach() - q).abs().max()) for p, q in zip(a.values(), before))
         assert moved > 1e-4  # AdamW's momentum moves the weights on a zero gradient too
     assert stats[0]["grad_norm"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["divergence=forward_kl", "algo.loss=dppo_tv"],
+        ["divergence=alpha", "algo.loss=dppo_kl", "algo.advantage=maxrl"],
+        ["divergence=js", "algo.loss=cispo", "algo.entropy_target=100", "trainer.max_steps=2"],
+    ],
+    ids=lambda o: "+".join(o),
+)
+def test_the_2026_objectives_train_with_a_divergence(overrides, data_dir, tiny_model_dir, tmp_path):
+    """Each new loss / advantage composes with a ref-store divergence and moves the weights;
+    every step logs the rehearsal's forgetting (0 at step 0: log r = 0). The entropy target far
+    above the tiny model's entropy makes the coefficient climb one step a step from 0."""
+    cfg = _cfg(tmp_path, tiny_model_dir, "trainer.max_steps=1", "ref.keep=all", *overrides,
+               data=data_dir)  # fmt: skip
+    out = trainer.run(cfg, tmp_path)
+    before, after = _weights(Path(tiny_model_dir)), _weights(out)
+    assert sum(float((before[k] - after[k]).abs().max()) for k in before) > 0
+    metrics = _metrics(tmp_path)
+    first = metrics[0]
+    assert first["ref_logratio_token"] == pytest.approx(0.0, abs=1e-5)
+    assert first["ref_logratio_seq"] == pytest.approx(0.0, abs=1e-4)
+    assert first["ref_forgot_frac"] == 0.0
+    if "algo.entropy_target=100" in overrides:
+        assert [m["entropy_coef"] for m in metrics] == pytest.approx([0.0, 0.005])
+        assert first["policy_entropy"] > 0
+
+
+def test_forward_kl_topk_trains_on_a_store_with_top_k(data_dir, tiny_model_dir, tmp_path):
+    """divergence=forward_kl_topk (ref.topk=8 from its config file) builds its own store with
+    the top-k columns next to the split, and trains on it: 0 at step 0, weights moved."""
+    cfg = _cfg(tmp_path, tiny_model_dir, "trainer.max_steps=1", "ref.keep=all",
+               "divergence=forward_kl_topk", data=data_dir)  # fmt: skip
+    cfg.ref.out = str(tmp_path / "ref_top8")
+    out = trainer.run(cfg, tmp_path)
+    manifest = json.loads((tmp_path / "ref_top8" / "manifest.json").read_text())
+    assert manifest["topk"] == 8
+    before, after = _weights(Path(tiny_model_dir)), _weights(out)
+    assert sum(float((before[k] - after[k]).abs().max()) for k in before) > 0
+    (m,) = _metrics(tmp_path)
+    assert m["div_loss"] == pytest.approx(0.0, abs=1e-5)  # the stored top-k is the policy's own
+    assert m["kl_ref"] == pytest.approx(0.0, abs=1e-6)

@@ -9,7 +9,13 @@ update up to float rounding.
 
 The store: `shard_00000.parquet`, ... (columns id, prompt_ids, response_ids, ref_logprobs
 float32, reward, response_text), one per chunk of `ref.chunk_size` D_pef prompts, plus
-`manifest.json`, which records what the store was built from and what it holds:
+`manifest.json`, which records what the store was built from and what it holds. With
+`ref.topk` = k > 0 each response token also gets the initial policy's k most likely next tokens
+(`ref_topk_ids`, int32) and their log-probs (`ref_topk_logprobs`, float32), lists of k per
+token, from the same forward numerics (`dphrl.rl.logprobs.batch_topk_logprobs`), for
+`divergence=forward_kl_topk`; that costs 8 k bytes a token before compression (BENCHMARKS.md
+has the measured size). `ref.topk=0` writes the store exactly as before (same identity, same
+bytes), so stores made before top-k existed stay current.
 
 - the settings (`ref_state.json` too): model path and a hash of its weights, dtype, sampling;
 - the split: a hash of `pef.jsonl` and the D_pef ids;
@@ -54,7 +60,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def identity(ref: RefConfig, task: TaskConfig, model: ModelConfig, weights: str, seed: int) -> dict:
-    """What makes two precompute-ref runs the same store (the split is checked per shard)."""
+    """What makes two precompute-ref runs the same store (the split is checked per shard);
+    `topk` only when set, so that a store without top-k keeps the identity it always had."""
     return {
         "model": model.path,
         "weights_sha256": weights,
@@ -68,7 +75,7 @@ def identity(ref: RefConfig, task: TaskConfig, model: ModelConfig, weights: str,
         "max_prompt_len": model.max_prompt_len,
         "seed": seed,
         "chunk_size": ref.chunk_size,
-    }
+    } | ({"topk": ref.topk} if ref.topk else {})
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> dict:
@@ -274,6 +281,7 @@ class _ShardSampler:
             self.device,
             model.pack_tokens,
             model.compute_dtype,
+            ref.topk,
         )
         return records
 
@@ -289,14 +297,17 @@ def _add_ref_logprobs(
     device: str,
     pack_tokens: int,
     autocast_dtype: str | None,
+    topk: int = 0,
     batch: int = 8,
 ) -> None:
     """ref_logprobs by the training forward pass (float32 weights, the body under autocast in
-    `autocast_dtype`, as the trainer's); every value must be finite."""
+    `autocast_dtype`, as the trainer's); every value must be finite. With `topk` > 0 also the
+    top-k ids and log-probs per response token (a second, no-grad forward: the sampled token's
+    log-prob stays the training forward's own)."""
     import torch
 
     from dphrl.rl.batching import pack, unpad
-    from dphrl.rl.logprobs import autocast, batch_logprobs
+    from dphrl.rl.logprobs import autocast, batch_logprobs, batch_topk_logprobs
 
     for i in range(0, len(records), batch):
         part = records[i : i + batch]
@@ -311,22 +322,35 @@ def _add_ref_logprobs(
                     f"ref log-probs of prompt {record['id']} are not finite; check model.dtype"
                 )
             record["ref_logprobs"] = values
+        if topk:
+            with autocast(device, autocast_dtype):
+                top_logp, top_ids = batch_topk_logprobs(
+                    policy, packed, topk, pack_tokens=pack_tokens
+                )  # (N, T, k)
+            mask = packed.response_mask.cpu().bool()
+            for record, lp, ids, m in zip(part, top_logp.cpu(), top_ids.cpu(), mask):
+                record["ref_topk_logprobs"] = lp[m].tolist()  # (len, k)
+                record["ref_topk_ids"] = ids[m].tolist()
 
 
 def _write_shard(path: Path, records: list[dict]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema(
-        [
-            ("id", pa.string()),
-            ("prompt_ids", pa.list_(pa.int32())),
-            ("response_ids", pa.list_(pa.int32())),
-            ("ref_logprobs", pa.list_(pa.float32())),
-            ("reward", pa.float32()),
-            ("response_text", pa.string()),
+    columns = [
+        ("id", pa.string()),
+        ("prompt_ids", pa.list_(pa.int32())),
+        ("response_ids", pa.list_(pa.int32())),
+        ("ref_logprobs", pa.list_(pa.float32())),
+        ("reward", pa.float32()),
+        ("response_text", pa.string()),
+    ]
+    if records and "ref_topk_ids" in records[0]:  # ref.topk > 0: a list of k per token
+        columns += [
+            ("ref_topk_ids", pa.list_(pa.list_(pa.int32()))),
+            ("ref_topk_logprobs", pa.list_(pa.list_(pa.float32()))),
         ]
-    )
+    schema = pa.schema(columns)
     table = pa.Table.from_pylist(records, schema=schema)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)

@@ -84,6 +84,21 @@ def repad(values: list[list[float]], mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def pack_topk(rows: list[dict], mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ref store's top-k ids and log-probs of `rows` (`ref_topk_ids`, `ref_topk_logprobs`:
+    k per response token) laid on their packed response mask `# (M, S)`: `# (M, S, k)` int64
+    and float32, 0 past each response's end."""
+    k = next((len(r["ref_topk_ids"][0]) for r in rows if r["ref_topk_ids"]), 1)
+    ids = torch.zeros(*mask.shape, k, dtype=torch.long)
+    logp = torch.zeros(*mask.shape, k, dtype=torch.float32)
+    for i, row in enumerate(rows):
+        n = len(row["ref_topk_ids"])
+        if n:
+            ids[i, :n] = torch.tensor(row["ref_topk_ids"], dtype=torch.long)
+            logp[i, :n] = torch.tensor(row["ref_topk_logprobs"], dtype=torch.float32)
+    return ids, logp
+
+
 @dataclass
 class SharedPrefix:
     """Responses to one prompt packed into one row after a single copy of that prompt.

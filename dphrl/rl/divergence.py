@@ -17,7 +17,12 @@ Two families, told apart by where the tokens y come from:
   rollouts, scored by an online reference model (the GRPO + KL baseline and the second half of
   `js_full`).
 
-Every function maps `(logp, ref_logp)` of any shape (typically `# (B, T)`) to per-token values
+`forward_kl_topk` reads more of the reference than the sampled token: the initial policy's K
+most likely tokens at each response position, stored at pre-sampling time (`ref.topk`), and the
+policy's log-probs of those tokens; its inputs have a trailing `# (..., K)` and its output drops
+it (`TOPK_DIVERGENCES`).
+
+Every other function maps `(logp, ref_logp)` of any shape (typically `# (B, T)`) to per-token values
 of the same shape; masking and averaging belong to `dphrl.rl.aggregation.aggregate`. `clamp_log_ratio`
 clamps log u before use, `clamp_value` clamps the per-token value after (both stop the gradient
 outside the clamp); None turns a clamp off. Each function's defaults are the official DPH-RL
@@ -202,6 +207,46 @@ def kl_k3(
     return _clamp(torch.expm1(-log_r) + log_r, clamp_value)
 
 
+def forward_kl_topk(
+    logp: Tensor,
+    ref_logp: Tensor,
+    *,
+    clamp_log_ratio: float | None = None,
+    clamp_value: float | None = None,
+    min_tail: float = 1e-6,
+) -> Tensor:
+    """Forward KL on the initial policy's stored top-k tokens, plus one tail atom.
+
+    At each response token, with v_1..v_K the initial policy's K most likely next tokens,
+    q_k = log pi_ref(v_k) (stored by precompute-ref, `ref.topk`) and l_k = log pi_theta(v_k):
+
+        head = sum_k e^{q_k} (q_k - l_k)
+        tail = Q log(Q / P),   Q = 1 - sum_k e^{q_k},  P = 1 - sum_k e^{l_k}   (the other tokens)
+        value = head + tail
+
+    This is KL(pi_ref || pi_theta) between the two distributions with the vocabulary outside
+    the top-k merged into one outcome: >= 0, zero iff the policy gives each top-k token its
+    reference probability, at most the exact KL (data processing) and equal to it when the top-k
+    holds every token the reference can emit. verl's `forward_kl_topk` (distillation from a
+    teacher's top-k) keeps the head alone, which can go negative and pays nothing for moving
+    mass from the tail into the top-k; the tail atom fixes both. P is floored at `min_tail`
+    so that a policy putting all its mass on the top-k costs a bounded, finite log.
+
+    Against `forward_kl` (u - log u - 1 on the sampled token only) it sees K tokens per
+    position instead of one: a denser signal from the same pre-sampled responses, with no online
+    reference model. logp, ref_logp `# (..., K)` -> `# (...)`. `clamp_log_ratio` clamps
+    l_k - q_k, `clamp_value` the value; both off by default.
+    """
+    if clamp_log_ratio is not None:
+        logp = ref_logp + _log_ratio(logp, ref_logp, clamp_log_ratio)
+    q = torch.exp(ref_logp)  # (..., K)
+    head = (q * (ref_logp - logp)).sum(-1)
+    ref_tail = (1.0 - q.sum(-1)).clamp(min=0.0)
+    tail = (1.0 - torch.exp(logp).sum(-1)).clamp(min=min_tail)
+    value = head + torch.xlogy(ref_tail, ref_tail) - ref_tail * torch.log(tail)
+    return _clamp(value, clamp_value)
+
+
 Divergence = Callable[[Tensor, Tensor], Tensor]  # (logp, ref_logp) -> per-token values, same shape
 
 # Config name (`divergence.name`) -> per-token value on reference-store samples (y ~ pi_ref).
@@ -211,7 +256,12 @@ DIVERGENCES: dict[str, Divergence] = {
     "js": js,
     "js_full": js_ref_half,
     "alpha": alpha_divergence,
+    "forward_kl_topk": forward_kl_topk,
 }
+
+# Divergences of the stored top-k distribution: their inputs are `# (..., K)` log-probs of the
+# ref store's top-k tokens (`ref_topk_ids`), under the policy and under the initial policy.
+TOPK_DIVERGENCES = frozenset({"forward_kl_topk"})
 
 # `divergence.estimator` -> per-token reverse-KL value on the policy's rollouts (y ~ pi_theta).
 REVERSE_KL_ESTIMATORS: dict[str, Divergence] = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}

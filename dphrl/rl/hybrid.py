@@ -34,6 +34,8 @@ class StepBatch:
     store: Packed | None = None  # ref-store ids (M, P'+S), response_mask (M, S)
     store_ref_logp: Tensor | None = None  # (M, S) pi_ref, as precompute-ref stored it
     engine_logp: Tensor | None = None  # (N, T) the engine's log-probs of the sampled tokens
+    store_topk_ids: Tensor | None = None  # (M, S, K) pi_ref's top-k tokens (ref.topk)
+    store_topk_ref_logp: Tensor | None = None  # (M, S, K) their log-probs under pi_ref
 
     def __len__(self) -> int:
         return 0 if self.rollouts is None else len(self.rollouts)
@@ -45,6 +47,10 @@ class StepBatch:
             return None if t is None else t[rows]
 
         has_store = self.store is not None and store_rows is not None
+
+        def cut_store(t: Tensor | None) -> Tensor | None:
+            return t[store_rows] if has_store and t is not None else None
+
         return replace(
             self,
             rollouts=None if self.rollouts is None else self.rollouts.select(rows),
@@ -53,11 +59,36 @@ class StepBatch:
             online_ref_logp=cut(self.online_ref_logp),
             engine_logp=cut(self.engine_logp),
             store=self.store.select(store_rows) if has_store else None,
-            store_ref_logp=self.store_ref_logp[store_rows] if has_store else None,
+            store_ref_logp=cut_store(self.store_ref_logp),
+            store_topk_ids=cut_store(self.store_topk_ids),
+            store_topk_ref_logp=cut_store(self.store_topk_ref_logp),
         )
 
 
 LOSS_STATS = ("pg_loss", "clip_frac", "div_loss", "kl_ref", "rkl_loss")
+
+# What the ref batch says of forgetting, from the log-probs the divergence already has (no
+# extra forward), with log r = log pi_theta - log pi_ref per response token: its mean over
+# tokens, the mean over responses of its sum (the response's sequence log-ratio), and the share
+# of responses whose sequence log-prob fell more than `FORGOT_NATS` below the initial policy's.
+FORGETTING_STATS = ("ref_logratio_token", "ref_logratio_seq", "ref_forgot_frac")
+FORGOT_NATS = 1.0
+
+
+def forgetting_stats(store_logp: Tensor, ref_logp: Tensor, mask: Tensor) -> dict[str, float]:
+    """`FORGETTING_STATS` of one ref batch: log-probs `# (M, S)` under the policy and the
+    initial policy, response mask `# (M, S)`. 0 at step 0 (log r = 0); falling below 0 as the
+    policy forgets what the initial policy answered correctly."""
+    with torch.no_grad():
+        log_r = (store_logp - ref_logp) * mask  # (M, S)
+        seq = log_r.sum(-1)  # (M,)
+        real = mask.sum(-1) > 0  # (M,) responses with tokens
+        n = real.sum().clamp(min=1)
+        return {
+            "ref_logratio_token": float(log_r.sum() / mask.sum().clamp(min=1)),
+            "ref_logratio_seq": float(seq[real].sum() / n),
+            "ref_forgot_frac": float(((seq < -FORGOT_NATS) & real).sum() / n),
+        }
 
 
 def hybrid_loss(
@@ -77,11 +108,15 @@ def hybrid_loss(
     rollout_correction: str = "none",
     correction_low: float = 0.5,
     correction_high: float = 2.0,
+    store_topk_logp: Tensor | None = None,
+    entropy: Tensor | None = None,
+    entropy_coef: float = 0.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """DPH-RL's per-step objective (arXiv 2509.07430, Sec. 3) on one minibatch:
 
         L = agg(policy_loss(logp, old_logp, A))                     on the N rollouts
           + beta * agg(policy_term(logp, online_ref_logp))          on the rollouts, when given
+          - entropy_coef * agg(entropy)                             on the rollouts, when given
           + beta * token-mean(divergence(store_logp, store_ref_logp)) on the M ref-store rows
 
     `policy_loss` is PPO-clip by default (any `PolicyLoss`); `policy_term` the reverse-KL estimator (GRPO + KL baseline) or `js_full`'s policy half,
@@ -91,7 +126,12 @@ def hybrid_loss(
     is absent). `agg` is `loss_agg`; `denom` / `store_denom` replace its count (tokens or
     responses) so that minibatches and ranks add up to the global mean. Returns the scalar loss
     and the statistics of `LOSS_STATS` as floats: the clip fraction and, on the ref store, the
-    KL(pi_ref || pi_theta) estimate `kl_ref` (k3 form, no gradient).
+    KL(pi_ref || pi_theta) estimate `kl_ref` (k3 form, no gradient), and `FORGETTING_STATS`.
+
+    A top-k divergence (`dphrl.rl.divergence.TOPK_DIVERGENCES`) reads `store_topk_logp`
+    `# (M, S, K)`, the policy's log-probs of the stored top-k tokens (with grad), against
+    `batch.store_topk_ref_logp`. `entropy` `# (N, T)` is the rollouts' per-token entropy with
+    grad (`dphrl.rl.entropy`); its mean is reported as `policy_entropy`.
 
     With the engine's log-probs in the batch, `rollout_correction` (`dphrl.rl.mismatch`) weighs or
     masks the policy loss's tokens by pi_old / pi_engine (bounds `correction_low` / `_high`);
@@ -120,14 +160,23 @@ def hybrid_loss(
             rkl = aggregate(policy_term(logp, batch.online_ref_logp), mask, loss_agg, denom)
             loss = loss + beta * rkl
             stats["rkl_loss"] = float(rkl.detach())
+        if entropy is not None:
+            if entropy_coef > 0:
+                loss = loss - entropy_coef * aggregate(entropy, mask, loss_agg, denom)
+            stats["policy_entropy"] = float(aggregate(entropy.detach(), mask, "token-mean"))
     if store_logp is not None and batch.store is not None and divergence is not None and beta > 0:
         mask, ref = batch.store.response_mask, batch.store_ref_logp
-        div = aggregate(divergence(store_logp, ref), mask, "token-mean", store_denom)
+        if store_topk_logp is None:
+            per_token = divergence(store_logp, ref)  # (M, S)
+        else:
+            per_token = divergence(store_topk_logp, batch.store_topk_ref_logp)  # (M, S)
+        div = aggregate(per_token, mask, "token-mean", store_denom)
         loss = loss + beta * div
         with torch.no_grad():
             log_u = (store_logp - ref) * mask
             kl = aggregate(torch.expm1(log_u) - log_u, mask, "token-mean", store_denom)
         stats["div_loss"], stats["kl_ref"] = float(div.detach()), float(kl)
+        stats.update(forgetting_stats(store_logp, ref, mask))
     return loss, stats
 
 

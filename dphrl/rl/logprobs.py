@@ -29,12 +29,13 @@ from dphrl.rl.batching import Packed, share_prefixes
 
 
 def _forward_stats(z: Tensor, ids: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Log-prob of ids, logsumexp and entropy (or an empty tensor) from scaled logits z `# (n, V)`.
+    """Log-probs of ids, logsumexp and entropy (or an empty tensor) from scaled logits z `# (n, V)`.
 
+    ids `# (n,)` (one token per row) or `# (n, J)` (J tokens per row: log-probs `# (n, J)`).
     z is a float32 scratch buffer and is overwritten. Entropy, with e = exp(z - max), s = sum e:
     H = -sum p log p = log s - sum(e (z - max)) / s.
     """
-    picked = z.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # (n,)
+    picked = z.gather(-1, ids.view(len(ids), -1))  # (n, J)
     top = z.amax(dim=-1, keepdim=True)  # (n, 1)
     z.sub_(top)
     if with_entropy:
@@ -45,7 +46,7 @@ def _forward_stats(z: Tensor, ids: Tensor, with_entropy: bool) -> tuple[Tensor, 
         total = z.exp_().sum(dim=-1)
         entropy = z.new_empty(0)
     lse = top.squeeze(-1) + total.log()
-    return picked - lse, lse, entropy
+    return (picked - lse.unsqueeze(-1)).view(ids.shape), lse, entropy
 
 
 def _concat(outs: list[tuple[Tensor, Tensor, Tensor]], like: Tensor) -> tuple[Tensor, ...]:
@@ -55,10 +56,37 @@ def _concat(outs: list[tuple[Tensor, Tensor, Tensor]], like: Tensor) -> tuple[Te
     return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
 
 
-def _grad_scaled_logits(z: Tensor, lse: Tensor, ids: Tensor, grad: Tensor) -> Tensor:
-    """d(sum grad * logp) / dz = grad (onehot(ids) - softmax(z)), computed in place in z `# (n, V)`."""
-    z.sub_(lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))
-    return z.scatter_add_(-1, ids.unsqueeze(-1), grad.unsqueeze(-1))
+def _grad_scaled_logits(
+    z: Tensor,
+    lse: Tensor,
+    ids: Tensor,
+    grad: Tensor | None,
+    entropy: Tensor | None = None,
+    grad_entropy: Tensor | None = None,
+) -> Tensor:
+    """d(sum grad * logp + sum grad_entropy * H) / dz, computed in place in z `# (n, V)`.
+
+    With p = softmax(z): d log p(y) / dz = onehot(y) - p, and the entropy's
+    dH / dz = -p (log p + H). ids `# (n,)` or `# (n, J)`, grad shaped like ids (None: 0)."""
+    n = len(ids)
+    cols = ids.view(n, -1)  # (n, J)
+    g = (
+        torch.zeros(cols.shape, dtype=z.dtype, device=z.device)
+        if grad is None
+        else grad.view(n, -1)
+    )
+    z.sub_(lse.unsqueeze(-1))  # log p
+    if grad_entropy is None:
+        z.exp_().mul_(-g.sum(-1, keepdim=True))
+    else:
+        p = torch.exp(z)
+        z.add_(entropy.unsqueeze(-1)).mul_(p).mul_(-grad_entropy.unsqueeze(-1))
+        z.sub_(p.mul_(g.sum(-1, keepdim=True)))
+    return z.scatter_add_(-1, cols, g)
+
+
+def _part(t: Tensor | None, start: int, stop: int) -> Tensor | None:
+    return None if t is None else t[start:stop]
 
 
 class _LogitsLogprobs(torch.autograd.Function):
@@ -71,20 +99,23 @@ class _LogitsLogprobs(torch.autograd.Function):
             z = logits[s : s + chunk].to(torch.float32, copy=True).div_(temperature)
             outs.append(_forward_stats(z, ids[s : s + chunk], with_entropy))
         logp, lse, entropy = _concat(outs, logits)
-        ctx.save_for_backward(logits, ids, lse)
+        ctx.save_for_backward(logits, ids, lse, entropy)
         ctx.temperature, ctx.chunk = temperature, chunk
-        ctx.mark_non_differentiable(entropy)
+        ctx.set_materialize_grads(False)  # an unused entropy costs no backward work
         return logp, entropy
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_logp, _grad_entropy):
-        logits, ids, lse = ctx.saved_tensors
+    def backward(ctx, grad_logp, grad_entropy):
+        logits, ids, lse, entropy = ctx.saved_tensors
         grad_logits = torch.empty_like(logits)
         for s in range(0, logits.shape[0], ctx.chunk):
             e = s + ctx.chunk
             z = logits[s:e].to(torch.float32, copy=True).div_(ctx.temperature)
-            gz = _grad_scaled_logits(z, lse[s:e], ids[s:e], grad_logp[s:e])
+            gz = _grad_scaled_logits(
+                z, lse[s:e], ids[s:e], _part(grad_logp, s, e), _part(entropy, s, e),
+                _part(grad_entropy, s, e),
+            )  # fmt: skip
             grad_logits[s:e] = gz.div_(ctx.temperature)
         return grad_logits, None, None, None, None
 
@@ -114,15 +145,15 @@ class _HiddenLogprobs(torch.autograd.Function):
             z, _ = _scaled_logits(hidden[s : s + chunk], weight, bias, temperature, softcap)
             outs.append(_forward_stats(z, ids[s : s + chunk], with_entropy))
         logp, lse, entropy = _concat(outs, hidden)
-        ctx.save_for_backward(hidden, weight, bias, ids, lse)
+        ctx.save_for_backward(hidden, weight, bias, ids, lse, entropy)
         ctx.args = (temperature, softcap, chunk)
-        ctx.mark_non_differentiable(entropy)
+        ctx.set_materialize_grads(False)  # an unused entropy costs no backward work
         return logp, entropy
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_logp, _grad_entropy):
-        hidden, weight, bias, ids, lse = ctx.saved_tensors
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, ids, lse, entropy = ctx.saved_tensors
         temperature, softcap, chunk = ctx.args
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -137,9 +168,11 @@ class _HiddenLogprobs(torch.autograd.Function):
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s : s + chunk]
             z, t = _scaled_logits(h, weight, bias, temperature, softcap)
+            e = s + chunk
             g = _grad_scaled_logits(
-                z, lse[s : s + chunk], ids[s : s + chunk], grad_logp[s : s + chunk]
-            )
+                z, lse[s:e], ids[s:e], _part(grad_logp, s, e), _part(entropy, s, e),
+                _part(grad_entropy, s, e),
+            )  # fmt: skip
             if t is not None:  # z = c tanh(raw / c) / tau  =>  dz/draw = (1 - tanh^2) / tau
                 g.mul_(t.square_().neg_().add_(1))
             g.div_(temperature)  # (n, V) float32: gradient w.r.t. the raw logits h W^T + b
@@ -163,6 +196,11 @@ def autocast(device: str, dtype: str | None):
     )
 
 
+def _flat_ids(ids: Tensor, row_dims: int) -> Tensor:
+    """ids `# (...)` -> `# (n,)`, or `# (..., J)` (J tokens per row) -> `# (n, J)`."""
+    return ids.reshape(-1) if ids.dim() == row_dims else ids.reshape(-1, ids.shape[-1])
+
+
 def _check_chunk(chunk: int) -> None:
     if chunk < 1:
         raise ValueError(f"chunk={chunk} must be >= 1 token")
@@ -179,15 +217,18 @@ def token_logprobs(
     """log softmax(logits / temperature)[ids], chunked over tokens, in float32.
 
     logits `# (..., V)` (any float dtype), ids `# (...)` -> log-probs `# (...)` float32, and the
-    per-token entropy `# (...)` (detached, for metrics) when `with_entropy`, else None.
+    per-token entropy `# (...)` when `with_entropy` (differentiable: dH/dz = -p (log p + H)),
+    else None. ids `# (..., J)` scores J tokens per position: log-probs `# (..., J)`.
     Equal to `(logits.float() / temperature).log_softmax(-1).gather(-1, ids[..., None])[..., 0]`
     in value and gradient; the logits and their gradient exist in full, but no float32
     log-softmax copy does.
     """
     _check_chunk(chunk)
     flat = logits.reshape(-1, logits.shape[-1])
-    logp, entropy = _LogitsLogprobs.apply(flat, ids.reshape(-1), temperature, chunk, with_entropy)
-    return logp.view(ids.shape), entropy.view(ids.shape) if with_entropy else None
+    rows = ids.shape[: logits.dim() - 1]
+    flat_ids = _flat_ids(ids, logits.dim() - 1)
+    logp, entropy = _LogitsLogprobs.apply(flat, flat_ids, temperature, chunk, with_entropy)
+    return logp.view(ids.shape), entropy.view(rows) if with_entropy else None
 
 
 def hidden_logprobs(
@@ -203,17 +244,20 @@ def hidden_logprobs(
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs of ids from final hidden states, making the logits chunk by chunk.
 
-    hidden `# (..., H)`, weight `# (V, H)` (lm_head), ids `# (...)` -> `# (...)` float32.
+    hidden `# (..., H)`, weight `# (V, H)` (lm_head), ids `# (...)` -> `# (...)` float32, or
+    ids `# (..., J)` -> `# (..., J)` (J tokens per position); entropy `# (...)` as `token_logprobs`.
     logits = hidden @ weight.T + bias, optionally soft-capped (tanh(z / c) c, as Gemma-2),
     then divided by `temperature`. Peak extra memory is about one `# (chunk, V)` float32 buffer
     rather than several `# (N, V)` ones; gradients reach hidden, weight and bias.
     """
     _check_chunk(chunk)
     flat = hidden.reshape(-1, hidden.shape[-1])
+    rows = ids.shape[: hidden.dim() - 1]
     logp, entropy = _HiddenLogprobs.apply(
-        flat, weight, bias, ids.reshape(-1), temperature, softcap, chunk, with_entropy
-    )
-    return logp.view(ids.shape), entropy.view(ids.shape) if with_entropy else None
+        flat, weight, bias, _flat_ids(ids, hidden.dim() - 1), temperature, softcap, chunk,
+        with_entropy,
+    )  # fmt: skip
+    return logp.view(ids.shape), entropy.view(rows) if with_entropy else None
 
 
 def decoder_hidden(model: torch.nn.Module, input_ids: Tensor, **kwargs: Any) -> Tensor:
@@ -252,6 +296,7 @@ def response_logprobs(
     chunk: int = 1024,
     with_entropy: bool = False,
     from_hidden: bool = True,
+    extra_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs of the response tokens of a batch under a Hugging Face causal LM.
 
@@ -260,7 +305,8 @@ def response_logprobs(
     response tokens; attention_mask `# (B, L)` marks every real token. Positions count real
     tokens only (cumsum of the attention mask), as in generation.
     Returns log-probs `# (B, T)` float32, 0 where response_mask is 0, and the entropy `# (B, T)`
-    (detached) when `with_entropy`.
+    when `with_entropy`. `extra_ids` `# (B, T, J)` scores J more tokens at each response
+    position (the ref store's top-k): log-probs `# (B, T, 1 + J)`, [..., 0] the response token.
 
     `from_hidden=True` runs the decoder body (`decoder_hidden`, FSDP2 too) and makes logits
     chunk by chunk from the lm_head weight, so full logits never exist. `from_hidden=False`
@@ -273,6 +319,10 @@ def response_logprobs(
         raise ValueError(f"response length {T} must be shorter than the sequence {L}")
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
     targets = input_ids[:, L - T :] * response_mask.long()  # (B, T); masked ids -> 0, valid index
+    if extra_ids is not None:  # (B, T, 1 + J)
+        targets = torch.cat(
+            [targets.unsqueeze(-1), extra_ids * response_mask.long()[..., None]], -1
+        )
     kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     if from_hidden:
         hidden = decoder_hidden(model, input_ids, **kwargs)  # (B, L, H)
@@ -293,7 +343,9 @@ def response_logprobs(
             logits[:, :-1], targets, temperature=temperature, chunk=chunk, with_entropy=with_entropy
         )
     mask = response_mask.to(logp.dtype)
-    return logp * mask, None if entropy is None else entropy * mask
+    return logp * (mask if extra_ids is None else mask[..., None]), (
+        None if entropy is None else entropy * mask
+    )
 
 
 def batch_logprobs(
@@ -305,6 +357,7 @@ def batch_logprobs(
     chunk: int = 1024,
     with_entropy: bool = False,
     from_hidden: bool = True,
+    extra_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """`response_logprobs` of a Packed batch, with responses to one prompt sharing its forward.
 
@@ -314,7 +367,8 @@ def batch_logprobs(
     prompt of p tokens costs p + G t token-forwards instead of G (p + T_max). The values are
     those of the padded layout up to float rounding (same positions, same visible tokens), and
     so are the gradients. `pack_tokens=0` is the padded layout. Returns `# (N, T)` like
-    `response_logprobs`, 0 where `batch.response_mask` is 0.
+    `response_logprobs`, 0 where `batch.response_mask` is 0; with `extra_ids` `# (N, T, J)`,
+    `# (N, T, 1 + J)` as there.
     """
     T = batch.response_mask.shape[1]
     if pack_tokens <= 0 or not batch.attention_mask[:, -T:].any():
@@ -327,6 +381,7 @@ def batch_logprobs(
             chunk=chunk,
             with_entropy=with_entropy,
             from_hidden=from_hidden,
+            extra_ids=extra_ids,
         )
     attn_impl = getattr(model.config, "_attn_implementation", None) or ""
     if "flash" in attn_impl:
@@ -335,6 +390,10 @@ def batch_logprobs(
             f"(sdpa or eager), not {attn_impl}; set model.pack_tokens=0"
         )
     sp = share_prefixes(batch, pack_tokens)
+    target = sp.target  # (K,), or (K, 1 + J) with the extra ids of each token's position
+    if extra_ids is not None:
+        extra = extra_ids.reshape(-1, extra_ids.shape[-1])[sp.slot]  # (K, J)
+        target = torch.cat([target.unsqueeze(-1), extra], -1)
     dtype = next(model.parameters()).dtype
     kwargs = dict(
         attention_mask=sp.attention_bias(dtype), position_ids=sp.position_ids, use_cache=False
@@ -346,7 +405,7 @@ def batch_logprobs(
         logp, entropy = hidden_logprobs(
             hidden.reshape(R * S, -1)[sp.source],  # (K, H)
             head.weight,
-            sp.target,
+            target,
             bias=head.bias,
             temperature=temperature,
             softcap=getattr(model.config, "final_logit_softcapping", None),
@@ -359,15 +418,75 @@ def batch_logprobs(
         column = torch.searchsorted(keep, sp.source % S)
         picked = logits.reshape(R * len(keep), -1)[(sp.source // S) * len(keep) + column]
         logp, entropy = token_logprobs(
-            picked, sp.target, temperature=temperature, chunk=chunk, with_entropy=with_entropy
+            picked, target, temperature=temperature, chunk=chunk, with_entropy=with_entropy
         )
     mask = batch.response_mask
-    out = logp.new_zeros(mask.numel()).index_put((sp.slot,), logp).view(mask.shape)  # (N, T)
+    width = logp.shape[1:]  # () or (1 + J,)
+    out = logp.new_zeros(mask.numel(), *width).index_put((sp.slot,), logp)
+    out = out.view(*mask.shape, *width)  # (N, T) or (N, T, 1 + J)
+    if extra_ids is not None:
+        mask = mask[..., None]
     ent = None
     if entropy is not None:
-        ent = entropy.new_zeros(mask.numel()).index_put((sp.slot,), entropy).view(mask.shape)
-        ent = ent * mask.to(ent.dtype)
+        rmask = batch.response_mask
+        ent = entropy.new_zeros(rmask.numel()).index_put((sp.slot,), entropy).view(rmask.shape)
+        ent = ent * rmask.to(ent.dtype)
     return out * mask.to(out.dtype), ent
+
+
+@torch.no_grad()
+def batch_topk_logprobs(
+    model: torch.nn.Module, batch: Packed, k: int, *, pack_tokens: int = 0, chunk: int = 1024
+) -> tuple[Tensor, Tensor]:
+    """The model's k most likely next tokens at each response position, and their log-probs.
+
+    What precompute-ref stores for `divergence=forward_kl_topk` (`ref.topk`): at the position
+    that predicts response token t, the ids `# (N, T, k)` int64 and log-probs `# (N, T, k)`
+    float32 (descending) of softmax(z), z = the lm_head's logits at temperature 1 made chunk by
+    chunk as in `hidden_logprobs` (so the policy's log-probs of these ids at step 0 equal them
+    up to rounding). 0 where `batch.response_mask` is 0. Same layouts as `batch_logprobs`.
+    """
+    hidden, slot = _response_hidden(model, batch, pack_tokens)  # (K, H), (K,)
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    values, ids = [], []
+    for s in range(0, hidden.shape[0], chunk):
+        z, _ = _scaled_logits(hidden[s : s + chunk], head.weight, head.bias, 1.0, softcap)
+        top, idx = z.topk(k, dim=-1)  # (n, k)
+        values.append(top - torch.logsumexp(z, dim=-1, keepdim=True))
+        ids.append(idx)
+    N, T = batch.response_mask.shape
+    logp = hidden.new_zeros(N * T, k, dtype=torch.float32)
+    top_ids = torch.zeros(N * T, k, dtype=torch.long, device=hidden.device)
+    if values:
+        logp = logp.index_put((slot,), torch.cat(values))
+        top_ids = top_ids.index_put((slot,), torch.cat(ids))
+    mask = batch.response_mask.reshape(-1, 1)
+    return (logp * mask).view(N, T, k), (top_ids * mask.long()).view(N, T, k)
+
+
+def _response_hidden(
+    model: torch.nn.Module, batch: Packed, pack_tokens: int
+) -> tuple[Tensor, Tensor]:
+    """Final hidden states `# (K, H)` at the positions that predict response tokens, and each
+    one's flat slot `# (K,)` in the `# (N * T)` response grid (padded or shared-prefix layout)."""
+    N, T = batch.response_mask.shape
+    if pack_tokens <= 0 or not batch.attention_mask[:, -T:].any():
+        L = batch.input_ids.shape[1]
+        position_ids = (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = model.base_model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+            position_ids=position_ids, use_cache=False,
+        ).last_hidden_state  # fmt: skip
+        slot = torch.arange(N * T, device=hidden.device)
+        return hidden[:, L - T - 1 : L - 1].reshape(N * T, -1), slot
+    sp = share_prefixes(batch, pack_tokens)
+    dtype = next(model.parameters()).dtype
+    hidden = model.base_model(
+        input_ids=sp.input_ids, attention_mask=sp.attention_bias(dtype),
+        position_ids=sp.position_ids, use_cache=False,
+    ).last_hidden_state  # fmt: skip
+    return hidden.reshape(-1, hidden.shape[-1])[sp.source], sp.slot
 
 
 def live_rows_logprobs(

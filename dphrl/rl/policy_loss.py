@@ -7,6 +7,9 @@ so any of them adds to any `divergence=` term and any loss aggregation.
 - `ppo_clip`: PPO-clip (Schulman et al. 2017, arXiv 1707.06347) with DAPO's clip-higher
   (arXiv 2503.14476) and dual-clip: GRPO's and DAPO's loss.
 - `gspo`, `clip_cov`, `kl_cov`: the objectives published after DPH-RL.
+- `dppo_tv`, `dppo_kl`, `cispo`: truncated importance weights on every token's log-prob
+  gradient instead of PPO's clip of the ratio: DPPO masks a token once its probability has moved
+  too far (a divergence, not a ratio), CISPO clips the weight but keeps every token's gradient.
 
 Rollouts are laid out group by group: rows [g*G, (g+1)*G) answer prompt g.
 """
@@ -193,12 +196,148 @@ def kl_cov_loss(
     return loss * m, (top.sum() / max(n_valid, 1)).to(m.dtype)
 
 
+def _weighted_surrogate(logp: Tensor, old_logp: Tensor, weight: Tensor) -> Tensor:
+    """rho * sg(weight / rho), rho = exp(logp - old_logp): its value is `weight` and its
+    gradient `weight * d logp`, the REINFORCE gradient with a stop-gradient importance weight.
+
+    The peers (verl, SkyRL) write this as sg(weight) * logp, which has the same gradient but a
+    value (weight * logp) that says nothing about the objective; this form's value is the
+    surrogate itself, -A at ratio 1 like PPO-clip's."""
+    ratio = torch.exp((logp - old_logp).clamp(-20.0, 20.0))
+    return ratio * (weight / ratio).detach()
+
+
+def _dppo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    divergence: Callable[[Tensor, Tensor], Tensor],
+    delta_low: float,
+    delta_high: float,
+    ratio_cap: float,
+) -> tuple[Tensor, Tensor]:
+    """DPPO's per-token loss for a binary divergence `divergence(p, p_old)` `# (N, T)`; see
+    `dppo_tv_loss`. Returns the loss and the share of unmasked tokens whose update is blocked."""
+    adv = advantages.unsqueeze(-1) if advantages.dim() == logp.dim() - 1 else advantages
+    with torch.no_grad():
+        p, p_old = torch.exp(logp), torch.exp(old_logp)
+        div = divergence(p, p_old)
+        # A token is blocked only where it has already moved the way A pushes it.
+        blocked = torch.where(
+            adv > 0, (p > p_old) & (div > delta_high), (p < p_old) & (div > delta_low)
+        )
+        ratio = torch.exp((logp - old_logp).clamp(-20.0, 20.0))
+        weight = ratio.clamp(max=ratio_cap) * (~blocked).to(logp.dtype)
+    loss = -adv * _weighted_surrogate(logp, old_logp, weight) * mask
+    frac = (blocked.to(mask.dtype) * mask).sum() / mask.sum().clamp(min=1)
+    return loss, frac
+
+
+def _binary_tv(p: Tensor, p_old: Tensor) -> Tensor:
+    return (p - p_old).abs()
+
+
+def _binary_kl(p: Tensor, p_old: Tensor, eps: float = 1e-8) -> Tensor:
+    """KL(Bern(p_old) || Bern(p)): the sampled token against the rest of the vocabulary."""
+    return p_old * torch.log((p_old + eps) / (p + eps)) + (1 - p_old) * torch.log(
+        (1 - p_old + eps) / (1 - p + eps)
+    )
+
+
+def dppo_tv_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    delta_low: float | None = None,
+    delta_high: float | None = None,
+    ratio_cap: float = 20.0,
+) -> tuple[Tensor, Tensor]:
+    """DPPO, binary total-variation form (Qi et al. 2026, "Rethinking the Trust Region in LLM
+    RL", arXiv 2602.04879; verl `dppo_tv`, SkyRL `dppo`).
+
+    PPO's trust region is a ratio rho = p / p_old, which is loose on rare tokens and tight on
+    likely ones. DPPO bounds a divergence between the old and new distributions instead, taken
+    on the binary split {sampled token, the rest}: TV = |p - p_old|. A token whose probability
+    has moved more than delta in the direction its advantage pushes stops contributing:
+
+        blocked_t = (A > 0 and p - p_old > delta_high) or (A <= 0 and p_old - p > delta_low)
+        loss_t    = -A sg(min(rho, C)) log p    (gradient),   value -A min(rho, C),  0 if blocked
+
+    with C = `ratio_cap` (the peers' 20) truncating the importance weight. `delta_low` /
+    `delta_high` default to the paper's 0.2 (`clip_low` / `clip_high` are accepted for the
+    common signature and unused). Returns the loss `# (N, T)` and the blocked share.
+    """
+    low = 0.2 if delta_low is None else delta_low
+    high = 0.2 if delta_high is None else delta_high
+    return _dppo_loss(logp, old_logp, advantages, mask, _binary_tv, low, high, ratio_cap)
+
+
+def dppo_kl_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    delta_low: float | None = None,
+    delta_high: float | None = None,
+    ratio_cap: float = 20.0,
+) -> tuple[Tensor, Tensor]:
+    """DPPO, binary KL form (arXiv 2602.04879; verl `dppo_kl`): as `dppo_tv_loss` with the
+    divergence KL(Bern(p_old) || Bern(p)) = p_old log(p_old / p) + (1 - p_old) log((1 - p_old)
+    / (1 - p)) and the thresholds 0.05 by default (SkyRL's recommendation for the KL form)."""
+    low = 0.05 if delta_low is None else delta_low
+    high = 0.05 if delta_high is None else delta_high
+    return _dppo_loss(logp, old_logp, advantages, mask, _binary_kl, low, high, ratio_cap)
+
+
+def cispo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    weight_low: float = 1.0,
+    weight_high: float = 5.0,
+) -> tuple[Tensor, Tensor]:
+    """CISPO (MiniMax-M1, arXiv 2506.13585, eq. 4; NeMo-RL, slime, SkyRL `cispo`).
+
+        w_t    = sg(clip(rho_t, 1 - weight_low, 1 + weight_high)),   rho_t = p / p_old
+        loss_t = -w_t A log p    (gradient),   value -w_t A
+
+    PPO-clip zeroes the gradient of a token whose ratio left the range, which drops the rare
+    "fork" tokens reflection depends on; CISPO clips the importance weight instead, so every
+    token keeps its REINFORCE gradient, bounded. The paper sets no lower bound (`weight_low`
+    1: the weight may fall to 0) and tunes the upper one; 5 is SkyRL's default. `clip_low` /
+    `clip_high` are accepted for the common signature and unused. Returns the loss `# (N, T)`
+    and the share of unmasked tokens whose weight was clipped.
+    """
+    adv = advantages.unsqueeze(-1) if advantages.dim() == logp.dim() - 1 else advantages
+    with torch.no_grad():
+        ratio = torch.exp((logp - old_logp).clamp(-20.0, 20.0))
+        weight = ratio.clamp(1.0 - weight_low, 1.0 + weight_high)
+        clipped = (weight != ratio).to(mask.dtype) * mask
+    loss = -adv * _weighted_surrogate(logp, old_logp, weight) * mask
+    return loss, clipped.sum() / mask.sum().clamp(min=1)
+
+
 # `algo.loss` -> the per-token policy loss; options bound by `make_policy_loss`.
 POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
     "ppo_clip": ppo_clip_loss,
     "gspo": gspo_loss,
     "clip_cov": clip_cov_loss,
     "kl_cov": kl_cov_loss,
+    "dppo_tv": dppo_tv_loss,
+    "dppo_kl": dppo_kl_loss,
+    "cispo": cispo_loss,
 }
 
 
@@ -212,6 +351,11 @@ def make_policy_loss(
     clip_cov_high: float = 5.0,
     kl_cov_ratio: float = 2e-3,
     kl_cov_coef: float = 1.0,
+    dppo_delta_low: float | None = None,
+    dppo_delta_high: float | None = None,
+    dppo_ratio_cap: float = 20.0,
+    cispo_low: float = 1.0,
+    cispo_high: float = 5.0,
     dual_clip: float | None = None,
     clamp_log_ratio: float | None = None,
     generator: torch.Generator | None = None,
@@ -220,6 +364,7 @@ def make_policy_loss(
     options are named as the `algo.*` keys, and each loss takes only its own."""
     if name not in POLICY_LOSSES:
         raise KeyError(f"unknown policy loss {name!r}; known: {', '.join(POLICY_LOSSES)}")
+    dppo = {"delta_low": dppo_delta_low, "delta_high": dppo_delta_high, "ratio_cap": dppo_ratio_cap}
     own = {
         "ppo_clip": {"dual_clip": dual_clip, "clamp_log_ratio": clamp_log_ratio},
         "gspo": {},
@@ -230,6 +375,9 @@ def make_policy_loss(
             "generator": generator,
         },
         "kl_cov": {"ratio": kl_cov_ratio, "coef": kl_cov_coef},
+        "dppo_tv": dppo,
+        "dppo_kl": dppo,
+        "cispo": {"weight_low": cispo_low, "weight_high": cispo_high},
     }[name]
     return partial(POLICY_LOSSES[name], clip_low=clip_low, clip_high=clip_high, **own)
 
@@ -244,10 +392,11 @@ def policy_loss_for(algo: AlgoConfig, generator: torch.Generator | None = None) 
 _LOSS_OPTIONS = (
     "clip_low", "clip_high", "clip_cov_ratio", "clip_cov_low", "clip_cov_high",
     "kl_cov_ratio", "kl_cov_coef", "dual_clip", "clamp_log_ratio",
+    "dppo_delta_low", "dppo_delta_high", "dppo_ratio_cap", "cispo_low", "cispo_high",
 )  # fmt: skip
 
 
 # Losses under which a response with advantage 0 adds nothing to the loss or its gradient, so
-# the trainer may skip its forward; Clip-Cov and KL-Cov are not: their covariance is centred
-# over every token, and KL-Cov's penalty does not scale with A.
-ZERO_ADVANTAGE_INERT = frozenset({"ppo_clip", "gspo"})
+# the trainer may skip its forward (each is A times a per-token factor); Clip-Cov and KL-Cov are
+# not: their covariance is centred over every token, and KL-Cov's penalty does not scale with A.
+ZERO_ADVANTAGE_INERT = frozenset({"ppo_clip", "gspo", "dppo_tv", "dppo_kl", "cispo"})

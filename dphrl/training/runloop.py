@@ -40,6 +40,7 @@ class Steps(Protocol):
     metrics: MetricsLogger
     timer: Timer
     step_num: int
+    entropy_coef: float  # algo.entropy_target's coefficient, which follows the entropy
     peft: Any  # the PeftModel under LoRA, else None
 
     def step(self) -> dict[str, float]: ...
@@ -106,6 +107,7 @@ def resume(trainer: Steps, settings: dict) -> None:
     trainer.prompt_sampler.load_state_dict(state["prompt_sampler"])
     if trainer.ref_sampler is not None:
         trainer.ref_sampler.load_state_dict(state["ref_sampler"])
+    trainer.entropy_coef = state.get("entropy_coef", trainer.entropy_coef)
     trainer.push_weights()
     trainer.metrics.truncate_after(trainer.step_num)
     log.info("train: resumed from %s at step %d", found, trainer.step_num)
@@ -119,6 +121,7 @@ def save(trainer: Steps, settings: dict) -> None:
         "step": trainer.step_num,
         "prompt_sampler": trainer.prompt_sampler.state_dict(),
         "ref_sampler": trainer.ref_sampler.state_dict() if trainer.ref_sampler else None,
+        "entropy_coef": trainer.entropy_coef,
         "settings": settings,
     }
     tr = trainer.cfg.trainer

@@ -32,8 +32,9 @@ from dphrl.engine import Sampling, engine_from_config
 from dphrl.metrics import MetricsLogger, Timer, accumulate, step_metrics
 from dphrl.rl.advantages import make_advantage
 from dphrl.rl.aggregation import agg_count
-from dphrl.rl.batching import Packed, micro_slices, pack_with, share
-from dphrl.rl.divergence import make_divergence, policy_sample_term
+from dphrl.rl.batching import Packed, micro_slices, pack_topk, pack_with, share
+from dphrl.rl.divergence import TOPK_DIVERGENCES, make_divergence, policy_sample_term
+from dphrl.rl.entropy import adaptive_entropy_coef
 from dphrl.rl.filters import informative_groups, overlong_filter, soft_overlong_penalty
 from dphrl.rl.hybrid import LOSS_STATS, StepBatch, hybrid_loss
 from dphrl.rl.logprobs import autocast, batch_logprobs, live_rows_logprobs
@@ -106,6 +107,8 @@ class Trainer:
             if ref_rows
             else None
         )
+        self.topk = self.div.name in TOPK_DIVERGENCES  # the rehearsal reads the stored top-k
+        self.entropy_coef = a.entropy_coef_init  # algo.entropy_target: follows it step by step
         tr = cfg.trainer
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = make_optimizer(trainable, tr, layout.device)
@@ -155,6 +158,18 @@ class Trainer:
         with self.timer("weight_sync"):
             self.push_weights()  # weights woken, streamed in, then the KV cache
         peaks["mem_peak_weight_sync_gib"] = dist.peak_memory_gib(self.layout.device)
+        if self.algo.entropy_target is not None:  # ranks agree: the update reads the global mean
+            stats["entropy_coef"] = self.entropy_coef
+            self.entropy_coef = adaptive_entropy_coef(
+                self.entropy_coef,
+                dist.all_reduce_sum(
+                    [stats.get("policy_entropy", self.algo.entropy_target)], self.layout.device
+                )[0]
+                / self.layout.world_size,
+                target=self.algo.entropy_target,
+                step=self.algo.entropy_coef_step,
+                max_coef=self.algo.entropy_coef_max,
+            )
         self.step_num += 1
         stats.update({k: v for k, v in peaks.items() if v is not None})  # on CUDA
         return self.summarize(rollouts, stats)
@@ -215,9 +230,10 @@ class Trainer:
     def batch(self, r: Rollouts, advantages: torch.Tensor) -> StepBatch:
         """Pack the rollouts with the engine's log-probs of their tokens, their old and
         online-reference log-probs (trainer forwards), and draw this rank's share of the ref store."""
-        store, store_ref_logp = self.ref_batch()
+        store, store_ref_logp, *topk = self.ref_batch()
+        topk = dict(zip(("store_topk_ids", "store_topk_ref_logp"), topk))
         if not r.scored:
-            return StepBatch(None, advantages, store=store, store_ref_logp=store_ref_logp)
+            return StepBatch(None, advantages, store=store, store_ref_logp=store_ref_logp, **topk)
         rollouts, engine_logp = pack_with(
             r.prompt_ids,
             [s.completion.token_ids for s in r.scored],
@@ -245,10 +261,12 @@ class Trainer:
             store,
             store_ref_logp,
             engine_logp.to(self.layout.device),
+            **topk,
         )
 
-    def ref_batch(self) -> tuple[Packed | None, torch.Tensor | None]:
-        """This rank's share of `trainer.ref_batch_size` ref-store responses and their ref log-probs."""
+    def ref_batch(self) -> tuple:
+        """This rank's share of `trainer.ref_batch_size` ref-store responses and their ref
+        log-probs; for a top-k divergence also the stored top-k ids and log-probs."""
         if self.ref_sampler is None:
             return None, None
         size = self.cfg.trainer.ref_batch_size
@@ -260,7 +278,11 @@ class Trainer:
             [r["ref_logprobs"] for r in rows],
             self.tokenizer.pad_token_id,
         )
-        return packed.to(self.layout.device), ref_logp.to(self.layout.device)
+        dev = self.layout.device
+        if not self.topk:
+            return packed.to(dev), ref_logp.to(dev)
+        top_ids, top_logp = pack_topk(rows, packed.response_mask)  # (M, S, K) each
+        return packed.to(dev), ref_logp.to(dev), top_ids.to(dev), top_logp.to(dev)
 
     def updates_per_epoch(self, rollouts: int) -> int:
         """Adam updates per pass over the step's rollouts: ceil(rollouts on all ranks /
@@ -383,11 +405,19 @@ class Trainer:
         denominators (tokens or responses on all ranks, over the world size), so that the
         rank-average of the accumulated gradients equals the gradient of the global mean."""
         a, beta = self.algo, self.div.beta
-        logp = store_logp = None
-        if mb.rollouts is not None and len(mb.rollouts):
+        logp = store_logp = store_topk_logp = entropy = None
+        if mb.rollouts is not None and len(mb.rollouts) and a.entropy_target is not None:
+            logp, entropy = self.forward(
+                self.policy, mb.rollouts, a.temperature, grad=True, with_entropy=True
+            )  # every row: the entropy bonus acts on zero-advantage rows too
+        elif mb.rollouts is not None and len(mb.rollouts):
             logp = self._policy_logprobs(mb)
         if mb.store is not None and len(mb.store) and beta > 0 and self.divergence is not None:
-            store_logp = self.logprobs(self.policy, mb.store, 1.0, grad=True)
+            store_logp, _ = self.forward(
+                self.policy, mb.store, 1.0, grad=True, extra_ids=mb.store_topk_ids
+            )  # (M, S), or (M, S, 1 + K) with the stored top-k tokens after the sampled one
+            if mb.store_topk_ids is not None:
+                store_logp, store_topk_logp = store_logp[..., 0], store_logp[..., 1:]
         return hybrid_loss(
             mb,
             logp,
@@ -404,6 +434,9 @@ class Trainer:
             rollout_correction=a.rollout_correction,
             correction_low=a.rollout_correction_low,
             correction_high=a.rollout_correction_high,
+            store_topk_logp=store_topk_logp,
+            entropy=entropy,
+            entropy_coef=self.entropy_coef,
         )
 
     def _policy_logprobs(self, mb: StepBatch) -> torch.Tensor:
@@ -440,13 +473,23 @@ class Trainer:
         (`dphrl.rl.logprobs._scaled_logits`). precompute-ref makes the ref store's log-probs under
         the same autocast, so log r is 0 at step 0 again.
         """
-        # FSDP layouts compute in model.dtype through their MixedPrecisionPolicy (dist.shard)
+        return self.forward(model, batch, temperature, grad)[0]
+
+    def forward(
+        self, model, batch: Packed, temperature: float, grad: bool = False, **options
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`logprobs` with `batch_logprobs`' options (`with_entropy`, `extra_ids`): the
+        log-probs and the per-token entropy (None unless asked). FSDP layouts compute in
+        model.dtype through their MixedPrecisionPolicy (`dist.shard`), others under autocast."""
         dtype = None if self.layout.fsdp else self.compute_dtype
         with torch.set_grad_enabled(grad), autocast(self.layout.device, dtype):
-            logp, _ = batch_logprobs(
-                model, batch, pack_tokens=self.cfg.model.pack_tokens, temperature=temperature
+            return batch_logprobs(
+                model,
+                batch,
+                pack_tokens=self.cfg.model.pack_tokens,
+                temperature=temperature,
+                **options,
             )
-        return logp
 
     def logprobs_in_parts(self, model, batch: Packed, temperature: float) -> torch.Tensor:
         """`logprobs` without grad `# (N, T)`, forwarded in micro-batches (`micro_slices`)."""
