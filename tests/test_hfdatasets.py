@@ -81,13 +81,19 @@ def test_spec_parses_name_config_and_split_and_rejects_a_malformed_one():
             parse_spec(bad)
 
 
-def test_config_takes_a_dataset_spec_without_looking_it_up():
-    cfg = compose_config(
+def test_config_takes_the_readme_dataset_specs_without_looking_them_up():
+    """The README's GSM8K-from-the-hub commands compose and validate (nothing is fetched)."""
+    train = compose_config(
         ["task=gsm8k", "task.path=hf:openai/gsm8k:main@train"]
-        + ["eval.datasets=[gsm8k,'gsm8k=hf:openai/gsm8k:main@test']"],
+        + ["task.eval_path=hf:openai/gsm8k:main@test", "eval.every=10", "eval.limit=64"]
+    )
+    assert train.task.path == "hf:openai/gsm8k:main@train"
+    evaluate = compose_config(
+        ["task=gsm8k", "task.eval_path=hf:openai/gsm8k:main@test", "eval.models=[a,b]"]
+        + ["eval.datasets=[gsm8k,'math=hf:HuggingFaceH4/MATH-500@test']"],
         "eval-passk",
     )
-    assert cfg.task.path == "hf:openai/gsm8k:main@train"
+    assert evaluate.eval.datasets == ["gsm8k", "math=hf:HuggingFaceH4/MATH-500@test"]
     with pytest.raises(ConfigError, match="eval.datasets entry gsm8k"):
         compose_config(["task=gsm8k", "task.path=hf:a@b", "eval.datasets=['gsm8k=hf:a:@b']"])
 
