@@ -100,13 +100,16 @@ def library_output() -> Iterator[None]:
     its own stray output lands in the log file too.
     """
     path = _log_file() if _ROUTED["quiet"] else None
-    if path is None:
+    try:
+        target = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666) if path else None
+    except OSError:  # the log's folder is gone: better on the console than lost
+        target = None
+    if target is None:
         yield
         return
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     saved = {fd: os.dup(fd) for fd in (1, 2)}
-    target = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     kept: list[tuple[logging.StreamHandler, object]] = []
     try:
         for fd in saved:
