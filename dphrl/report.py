@@ -127,10 +127,19 @@ def passk_cells(result: dict) -> dict[str, float | None]:
     }
 
 
+def run_name(folder: Path, root: Path) -> str:
+    """The run's folder relative to `root`; a sweep job's `<num>_<overrides>` shortened to its
+    number, since the overrides are columns of their own."""
+    parts = list(folder.relative_to(root).parts) or [folder.name]
+    job = re.match(r"(\d+)_", parts[-1])
+    if job and (folder / OVERRIDES).is_file():
+        parts[-1] = job[1]
+    return "/".join(parts)
+
+
 def load_run(folder: Path, root: Path) -> Run:
     """Read one run: overrides, metrics, pass@k results and its status."""
-    name = str(folder.relative_to(root)) if folder != root else folder.name
-    run = Run(name=name, folder=folder, overrides=read_overrides(folder))
+    run = Run(name=run_name(folder, root), folder=folder, overrides=read_overrides(folder))
     finished = False
     for out in output_folders(folder):
         run.metrics = run.metrics or read_metrics(out)
@@ -145,7 +154,12 @@ def load_run(folder: Path, root: Path) -> Run:
 
 def load_runs(folders: list[str | os.PathLike]) -> list[Run]:
     """Every run in `folders` (runs or sweep folders), each read once."""
-    runs = [load_run(f, Path(root)) for root in folders for f in find_runs(root)]
+    runs = []
+    for root in map(Path, folders):
+        for run in (load_run(f, root) for f in find_runs(root)):
+            if len(folders) > 1:  # tell job 0 of one sweep from job 0 of another
+                run.name = f"{root.name}/{run.name}" if run.folder != root else run.name
+            runs.append(run)
     if not runs:
         raise DataError(
             f"no runs in {', '.join(map(str, folders))}: a run folder holds .hydra/overrides.yaml, "
@@ -281,6 +295,7 @@ def figure(runs: list[Run], metrics: tuple[str, ...] = DEFAULT_METRICS):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     keys = metric_keys(runs, metrics)
     sets = list(dict.fromkeys(short_set(r["dataset"]) for run in runs for r in run.passk))
@@ -294,6 +309,7 @@ def figure(runs: list[Run], metrics: tuple[str, ...] = DEFAULT_METRICS):
                     *zip(*points, strict=True), marker=".", color=f"C{i}", label=label(run, runs)
                 )
         ax.set(title=key, xlabel="step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     for ax, s in zip(axes[0][len(keys) :], sets, strict=False):
         for i, run in enumerate(runs):

@@ -69,7 +69,7 @@ def test_rows_hold_overrides_final_and_best_metrics_passk_and_status(sweep):
     with folder_lock(sweep / "1_divergence=js,trainer.max_steps=3", "dphrl train"):
         rows = table(load_runs([sweep]))
     done, running = rows
-    assert done["run"] == "0_divergence=none,trainer.max_steps=3" and done["status"] == "done"
+    assert done["run"] == "0" and done["status"] == "done"
     assert running["status"] == "running" and running["steps"] == 2
     assert (done["divergence"], running["divergence"]) == ("none", "js")
     assert done["reward_mean"] == 0.375 and done["steps"] == 3
@@ -91,11 +91,11 @@ def test_markdown_puts_shared_overrides_above_and_best_with_its_step(sweep):
         "| arith=ood.jsonl greedy | arith=ood.jsonl pass@1 | arith=ood.jsonl pass@4 |"
     )
     assert md[4] == (
-        "| 0_divergence=none,trainer.max_steps=3 | done | none | 3 | 0.375 | 0.500 @2 | 0.500 "
+        "| 0 | done | none | 3 | 0.375 | 0.500 @2 | 0.500 "
         "| 0.500 @2 | 0.250 | 0.250 @2 | 0.750 | 0.750 @2 | 0.500 | 0.375 | 1.000 | 0.250 "
         "| 0.125 | 1.000 |"
     )
-    assert md[5].startswith("| 1_divergence=js,trainer.max_steps=3 | stopped | js | 2 | 0.625 |")
+    assert md[5].startswith("| 1 | stopped | js | 2 | 0.625 |")
 
 
 def test_report_files_and_the_command(sweep, tmp_path):
