@@ -120,7 +120,7 @@ def test_report_files_and_the_command(sweep, tmp_path):
     assert done.returncode == 2 and "no runs in" in done.stderr and "overrides.yaml" in done.stderr
 
 
-@pytest.mark.slow  # two real train jobs on the tiny model: ~2 min on the shared machine
+@pytest.mark.slow  # a whole pipeline (split, ref store, two train jobs) on the tiny model: ~10 s
 def test_report_of_a_real_two_job_sweep(tiny_model_dir, tmp_path):
     sweep = tmp_path / "sweep"
     train = [sys.executable, "-m", "dphrl", "train", "--multirun", "divergence=none,js"]
