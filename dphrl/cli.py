@@ -1,9 +1,10 @@
-"""The `dphrl` command: a thin Typer app whose four subcommands are Hydra apps.
+"""The `dphrl` command: a thin Typer app whose four work subcommands are Hydra apps.
 
 Typer only picks the subcommand; every argument after it goes untouched to a `@hydra.main`
 function, so overrides, `--multirun`, `--cfg job`, `--help` and Hydra's run folders all work.
 The command's own logic is imported only after the config has composed and validated, so
-help and config errors answer without importing torch.
+help and config errors answer without importing torch. `report`, which reads the folders the
+others wrote and composes no config, is a plain Typer command (`dphrl.commands.report`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import importlib
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -23,6 +25,7 @@ COMMANDS = {
     "train": ("train", "dphrl.commands.train:run"),
     "eval-passk": ("eval_passk", "dphrl.commands.eval_passk:run"),
 }
+REPORT = "dphrl.commands.report:run"  # a plain Typer command: no config to compose
 
 app = typer.Typer(
     add_completion=False,
@@ -64,14 +67,17 @@ def _job(command: str):
         except (DphrlError, OSError) as err:
             # An OSError no writer named (a full disk, a read-only folder) still ends here,
             # with its path, not as a traceback.
-            from rich.console import Console
-
-            Console(stderr=True).print(
-                f"[bold red]dphrl {command}: error:[/] {err}", highlight=False
-            )
-            sys.exit(2)
+            _fail(command, err)
 
     return job
+
+
+def _fail(command: str, err: Exception) -> None:
+    """A user's error: its message on stderr, no traceback, exit status 2."""
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]dphrl {command}: error:[/] {err}", highlight=False)
+    sys.exit(2)
 
 
 def _dry_run(command: str, cfg, run_dir: Path) -> None:
@@ -121,6 +127,38 @@ _add("split", "Split prompts into D_pef / D_exp by k samples of the policy.")
 _add("precompute-ref", "Store D_pef responses and their reference log-probs.")
 _add("train", "Hybrid RL: PPO-clip on D_exp + beta * f-divergence on D_pef.")
 _add("eval-passk", "Unbiased pass@k (and diversity) of models on datasets.")
+
+
+@app.command("report")
+def report(
+    folders: Annotated[
+        list[Path], typer.Argument(help="run folders, or folders holding runs (a --multirun sweep)")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="where report.md/.csv/.png go; default: the one folder given, else .",
+        ),
+    ] = None,
+    metric: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--metric",
+            "-m",
+            help="a metrics.jsonl key to show (repeat); default: reward_mean and the eval_* ones",
+        ),
+    ] = None,
+) -> None:
+    """One table (markdown + csv) and one figure over runs: overrides, final and best metrics, pass@k."""
+    from dphrl.errors import DphrlError
+
+    module, func = REPORT.split(":")
+    try:
+        getattr(importlib.import_module(module), func)(folders, out, metric)
+    except (DphrlError, OSError) as err:
+        _fail("report", err)
 
 
 def main() -> None:

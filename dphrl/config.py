@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from enum import StrEnum
 from typing import Any, get_type_hints
 
+from dphrl import hfdatasets
 from dphrl.engine.names import ENGINES
 from dphrl.errors import ConfigError
 from dphrl.tasks.names import TASKS
@@ -84,7 +85,11 @@ def _check_bounds(key: str, value: Any, limits: dict[str, float]) -> None:
 
 
 def _exists(key: str, value: str | None) -> None:
-    if value is not None and not os.path.exists(os.path.expanduser(value)):
+    """A path that must exist; a dataset spec (`hf:...`) is only parsed: its hub copy is
+    looked up when a command reads it, not while the config validates."""
+    if value is not None and value.startswith(hfdatasets.PREFIX):
+        hfdatasets.parse_spec(value, key)
+    elif value is not None and not os.path.exists(os.path.expanduser(value)):
         raise ConfigError(f"{key}={value}: no such file or folder; give an existing path")
 
 
@@ -122,7 +127,8 @@ class TaskConfig:
     """A dataset plus its verifier; `name` is a key of `dphrl.tasks.names.TASKS`."""
 
     name: str = "arith"
-    # training rows: official jsonl/parquet, raw BIRD/Spider json, math json
+    # training rows: official jsonl/parquet, raw BIRD/Spider json, math json, or a Hugging
+    # Face dataset: hf:<name>[:<config>][@<split>] or a save_to_disk folder (dphrl.hfdatasets)
     path: str | None = None
     eval_path: str | None = None  # held-out rows for eval-passk and eval.every
     db_root: str | None = None  # SQL tasks: folder that resolves db_id
@@ -421,7 +427,7 @@ class EvalConfig:
     temperature: float = bounded(1.0, ge=0.0)
     top_p: float = bounded(1.0, ge=0.0, le=1.0)
     greedy: bool = True  # also report a temperature-0 column, as the paper's tables do
-    # task names, or name=rows file; empty = the configured task
+    # task names, or name=rows file / name=hf:<dataset>; empty = the configured task
     datasets: list[str] = field(default_factory=list)
     models: list[str] = field(default_factory=list)  # model paths; empty = model.path
     db_roots: dict[str, str] = field(default_factory=dict)  # SQL datasets: name -> databases
@@ -444,8 +450,8 @@ class EvalConfig:
         for spec in ev.datasets:
             name, _, path = spec.partition("=")
             _check_task_name("eval.datasets[]", name)
-            if path and not os.path.exists(os.path.expanduser(path)):
-                raise ConfigError(f"eval.datasets entry {spec!r}: no such file {path}")
+            if path:
+                _exists(f"eval.datasets entry {name}", path)
         for name, root in ev.db_roots.items():
             if not os.path.isdir(os.path.expanduser(root)):
                 raise ConfigError(

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from dphrl import hfdatasets
 from dphrl.errors import DataError, OutputError
 
 REQUIRED = ("prompt", "reward_model")
@@ -140,7 +141,10 @@ def read_jsonl(path: str | os.PathLike, *, tolerate_torn_tail: bool = False) -> 
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
-    """Read rows from `.jsonl`, `.json` (a list) or `.parquet`."""
+    """Read rows from `.jsonl`, `.json` (a list), `.parquet`, or a Hugging Face dataset
+    (`hf:<name>[:<config>][@<split>]` or a `save_to_disk` folder, `dphrl.hfdatasets`)."""
+    if hfdatasets.is_dataset(path):
+        return _plain(hfdatasets.read_dataset_rows(str(path)))
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"{path}: no such file; check task.path / task.eval_path")
@@ -163,7 +167,8 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
 
 
 def _plain(rows: list[dict]) -> list[dict]:
-    """Parquet structs with absent fields come back as None members; drop those keys."""
+    """Parquet (and Arrow-backed datasets) structs with absent fields come back as None
+    members; drop those keys."""
 
     def clean(value: Any) -> Any:
         if isinstance(value, dict):
@@ -187,7 +192,8 @@ def check_rows(rows: Sequence[dict], source: str) -> list[dict]:
         if missing:
             raise DataError(
                 f"{source}:{number}: row lacks {', '.join(missing)}; expected "
-                '{"prompt": [{"role": "user", "content": ...}], "reward_model": {"ground_truth": ...}}'
+                '{"prompt": [{"role": "user", "content": ...}], "reward_model": {"ground_truth": ...}}; '
+                + columns_of(row)
             )
         prompt = row["prompt"]
         if isinstance(prompt, str):
@@ -202,6 +208,11 @@ def check_rows(rows: Sequence[dict], source: str) -> list[dict]:
             raise DataError(f"{source}:{number}: `reward_model` must hold a `ground_truth`")
         row.setdefault("id", number - 1)
     return list(rows)
+
+
+def columns_of(row: dict) -> str:
+    """`its columns: a, b`: what a row that lacks a field has instead (a dataset's columns)."""
+    return "its columns: " + (", ".join(sorted(map(str, row))) or "none")
 
 
 def limit_rows(rows: list[dict], limit: int | None) -> list[dict]:

@@ -86,3 +86,23 @@ def folder_lock(folder: str | os.PathLike, command: str, *, wait: bool = False) 
             os.ftruncate(fd, 0)  # the file stays (unlinking it races with a waiting opener)
     finally:
         os.close(fd)  # releases the flock
+
+
+def live_holder(folder: str | os.PathLike) -> dict | None:
+    """Who is writing `folder` now (pid, host, command), or None: no lock file, or no live
+    holder (a finished run truncated it; a killed one's the kernel released). Reading takes
+    and drops a shared lock, which an exclusive holder refuses; it never blocks."""
+    path = Path(folder) / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder(fd) or {"command": "dphrl"}
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

@@ -15,6 +15,10 @@ set), `arms/<arm>/seed<s>/metrics.jsonl` (the training curves, with `eval_*` eve
   log-prob fell more than 1 nat below the initial policy's (`ref_forgot_frac`, every step).
 
     .venv/bin/python scripts/reproduce_report.py runs/reproduce_small --arms "grpo dph_js" --seeds "0 1"
+
+Reading a run's metrics.jsonl and passk.json, a result's cells and writing a figure are
+`dphrl.report`'s (what `dphrl report` uses); this script adds the reproduction's own shape:
+arms x seeds from its folder layout, the three sets, and means over seeds.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from dphrl.data import atomic_path, read_jsonl, write_json, write_text
+from dphrl.data import write_json, write_text
+from dphrl.report import passk_cells, read_metrics, read_passk, save_figure
 
 SETS = ("held-out", "D_pef", "OOD")
 LABELS = {
@@ -55,14 +60,14 @@ def arm_of(model: str, out: Path) -> tuple[str, str]:
 
 def collect(out: Path) -> dict:
     """results[arm][set] = {"greedy": [per seed], "pass@k": {k: [per seed]}}."""
-    report = json.loads((out / "eval" / "passk.json").read_text())
+    results = read_passk(out / "eval")
     # eval.datasets lists held-out, D_pef, OOD in that order (reproduce_small.sh's SETS)
-    order = list(dict.fromkeys(r["dataset"] for r in report["results"]))
+    order = list(dict.fromkeys(r["dataset"] for r in results))
     set_of = dict(zip(order, SETS, strict=False))
     table: dict = defaultdict(
         lambda: defaultdict(lambda: {"greedy": [], "pass@k": defaultdict(list)})
     )
-    for r in report["results"]:
+    for r in results:
         arm, _ = arm_of(r["model"], out)
         cell = table[arm][set_of[r["dataset"]]]
         cell["greedy"].append(r["greedy"])
@@ -105,15 +110,6 @@ def table_md(table: dict, arms: list[str], ks: list[int]) -> str:
     return "\n".join(lines)
 
 
-def save_png(fig, path: Path) -> None:
-    """Write the figure atomically (`data.atomic_path`, as passk.png is) and free it."""
-    import matplotlib.pyplot as plt
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-
-
 def plot_curves(table: dict, arms: list[str], ks: list[int], path: Path) -> None:
     """pass@k vs k, one panel per set, one line per arm (mean over seeds)."""
     import matplotlib
@@ -140,7 +136,7 @@ def plot_curves(table: dict, arms: list[str], ks: list[int], path: Path) -> None
     axes[0].set_ylabel("pass@k")
     axes[-1].legend(fontsize=8)
     fig.tight_layout()
-    save_png(fig, path)
+    save_figure(fig, path)
 
 
 # The forgetting signal every step of a ref-store arm logs (dphrl.rl.hybrid.FORGETTING_STATS).
@@ -159,10 +155,7 @@ def training_curves(out: Path, arms: list[str], seeds: list[str]) -> dict:
     for arm in arms:
         per_step: dict = defaultdict(lambda: defaultdict(list))
         for seed in seeds:
-            path = out / "arms" / arm / f"seed{seed}" / "metrics.jsonl"
-            if not path.exists():
-                continue
-            rows = read_jsonl(path, tolerate_torn_tail=True)
+            rows = read_metrics(out / "arms" / arm / f"seed{seed}")
             for row in rows:
                 if row.get(FORGETTING) is not None:
                     per_step[FORGETTING][row["step"]].append(row[FORGETTING])
@@ -190,19 +183,13 @@ def training_curves(out: Path, arms: list[str], seeds: list[str]) -> dict:
 def final_heldout(out: Path) -> dict:
     """{(arm, seed): {"eval_greedy": ..., "eval_pass@k": ...}}: eval-passk's held-out figures
     (the first of eval.datasets) of each trained arm's final model, named as training logs them."""
-    path = out / "eval" / "passk.json"
-    if not path.exists():
-        return {}
-    results = json.loads(path.read_text())["results"]
+    results = read_passk(out / "eval")
     heldout = results[0]["dataset"] if results else None
     final = {}
     for r in results:
         arm, seed = arm_of(r["model"], out)
         if arm != "base" and r["dataset"] == heldout:
-            final[(arm, seed)] = {
-                "eval_greedy": r["greedy"],
-                **{f"eval_pass@{k}": v for k, v in r["pass_at_k"].items()},
-            }
+            final[(arm, seed)] = {f"eval_{name}": v for name, v in passk_cells(r).items()}
     return final
 
 
@@ -257,7 +244,7 @@ def plot_over_steps(curves: dict, arms: list[str], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
-    save_png(fig, path)
+    save_figure(fig, path)
 
 
 def sweep(out: Path) -> None:
@@ -267,16 +254,11 @@ def sweep(out: Path) -> None:
     the last step) where it exists."""
     rows = {}
     for run in sorted((out / "sweep").glob("*/metrics.jsonl")):
-        points = [r for r in read_jsonl(run, tolerate_torn_tail=True) if "eval_greedy" in r]
+        points = [r for r in read_metrics(run.parent) if "eval_greedy" in r]
         rows[run.parent.name] = {"held-out": points}
-    evals = out / "sweep" / "eval" / "passk.json"
-    if evals.exists():
-        for r in json.loads(evals.read_text())["results"]:
-            name = Path(r["model"]).parent.name
-            rows.setdefault(name, {"held-out": []})["D_pef"] = {
-                "greedy": r["greedy"],
-                **{f"pass@{k}": v for k, v in r["pass_at_k"].items()},
-            }
+    for r in read_passk(out / "sweep" / "eval"):
+        name = Path(r["model"]).parent.name
+        rows.setdefault(name, {"held-out": []})["D_pef"] = passk_cells(r)
     lines = [
         "| run | step | held-out greedy | held-out pass@1 | held-out pass@16 "
         "| D_pef greedy | D_pef pass@1 | D_pef pass@16 |",

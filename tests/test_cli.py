@@ -21,7 +21,7 @@ def dphrl(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     )
 
 
-def test_top_help_lists_the_four_commands_one_line_each():
+def test_top_help_lists_the_five_commands_one_line_each():
     out = dphrl("--help")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
@@ -30,6 +30,7 @@ def test_top_help_lists_the_four_commands_one_line_each():
         ("precompute-ref", "reference"),
         ("train", "PPO-clip"),
         ("eval-passk", "pass@k"),
+        ("report", "table"),
     ]:
         line = next(line for line in lines if line.strip("│ ").startswith(f"{name} "))
         assert word in line, line

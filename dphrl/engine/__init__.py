@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from dphrl.engine.names import ENGINES
 from dphrl.errors import ConfigError
+from dphrl.logs import library_output
 
 if TYPE_CHECKING:
     from dphrl.config import EngineConfig, ModelConfig
@@ -90,7 +91,8 @@ def make_engine(name: str, model_path: str, **options: Any) -> Engine:
     if resolved not in ENGINES:
         raise ConfigError(f"engine={name!r} is not known; allowed: auto, {', '.join(ENGINES)}")
     module, cls = ENGINES[resolved].split(":")
-    engine = getattr(importlib.import_module(module), cls)(model_path, **options)
+    with library_output():  # vLLM's start-up lines (NUMA binding, weight-loading bar): the log
+        engine = getattr(importlib.import_module(module), cls)(model_path, **options)
     log.info("rollout engine: %s (%s)", resolved, model_path)
     return engine
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import sympy
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-from dphrl.data import check_rows, limit_rows, read_rows
+from dphrl.data import check_rows, columns_of, limit_rows, read_rows
 from dphrl.errors import ConfigError, DataError
 from dphrl.tasks import Verdict
 from dphrl.tasks.workerpool import WorkerPool, cpu_count, shared_pool
@@ -292,8 +292,7 @@ def math_row(raw: dict, source: str, number: int, data_source: str) -> dict:
         raise DataError(
             f"{source}:{number}: row has neither the official shape "
             '{"prompt": [...], "reward_model": {"ground_truth": "..."}} nor a math question '
-            '{"problem" or "question": "...", "answer": "..."}; found keys: '
-            + ", ".join(sorted(raw))
+            '{"problem" or "question": "...", "answer" or "solution": "..."}; ' + columns_of(raw)
         )
     row = {
         "data_source": raw.get("data_source", data_source),

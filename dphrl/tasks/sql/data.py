@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from dphrl.data import check_rows, read_rows
+from dphrl.data import check_rows, columns_of, read_rows
 from dphrl.errors import DataError
 
 EXAMPLES = 2  # example values per column in the schema prompt
@@ -204,7 +204,8 @@ def _raw_row(
     ]
     if missing:
         raise DataError(
-            f"{where}: raw {shape.upper()} row lacks {', '.join(missing)}; expected question, db_id, {sql_key}"
+            f"{where}: raw {shape.upper()} row lacks {', '.join(missing)}; expected question, "
+            f"db_id, {sql_key}; {columns_of(row)}"
         )
     db_path = _existing_db(db_root, row["db_id"], where)
     evidence = row.get("evidence") if shape == "bird" else None
@@ -253,9 +254,12 @@ def load_sql_rows(
     root = Path(db_root).expanduser()
     shapes = [_shape(row) for row in raw]
     if "unknown" in shapes:
+        first = shapes.index("unknown")
         raise DataError(
-            f"{path}:{shapes.index('unknown') + 1}: not a SQL row; expected an official row (prompt, "
-            "reward_model.ground_truth), raw BIRD (question, evidence, SQL, db_id) or raw Spider (question, query, db_id)"
+            f"{path}:{first + 1}: not a SQL row; expected an official row (prompt, "
+            "reward_model.ground_truth), raw BIRD (question, evidence, SQL, db_id) or raw Spider "
+            "(question, query, db_id); "
+            + (columns_of(raw[first]) if isinstance(raw[first], dict) else "not an object")
         )
     if "official" not in shapes:
         return [
