@@ -140,10 +140,13 @@ def test_submitit_tasks_become_torchrun_ranks(monkeypatch):
     variables, so dphrl.dist sees rank 1 of 2 as it would under torchrun."""
     from dphrl import dist
 
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.delenv("MASTER_PORT", raising=False)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    # set, then removed: monkeypatch then restores each as it was (absent), although
+    # `ranks_from_submitit` sets them behind its back; a rank left in os.environ would make
+    # every later in-process run of the suite wait for a torchrun peer
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    for key in (*keys, "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.setenv(key, "0")
+        monkeypatch.delenv(key)
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
     for key, value in {"NTASKS": "2", "GLOBALID": "1", "LOCALID": "1", "JOB_ID": "4242"}.items():
         monkeypatch.setenv(f"SUBMITIT_LOCAL_{key}", value)
