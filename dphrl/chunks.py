@@ -8,6 +8,12 @@ redoes any partial one, so a resumed run writes what an uninterrupted one writes
 A folder's settings (what makes two runs the same experiment) are checked before any work
 and recorded only when the first chunk is written: a start that fails on a bad input leaves
 nothing that would lock the folder to those inputs.
+
+Under torchrun every rank runs the loop: rank 0 (which holds the folder's lock) says which
+chunks are still to do, the ranks take them in turns (round j: rank r computes pending chunk
+j W + r with its own engine), and rank 0 writes each round's results in chunk order. Seeds
+follow the global prompt index, so the files are those one process writes, byte for byte; a
+run killed on any rank leaves only whole chunks written, and resumes like one process's.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from dphrl import dist
 from dphrl.data import append_jsonl, read_jsonl, write_json, write_jsonl
 from dphrl.errors import ConfigError
 from dphrl.progress import track
@@ -73,7 +80,10 @@ class Settings:
 
     def record(self) -> None:
         """Write the settings: called just before the folder's first output is written, and
-        again when a free key changed, so the file names what the folder's last run used."""
+        again when a free key changed, so the file names what the folder's last run used.
+        Rank 0 alone writes (under torchrun)."""
+        if not dist.is_main():
+            return
         if not self.path.exists() or json.loads(self.path.read_text()) != self.expected:
             write_json(self.path, self.expected)
 
@@ -91,14 +101,16 @@ class SampleLog:
         self.path, self.key, self.per_key = Path(path), key, per_key
 
     def recover(self) -> set:
-        """The keys whose rows are all present; anything else is dropped from the file."""
-        if not self.path.exists():
-            return set()
-        rows = read_jsonl(self.path, tolerate_torn_tail=True)
-        count = Counter(self.key(r) for r in rows)
-        done = [r for r in rows if count[self.key(r)] == self.per_key]
-        write_jsonl(self.path, done)
-        return {self.key(r) for r in done}
+        """The keys whose rows are all present; anything else is dropped from the file (by
+        rank 0, whose view every rank takes under torchrun)."""
+        done: set = set()
+        if dist.is_main() and self.path.exists():
+            rows = read_jsonl(self.path, tolerate_torn_tail=True)
+            count = Counter(self.key(r) for r in rows)
+            kept = [r for r in rows if count[self.key(r)] == self.per_key]
+            write_jsonl(self.path, kept)
+            done = {self.key(r) for r in kept}
+        return dist.broadcast_object(done)
 
     def append(self, rows: Iterable[dict]) -> None:
         append_jsonl(self.path, rows)
@@ -124,21 +136,29 @@ def run_chunks(
     write: Callable[[Chunk, T], None],
     label: str = "sampling",
     unit: str = "prompts",
+    start: Callable[[], None] | None = None,
 ) -> int:
     """Compute and write every chunk that is not `done`; return how many were computed.
 
+    `start` (an engine's start-up) runs first, on every rank, when any chunk is to do.
     `settings` are recorded just before the first write, never before any work succeeded.
     Progress (`label`, counted in `unit`s of items) shows as a bar or as plain lines.
     """
-    computed = 0
-    with track(label, n_items, unit) as progress:
-        for chunk in chunks(n_items, size):
-            if done(chunk):
-                progress.skip(chunk.stop - chunk.start)
+    every = chunks(n_items, size)
+    pending = dist.broadcast_object([c.index for c in every if not done(c)])
+    if pending and start is not None:
+        start()
+    world, me = dist.world_size(), dist.rank()
+    with track(label, n_items, unit) as progress:  # shown by rank 0
+        progress.skip(n_items - sum(every[j].stop - every[j].start for j in pending))
+        for first in range(0, len(pending), world):
+            turn = [every[j] for j in pending[first : first + world]]
+            mine = compute(turn[me]) if me < len(turn) else None
+            results = dist.gather_to_main(mine)
+            if results is None:  # not rank 0: rank 0 writes
                 continue
-            result = compute(chunk)
-            settings.record()
-            write(chunk, result)
-            computed += 1
-            progress.advance(chunk.stop - chunk.start)
-    return computed
+            for chunk, result in zip(turn, results):
+                settings.record()
+                write(chunk, result)
+                progress.advance(chunk.stop - chunk.start)
+    return len(pending)

@@ -10,7 +10,9 @@ others wrote and composes no config, is a plain Typer command (`dphrl.commands.r
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
@@ -108,11 +110,31 @@ def run_command(command: str, args: list[str]) -> None:
     if {"--cfg", "-c"} & set(args) and "--resolve" not in args:
         # print values, not interpolations: the paper presets pick theirs per method
         args = [*args, "--resolve"]
-    sys.argv = [f"dphrl {command}", *args]
+    sys.argv = [f"dphrl {command}", *args, *torchrun_overrides(args, os.environ)]
     main_fn = hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")(
         _job(command)
     )
     main_fn()
+
+
+def torchrun_overrides(args: list[str], env: Mapping[str, str]) -> list[str]:
+    """What every rank of a torchrun adds to its Hydra overrides: one run folder for all ranks
+    (each would otherwise take its own `${now}`, seconds apart) unless `hydra.run.dir` is
+    given, and for ranks above 0 a log file of their own in it (Hydra truncates the one it
+    opens). Nothing outside torchrun or in a --multirun."""
+    if int(env.get("WORLD_SIZE", "1")) < 2 or {"--multirun", "-m"} & set(args):
+        return []
+    added = []
+    if not any(a.startswith("hydra.run.dir=") for a in args):
+        launch = env.get("TORCHELASTIC_RUN_ID", "none")
+        if launch == "none":  # a plain torchrun: its agent is every rank's parent
+            launch = f"{env.get('MASTER_PORT', '')}-{os.getppid()}"
+        added.append(f"hydra.run.dir=outputs/${{now:%Y-%m-%d}}/torchrun-{launch}")
+    rank = env.get("RANK", "0")
+    if rank != "0":
+        log = f"${{hydra.runtime.output_dir}}/${{hydra.job.name}}_rank{rank}.log"
+        added.append(f"hydra.job_logging.handlers.file.filename={log}")
+    return added
 
 
 def _add(name: str, summary: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -221,3 +221,27 @@ def free_cache(device: str) -> None:
 
         gc.collect()
         torch.cuda.empty_cache()
+
+
+def is_main() -> bool:
+    """Rank 0 of the default group, or the one process."""
+    return rank() == 0
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's `value` on every rank (itself in one process): what rank 0 read or decided
+    (the chunks still to do, a build's result), so every rank acts on the same."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_to_main(value: Any) -> list[Any] | None:
+    """Every rank's `value`, in rank order, on rank 0 (None elsewhere); `[value]` in one process."""
+    if world_size() == 1:
+        return [value]
+    out = [None] * world_size() if rank() == 0 else None
+    dist.gather_object(value, out, dst=0)
+    return out

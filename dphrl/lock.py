@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dphrl.data import output_error
-from dphrl.errors import FolderLocked
+from dphrl.errors import DphrlError, FolderLocked
 
 log = logging.getLogger(__name__)
 LOCK = ".dphrl.lock"
@@ -106,3 +106,29 @@ def live_holder(folder: str | os.PathLike) -> dict | None:
         return None
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def ranks_lock(folder: str | os.PathLike, command: str, *, wait: bool = False) -> Iterator[None]:
+    """`folder_lock` held by rank 0 for all ranks of a torchrun (every rank samples, rank 0
+    writes); a refusal on rank 0 is raised on every rank, so none waits for the others in a
+    collective that will not come. One process: `folder_lock` itself."""
+    from dphrl import dist
+
+    if dist.world_size() == 1:
+        with folder_lock(folder, command, wait=wait):
+            yield
+        return
+    held = folder_lock(folder, command, wait=wait) if dist.is_main() else contextlib.nullcontext()
+    refusal = None
+    try:
+        held.__enter__()
+    except DphrlError as err:
+        refusal = str(err)
+    refusal = dist.broadcast_object(refusal)
+    if refusal is not None:
+        raise FolderLocked(refusal)
+    try:
+        yield
+    finally:
+        held.__exit__(None, None, None)

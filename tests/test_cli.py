@@ -112,3 +112,19 @@ def test_multirun_makes_one_folder_per_job(tmp_path):
         seen.add((cfg["divergence"]["name"], cfg["seed"]))
     assert seen == {("forward_kl", 0), ("forward_kl", 1), ("js", 0), ("js", 1)}
     assert out.stdout.count("(dry run): task arith: 4 prompts") == 4
+
+
+def test_torchrun_ranks_share_one_run_folder_and_keep_their_own_logs():
+    from dphrl.cli import torchrun_overrides
+
+    one = {"WORLD_SIZE": "1"}
+    assert torchrun_overrides(["seed=1"], one) == []
+    env = {"WORLD_SIZE": "8", "RANK": "0", "TORCHELASTIC_RUN_ID": "abc"}
+    assert torchrun_overrides([], env) == ["hydra.run.dir=outputs/${now:%Y-%m-%d}/torchrun-abc"]
+    assert torchrun_overrides(["hydra.run.dir=runs/x"], env) == []  # the user's folder wins
+    assert torchrun_overrides(["--multirun", "seed=0,1"], env) == []
+    rank3 = torchrun_overrides(["hydra.run.dir=runs/x"], {**env, "RANK": "3"})
+    assert rank3 == [
+        "hydra.job_logging.handlers.file.filename="
+        "${hydra.runtime.output_dir}/${hydra.job.name}_rank3.log"
+    ]

@@ -232,3 +232,30 @@ def test_the_weight_push_streams_full_tensors(tiny_vllm_model_dir):
     finally:
         engine.close()
     assert 0 < most <= 2 < count - 5
+
+
+@pytest.mark.gpu
+def test_on_cuda_a_step_logs_each_phases_peak_and_keeps_float32_masters(
+    data_dir,  # noqa: F811
+    tiny_model_dir,
+    tmp_path,
+):
+    """layout=gpu1 with bfloat16 compute: the step's metrics carry the CUDA allocator's peak of
+    the rollout, train and weight-sync phases, and the weights stay float32 on the device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    cfg = _cfg(
+        tmp_path, tiny_model_dir, "divergence=js", "ref.keep=all", "layout=gpu1",
+        "model.dtype=bfloat16", "engine.sleep_mode=true", data=data_dir,
+    )  # fmt: skip
+    prompts, ref_rows = training_data(cfg, True, tiny_model_dir)
+    t = Trainer(cfg, tmp_path / "run", dist.resolve_layout(cfg.layout), prompts, ref_rows,
+                tiny_model_dir)  # fmt: skip
+    metrics = t.step()
+    for phase in ("rollout", "train", "weight_sync"):
+        assert metrics[f"mem_peak_{phase}_gib"] > 0, phase
+    assert {p.dtype for p in t.policy.parameters()} == {torch.float32}
+    assert next(t.policy.parameters()).device.type == "cuda"
+    t.engine.close()

@@ -126,14 +126,16 @@ def task_config(
 
 def run(cfg: DphrlConfig, run_dir: Path) -> dict:
     """Evaluate every model on every dataset; write samples, passk.json/.md/.png; return the json."""
-    from dphrl.lock import folder_lock
+    from dphrl.lock import ranks_lock
+    from dphrl.presample.inputs import sampling_ranks
 
     out = Path(cfg.eval.out) if cfg.eval.out else Path(run_dir)
-    with folder_lock(out, "dphrl eval-passk"):
-        return _evaluate_all(cfg, out)
+    with sampling_ranks(cfg.layout), ranks_lock(out, "dphrl eval-passk"):
+        return _evaluate_all(cfg, out)  # under torchrun: every rank samples, rank 0 writes
 
 
 def _evaluate_all(cfg: DphrlConfig, out: Path) -> dict:
+    from dphrl import dist
     from dphrl.data import write_json
     from dphrl.engine import resolve_engine_name
     from dphrl.models import load_tokenizer
@@ -187,13 +189,15 @@ def _evaluate_all(cfg: DphrlConfig, out: Path) -> dict:
         evaluator.close()
 
     folder.record()
+    if not dist.is_main():  # rank 0 writes the report; every rank returns it
+        return dist.broadcast_object(None)
     results = summarize(samples.read(), datasets, list(cfg.eval.k), cfg.eval.greedy)
     payload = {"settings": info, "results": results}
     write_json(out / "passk.json", payload)
     write_markdown(out / "passk.md", payload)
     plot_curves(out / "passk.png", payload)
     log.info("eval-passk: wrote %s\n%s", out / "passk.json", (out / "passk.md").read_text())
-    return payload
+    return dist.broadcast_object(payload)
 
 
 def _model_path(label: str, cache_dir: str | None, out: Path) -> str:
@@ -210,7 +214,8 @@ def _model_path(label: str, cache_dir: str | None, out: Path) -> str:
 
 
 class _Evaluator:
-    """Samples, verifies and appends one model's chunks; starts its engine only when needed."""
+    """Samples, verifies and appends one model's chunks; starts its engine only when needed
+    (`start`), and frees it (`close`) before the next model's starts."""
 
     def __init__(
         self,
@@ -270,19 +275,24 @@ class _Evaluator:
             compute,
             lambda c, new: self.samples.append(new),
             label=f"eval-passk: {label} on {spec}",
+            start=self.start,
         )
 
-    def sample(
-        self, task: Task, task_cfg: TaskConfig, ids: list[list[int]], rows: list[dict], start: int
-    ) -> list[list[Scored]]:
-        """n samples (+ the greedy one) of each prompt of a chunk starting at prompt `start`, scored."""
+    def start(self) -> None:
+        """This model's engine, once (every rank: vLLM's start-up under torchrun is collective)."""
         from dphrl.engine import engine_from_config
-        from dphrl.rollout import score_outputs
 
         if self.engine is None:
             self.engine = engine_from_config(
                 self.engine_cfg, self.model, self.model_path, self.device, self.seed
             )
+
+    def sample(
+        self, task: Task, task_cfg: TaskConfig, ids: list[list[int]], rows: list[dict], start: int
+    ) -> list[list[Scored]]:
+        """n samples (+ the greedy one) of each prompt of a chunk starting at prompt `start`, scored."""
+        from dphrl.rollout import score_outputs
+
         # The whole chunk is regenerated even when part of it is done, so that every prompt
         # sees the same batch as in an uninterrupted run.
         outputs = self.engine.generate(ids, self.n, self.sampling.shifted(start, self.n))

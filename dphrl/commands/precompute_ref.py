@@ -18,9 +18,10 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DphrlConfig, run_dir: Path) -> dict:
     """Build (or finish, or update) the ref store in `ref.out`; return its manifest."""
-    from dphrl.presample.inputs import make_ref_store
+    from dphrl.presample.inputs import make_ref_store, sampling_ranks
 
-    manifest = make_ref_store(cfg)
+    with sampling_ranks(cfg.layout):  # under torchrun: every rank samples, rank 0 writes
+        manifest = make_ref_store(cfg)
     counts = manifest["counts"]
     log.info(
         "precompute-ref: %d responses from %d D_pef prompts -> %s",

@@ -19,10 +19,13 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DphrlConfig, run_dir: Path) -> dict:
     """Sample, verify, and write the split; returns the stats written to split_stats.json."""
-    from dphrl.presample.inputs import make_split
+    from dphrl import dist
+    from dphrl.presample.inputs import make_split, sampling_ranks
 
-    stats = make_split(cfg)
-    _print_summary(stats, Path(cfg.split.out))
+    with sampling_ranks(cfg.layout):  # under torchrun: every rank samples, rank 0 writes
+        stats = make_split(cfg)
+        if dist.is_main():
+            _print_summary(stats, Path(cfg.split.out))
     return stats
 
 

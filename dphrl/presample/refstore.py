@@ -38,7 +38,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dphrl import seeds
+from dphrl import dist, seeds
 from dphrl.chunks import Chunk, Settings, run_chunks
 from dphrl.config import EngineConfig, ModelConfig, RefConfig, TaskConfig
 from dphrl.data import atomic_path, read_jsonl, rows_sha256, write_json
@@ -121,7 +121,8 @@ def build_ref_store(
     seed: int,
 ) -> dict:
     """Build (or finish, or bring up to date) the store in `ref.out` from `pef_path`; return
-    its manifest. The caller holds the folder's lock."""
+    its manifest. The caller holds the folder's lock (`dphrl.lock.ranks_lock`); under
+    torchrun every rank calls this, samples its turns of the shards, and rank 0 writes."""
     from dphrl.embedded import resolve_model_path
     from dphrl.models import weights_hash
 
@@ -172,12 +173,16 @@ def build_ref_store(
 
     try:
         run_chunks(
-            len(pef), ref.chunk_size, settings, done, sampler.sample, write, "precompute-ref: D_pef"
-        )
+            len(pef), ref.chunk_size, settings, done, sampler.sample, write,
+            "precompute-ref: D_pef", start=sampler.start,
+        )  # fmt: skip
     finally:
         sampler.close()
     settings.record()
-    return _finish(out, settings.expected, shards, pef_path, len(pef), ref, model_path)
+    manifest = None
+    if dist.is_main():  # rank 0 writes; every rank returns the manifest
+        manifest = _finish(out, settings.expected, shards, pef_path, len(pef), ref, model_path)
+    return dist.broadcast_object(manifest)
 
 
 def _finish(
@@ -220,7 +225,7 @@ def _shard_name(c: Chunk) -> str:
 
 
 class _ShardSampler:
-    """Samples one chunk of D_pef and scores its responses' ref log-probs; loads lazily."""
+    """Samples one chunk of D_pef and scores its responses' ref log-probs; `start` loads."""
 
     def __init__(
         self,
@@ -237,20 +242,25 @@ class _ShardSampler:
         self.model_path, self.device, self.seed, self.pef = model_path, device, seed, pef
         self.engine = self.policy = self.tokenizer = None
 
-    def sample(self, c: Chunk) -> list[dict]:
-        from dphrl.engine import Sampling, engine_from_config
+    def start(self) -> None:
+        """The engine, the scoring policy and the tokenizer (every rank, before its chunks)."""
+        from dphrl.engine import engine_from_config
         from dphrl.models import load_policy, load_tokenizer
+
+        model = self.model
+        self.engine = engine_from_config(
+            self.engine_cfg, model, self.model_path, self.device, self.seed
+        )
+        # the trainer's numerics: float32 weights, the body in model.dtype (compute_dtype)
+        self.policy = load_policy(self.model_path, "float32", self.device).eval()
+        self.tokenizer = load_tokenizer(self.model_path)
+
+    def sample(self, c: Chunk) -> list[dict]:
+        from dphrl.engine import Sampling
         from dphrl.rollout import render_rows, sample_and_score
         from dphrl.tasks import get_task
 
         ref, model = self.ref, self.model
-        if self.engine is None:
-            self.engine = engine_from_config(
-                self.engine_cfg, model, self.model_path, self.device, self.seed
-            )
-            # the trainer's numerics: float32 weights, the body in model.dtype (compute_dtype)
-            self.policy = load_policy(self.model_path, "float32", self.device).eval()
-            self.tokenizer = load_tokenizer(self.model_path)
         ids, kept = render_rows(
             self.tokenizer, self.pef[c.start : c.stop], model.max_prompt_len, "precompute-ref"
         )

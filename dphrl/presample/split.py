@@ -22,6 +22,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from dphrl import dist
 from dphrl.chunks import Chunk, SampleLog, Settings, run_chunks
 from dphrl.config import EngineConfig, ModelConfig, SplitConfig, TaskConfig
 from dphrl.data import write_json, write_jsonl
@@ -58,7 +59,8 @@ def build_split(
 ) -> dict:
     """Sample, verify and write the split in `split.out` (finishing a killed one); return its stats.
 
-    The caller holds the folder's lock (`dphrl.lock.folder_lock`).
+    The caller holds the folder's lock (`dphrl.lock.ranks_lock`); under torchrun every rank
+    calls this, samples its turns of the chunks, and rank 0 writes.
     """
     from dphrl.embedded import resolve_model_path
     from dphrl.engine import Sampling, engine_from_config
@@ -92,9 +94,11 @@ def build_split(
     engine = None
     base = Sampling(split.temperature, split.top_p, model.max_new_tokens, seed)
 
-    def compute(c: Chunk) -> list[dict]:
+    def start() -> None:  # every rank, when a chunk is to do (vLLM's start-up is collective)
         nonlocal engine
-        engine = engine or engine_from_config(engine_cfg, model, model_path, device, seed)
+        engine = engine_from_config(engine_cfg, model, model_path, device, seed)
+
+    def compute(c: Chunk) -> list[dict]:
         ids, kept = rendered[c.index]
         sampling = base.shifted(c.start, split.k)  # seeds follow the global prompt index
         scored = sample_and_score(engine, task, task_cfg, ids, kept, split.k, sampling)
@@ -124,12 +128,18 @@ def build_split(
             compute=compute,
             write=lambda c, new: samples.append(new),
             label=f"split: {split.k} samples per prompt",
+            start=start,
         )
     finally:
         if engine is not None:
             engine.close()
     settings.record()  # every chunk was already done (prompts all over-long, or a rerun)
-    return write_split(out, rows, samples.read(), split, settings.expected, time.time() - started)
+    stats = None
+    if dist.is_main():  # rank 0 writes; every rank returns its stats
+        stats = write_split(
+            out, rows, samples.read(), split, settings.expected, time.time() - started
+        )
+    return dist.broadcast_object(stats)
 
 
 def write_split(

@@ -37,11 +37,14 @@ class Done(NamedTuple):
 
 
 def cpu_count() -> int:
-    """Cores this process may run on (the affinity mask where there is one)."""
+    """Cores this process may run on (the affinity mask where there is one), shared among the
+    ranks torchrun started on this node (`LOCAL_WORLD_SIZE`): eight ranks of one box each get
+    an eighth for their verifier pool, rather than eight pools of every core."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def _start_method() -> str:
