@@ -14,6 +14,23 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """An in-process Hydra run (`dphrl.cli.run_command`) gives the root logger handlers on its
+    run folder's log file and on the test's captured stream; they go when the test ends, or a
+    later test's dphrl log record would be written to a folder pytest has removed (logging's
+    FileHandler raises from a reopen it cannot do)."""
+    import logging
+
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    yield
+    for handler in [h for h in root.handlers if h not in before]:
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def real_model_path() -> str:
     """The embedded SmolLM2-135M-Instruct as a local HF folder (converted on first use)."""
