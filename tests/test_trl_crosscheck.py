@@ -185,9 +185,16 @@ def _dphrl_step(model_dir: str, run_dir, prompt_ids: list[list[int]]) -> dict:
     ]
     rollouts = Rollouts(prompt_ids, scored, GROUP)
     before = {k: v.detach().clone() for k, v in t.policy.named_parameters()}
+    grads: dict = {}
+    step = t.optimizer.step
+
+    def step_seeing_grads(*args, **kwargs):  # the update frees the gradients after stepping
+        grads.update({k: v.grad.detach().clone() for k, v in t.policy.named_parameters()})
+        return step(*args, **kwargs)
+
+    t.optimizer.step = step_seeing_grads
     stats = t.update(t.batch(rollouts, t.advantages(rollouts)))
     after = {k: v.detach().clone() for k, v in t.policy.named_parameters()}
-    grads = {k: v.grad.detach().clone() for k, v in t.policy.named_parameters()}
     return {
         "loss": stats["pg_loss"],
         "grad_norm": stats["grad_norm"],
