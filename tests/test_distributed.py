@@ -31,6 +31,8 @@ COMMON = [
     "trainer.tensorboard=false",
     "task.limit=12",
     "divergence=js",
+    "eval.every=1",  # every rank evaluates its share of the held-out prompts
+    "eval.limit=8",
 ]
 
 
@@ -80,6 +82,7 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir, one_process, fsdp):
     assert len(one) == len(two) == 2
     for a, b in zip(one, two):
         assert a["adam_updates"] == b["adam_updates"] == 2
-        for key in ("reward_mean", "pg_loss", "div_loss", "kl_ref", "grad_norm"):
+        for key in ("reward_mean", "pg_loss", "div_loss", "kl_ref", "grad_norm", "eval_pass@1",
+                    "eval_greedy"):  # fmt: skip
             assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
     assert (tmp_path / "two" / "model" / "config.json").exists()

@@ -31,7 +31,7 @@ def heldout_rows(task: Task, task_cfg: TaskConfig, limit: int | None) -> list[di
     return rows
 
 
-def heldout_pass_at_k(
+def heldout_sums(
     engine: Engine,
     task: Task,
     task_cfg: TaskConfig,
@@ -41,19 +41,26 @@ def heldout_pass_at_k(
     max_prompt_len: int,
     max_new_tokens: int,
     seed: int,
+    part: tuple[int, int] = (0, 1),
 ) -> dict[str, float]:
-    """`eval_pass@k` for each k of `eval.k`, from `eval.n` samples of each held-out prompt,
-    and `eval_greedy` (share of prompts the greedy answer solves) when `eval.greedy`."""
-    ids, kept = render_rows(tokenizer, rows, max_prompt_len, "eval")
-    sampling = Sampling(ev.temperature, ev.top_p, max_new_tokens, seed)
+    """Sums over this rank's share of the held-out prompts (`part` = (rank, world size): every
+    rank samples a contiguous share with its own engine, seeded by the global prompt index,
+    so the ranks together draw what one process draws): `prompts`, and for each k of `eval.k`
+    the unbiased pass@k from `eval.n` samples (`eval_pass@k`), and with `eval.greedy` how many
+    prompts the greedy answer solves (`eval_greedy`). Divided by the prompts summed over the
+    ranks, they are the means (`dphrl.training.trainer.Trainer.evaluate`)."""
+    from dphrl.rl.batching import share
+
+    ids, kept = render_rows(tokenizer, rows, max_prompt_len, "eval")  # every rank: same drops
+    mine = share(len(kept), part[1], part[0])
+    ids, kept = ids[mine], kept[mine]
+    sampling = Sampling(ev.temperature, ev.top_p, max_new_tokens, seed).shifted(mine.start, ev.n)
     scored = sample_and_score(engine, task, task_cfg, ids, kept, ev.n, sampling)
     correct = [sum(s.verdict.reward >= 1.0 for s in group) for group in scored]
-    prompts = max(len(correct), 1)
-    metrics = {
-        f"eval_pass@{k}": sum(pass_at_k(ev.n, c, k) for c in correct) / prompts for k in ev.k
-    }
+    sums = {"prompts": float(len(correct))}
+    sums.update({f"eval_pass@{k}": sum(pass_at_k(ev.n, c, k) for c in correct) for k in ev.k})
     if ev.greedy:
         greedy = Sampling(0.0, 1.0, max_new_tokens, seed)
         solved = sample_and_score(engine, task, task_cfg, ids, kept, 1, greedy)
-        metrics["eval_greedy"] = sum(g[0].verdict.reward >= 1.0 for g in solved) / prompts
-    return metrics
+        sums["eval_greedy"] = float(sum(g[0].verdict.reward >= 1.0 for g in solved))
+    return sums

@@ -72,11 +72,8 @@ def fit(trainer: Steps, stop_after_step: int | None = None) -> Path:
             metrics = reduce_metrics(trainer.step())
             ev, last = trainer.cfg.eval, trainer.step_num == tr.max_steps
             if (
-                ev.every
-                and trainer.step_num % ev.every == 0
-                and (ev.at_end or not last)
-                and trainer.layout.is_main
-            ):
+                ev.every and trainer.step_num % ev.every == 0 and (ev.at_end or not last)
+            ):  # every rank: each evaluates its share of the held-out prompts
                 metrics.update(trainer.evaluate())
             trainer.metrics.log(trainer.step_num, metrics)
             progress.advance()

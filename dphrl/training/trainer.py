@@ -42,7 +42,7 @@ from dphrl.rl.policy_loss import ZERO_ADVANTAGE_INERT, policy_loss_for
 from dphrl.rollout import Rollouts, Scored, render_rows, score_outputs
 from dphrl.tasks import get_task
 from dphrl.training import weight_sync
-from dphrl.training.heldout import heldout_pass_at_k, heldout_rows
+from dphrl.training.heldout import heldout_rows, heldout_sums
 from dphrl.training.lora import add_adapters, save_adapter
 from dphrl.training.optim import clipped_step, make_optimizer, zero_gradients
 from dphrl.training.sampler import EpochSampler
@@ -498,12 +498,19 @@ class Trainer:
         return torch.cat([logp for (_, weight), (_, logp) in zip(parts, outs) if weight > 0])
 
     def evaluate(self) -> dict[str, float]:
-        """pass@k of the current policy on the held-out prompts (`eval.every`)."""
-        m = self.cfg.model
-        return heldout_pass_at_k(
+        """pass@k of the current policy on the held-out prompts (`eval.every`): every rank
+        evaluates its share with its own engine (no rank idles in a collective meanwhile),
+        and the sums over ranks make the means."""
+        m, layout = self.cfg.model, self.layout
+        sums = heldout_sums(
             self.engine, self.task, self.cfg.task, self.tokenizer, self.eval_rows,
             self.cfg.eval, m.max_prompt_len, m.max_new_tokens, seeds.heldout(self.cfg.seed),
+            part=(layout.rank, layout.world_size),
         )  # fmt: skip
+        keys = sorted(sums)
+        total = dict(zip(keys, dist.all_reduce_sum([sums[k] for k in keys], layout.device)))
+        prompts = max(total.pop("prompts"), 1.0)
+        return {key: value / prompts for key, value in total.items()}
 
     def save_model(self, out: Path) -> Path:
         """The final HF model in `out` (collective); under LoRA the adapter folder first
