@@ -111,7 +111,7 @@ def test_hybrid_loss_weighs_tokens_by_tis_and_reports_over_live_rows():
     logp = torch.full((3, 2), -1.0, dtype=torch.float64, requires_grad=True)
     engine = torch.tensor([[-1, -1 - LN2 * 2], [-1, -1 + LN2], [-6, -6]], dtype=torch.float64)
     loss, stats = hybrid_loss(
-        _step_batch(engine), logp, None, beta=0.0, rollout_correction="tis", correction_high=2.0
+        _step_batch(engine), logp, None, beta=0.0, correction=mm.make_correction("tis", 0.5, 2.0)
     )
     assert loss.item() == pytest.approx((-1 - 2 + 1 + 0.5) / 6)  # token-mean over all 6 tokens
     loss.backward()
@@ -130,7 +130,7 @@ def test_hybrid_loss_masks_tokens_with_mis_token():
     logp = torch.full((3, 2), -1.0, dtype=torch.float64, requires_grad=True)
     engine = torch.tensor([[-1, -1 - LN2 * 2], [-1, -1 + LN2], [-6, -6]], dtype=torch.float64)
     loss, stats = hybrid_loss(
-        _step_batch(engine), logp, None, beta=0.0, rollout_correction="mis_token"
+        _step_batch(engine), logp, None, beta=0.0, correction=mm.make_correction("mis_token")
     )
     assert loss.item() == pytest.approx((-1 + 0 + 1 + 1) / 6)
     assert stats["rc_frac_masked"] == pytest.approx(1 / 4)

@@ -169,6 +169,10 @@ def _packed(mask):
     return Packed(ids, torch.ones_like(ids), mask)
 
 
+# PPO-clip with clip-higher, bound as the trainer binds `algo.clip_low` / `algo.clip_high`.
+CLIP_HIGHER = rl_policy_loss.make_policy_loss("ppo_clip", clip_low=0.2, clip_high=0.28)
+
+
 def _hybrid_case():
     """The PPO case on the rollouts, k1 vs an online reference at log-prob 0, and two ref-store
     tokens with u = 2 and u = 1/2 (stored log-probs 0)."""
@@ -191,7 +195,7 @@ def test_hybrid_loss_adds_ppo_clip_the_policy_term_and_the_divergence():
 
     batch, logp, store_logp = _hybrid_case()
     loss, stats = rl_hybrid.hybrid_loss(
-        batch, logp, store_logp, beta=0.1, clip_low=0.2, clip_high=0.28,
+        batch, logp, store_logp, beta=0.1, policy_loss=CLIP_HIGHER,
         divergence=partial(forward_kl, clamp_log_ratio=None, clamp_value=None),
         policy_term=kl_k1,
     )  # fmt: skip
@@ -219,8 +223,9 @@ def test_hybrid_loss_with_beta_zero_is_ppo_clip_alone():
 
     batch, logp, store_logp = _hybrid_case()
     loss, stats = rl_hybrid.hybrid_loss(
-        batch, logp, store_logp, beta=0.0, clip_high=0.28, divergence=forward_kl, policy_term=kl_k1
-    )
+        batch, logp, store_logp, beta=0.0, policy_loss=CLIP_HIGHER, divergence=forward_kl,
+        policy_term=kl_k1,
+    )  # fmt: skip
     assert loss.item() == pytest.approx(-0.116)
     assert stats["div_loss"] == stats["rkl_loss"] == stats["kl_ref"] == 0.0
 
@@ -345,9 +350,9 @@ def test_hybrid_loss_entropy_bonus():
     # -coef / 5 on each of the 5 unmasked tokens; policy_entropy is reported either way.
     batch, logp, _ = _hybrid_case()
     entropy = torch.ones_like(logp, requires_grad=True)
-    base, _ = rl_hybrid.hybrid_loss(batch, logp, None, beta=0.0, clip_high=0.28)
+    base, _ = rl_hybrid.hybrid_loss(batch, logp, None, beta=0.0, policy_loss=CLIP_HIGHER)
     loss, stats = rl_hybrid.hybrid_loss(
-        batch, logp, None, beta=0.0, clip_high=0.28, entropy=entropy, entropy_coef=0.1
+        batch, logp, None, beta=0.0, policy_loss=CLIP_HIGHER, entropy=entropy, entropy_coef=0.1
     )
     assert loss.item() == pytest.approx(base.item() - 0.1)
     assert stats["policy_entropy"] == pytest.approx(1.0)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from dphrl.rl.aggregation import aggregate
-from dphrl.rl.mismatch import correct, mismatch_stats
+from dphrl.rl.mismatch import NO_CORRECTION, RolloutCorrection, mismatch_stats
 from dphrl.rl.policy_loss import PolicyLoss, ppo_clip_loss
 
 if TYPE_CHECKING:
@@ -97,17 +97,13 @@ def hybrid_loss(
     store_logp: Tensor | None,
     *,
     beta: float,
+    policy_loss: PolicyLoss = ppo_clip_loss,
     divergence: Divergence | None = None,
     policy_term: Divergence | None = None,
-    policy_loss: PolicyLoss = ppo_clip_loss,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
+    correction: RolloutCorrection = NO_CORRECTION,
     loss_agg: str = "token-mean",
     denom: float | None = None,
     store_denom: float | None = None,
-    rollout_correction: str = "none",
-    correction_low: float = 0.5,
-    correction_high: float = 2.0,
     store_topk_logp: Tensor | None = None,
     entropy: Tensor | None = None,
     entropy_coef: float = 0.0,
@@ -119,8 +115,12 @@ def hybrid_loss(
           - entropy_coef * agg(entropy)                             on the rollouts, when given
           + beta * token-mean(divergence(store_logp, store_ref_logp)) on the M ref-store rows
 
-    `policy_loss` is PPO-clip by default (any `PolicyLoss`); `policy_term` the reverse-KL estimator (GRPO + KL baseline) or `js_full`'s policy half,
-    against an online reference model; `divergence` the mass-covering f(u) on reference samples.
+    The parts come ready-made, their options bound once by the caller: `policy_loss` is a
+    `PolicyLoss` with its clip range and own options bound (`make_policy_loss`; PPO-clip at
+    0.2 / 0.2 by default); `policy_term` the reverse-KL estimator (GRPO + KL baseline) or
+    `js_full`'s policy half, against an online reference model; `divergence` the mass-covering
+    f(u) on reference samples; `correction` the rollout correction with its kind and bounds
+    bound (`dphrl.rl.mismatch.make_correction`).
 
     logp `# (N, T)` and store_logp `# (M, S)`: the policy's log-probs with grad (None: that half
     is absent). `agg` is `loss_agg`; `denom` / `store_denom` replace its count (tokens or
@@ -133,10 +133,10 @@ def hybrid_loss(
     `batch.store_topk_ref_logp`. `entropy` `# (N, T)` is the rollouts' per-token entropy with
     grad (`dphrl.rl.entropy`); its mean is reported as `policy_entropy`.
 
-    With the engine's log-probs in the batch, `rollout_correction` (`dphrl.rl.mismatch`) weighs or
-    masks the policy loss's tokens by pi_old / pi_engine (bounds `correction_low` / `_high`);
-    masked tokens add 0 and keep their place in the denominator. The mismatch and correction
-    statistics are added, taken over the tokens of responses with a nonzero advantage.
+    With the engine's log-probs in the batch, `correction` weighs or masks the policy loss's
+    tokens by pi_old / pi_engine; masked tokens add 0 and keep their place in the denominator.
+    The mismatch and correction statistics are added, taken over the tokens of responses with a
+    nonzero advantage.
     """
     loss = torch.zeros((), device=batch.advantages.device)
     stats = dict.fromkeys(LOSS_STATS, 0.0)
@@ -145,12 +145,9 @@ def hybrid_loss(
         old = logp.detach() if batch.old_logp is None else batch.old_logp
         weights, pg_mask = None, mask
         if batch.engine_logp is not None:
-            bounds = (correction_low, correction_high)
-            weights, pg_mask, _ = correct(rollout_correction, old, batch.engine_logp, mask, *bounds)
-            stats.update(_mismatch_report(batch, old, mask, rollout_correction, bounds))
-        pg_tok, clip_frac = policy_loss(
-            logp, old, batch.advantages, pg_mask, clip_low=clip_low, clip_high=clip_high
-        )
+            weights, pg_mask, _ = correction(old, batch.engine_logp, mask)
+            stats.update(_mismatch_report(batch, old, mask, correction))
+        pg_tok, clip_frac = policy_loss(logp, old, batch.advantages, pg_mask)
         if weights is not None:
             pg_tok = pg_tok * weights
         pg = aggregate(pg_tok, mask, loss_agg, denom)
@@ -181,7 +178,7 @@ def hybrid_loss(
 
 
 def _mismatch_report(
-    batch: StepBatch, old: Tensor, mask: Tensor, name: str, bounds: tuple[float, float]
+    batch: StepBatch, old: Tensor, mask: Tensor, correction: RolloutCorrection
 ) -> dict[str, float]:
     """Mismatch and correction statistics over the tokens of responses with a nonzero
     advantage: those the correction acts on, and those the trainer forwards when it skips the
@@ -189,6 +186,6 @@ def _mismatch_report(
     adv = batch.advantages
     live = adv != 0 if adv.dim() == 1 else (adv != 0).any(-1)  # (N,)
     live_mask = mask * live.unsqueeze(-1).to(mask.dtype)
-    _, _, report = correct(name, old, batch.engine_logp, live_mask, *bounds)
+    _, _, report = correction(old, batch.engine_logp, live_mask)
     report.update(mismatch_stats(old, batch.engine_logp, live_mask))
     return {key: float(value) for key, value in report.items()}

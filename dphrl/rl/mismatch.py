@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -131,3 +132,23 @@ def correct(
             "rc_frac_masked": (valid & ~kept).sum() / count,
         }
     return weights, new_mask, stats
+
+
+# (old_logp, engine_logp, mask) `# (N, T)` each -> (weights, mask, stats), as `correct` returns
+# them: one correction with its kind and bounds bound (`make_correction`).
+RolloutCorrection = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, dict[str, Tensor]]]
+
+
+def make_correction(name: str = "none", low: float = 0.5, high: float = 2.0) -> RolloutCorrection:
+    """`correct` with `algo.rollout_correction`'s kind and its bounds bound, so the loss takes
+    one ready-made callable; an unknown `name` is refused here, before any step."""
+    if name not in ROLLOUT_CORRECTIONS:
+        raise KeyError(
+            f"unknown rollout correction {name!r}; known: {', '.join(ROLLOUT_CORRECTIONS)}"
+        )
+    return partial(correct, name, low=low, high=high)
+
+
+# Weights 1, nothing masked (`algo.rollout_correction=none`'s default bounds): the mismatch is
+# still measured and reported.
+NO_CORRECTION = make_correction()

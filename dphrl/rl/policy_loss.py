@@ -72,8 +72,9 @@ def ppo_clip_loss(
     return loss, clip_frac.detach()
 
 
-# (logp, old_logp, advantages, mask, *, clip_low, clip_high) -> (per-token loss (N, T), clip
-# fraction): `ppo_clip_loss`, or any policy loss of that shape, chosen by name by the caller.
+# (logp, old_logp, advantages, mask) -> (per-token loss (N, T), clip fraction): a loss of
+# `POLICY_LOSSES` with its clip range and own options bound (`make_policy_loss`), or
+# `ppo_clip_loss` at its defaults.
 PolicyLoss = Callable[..., tuple[Tensor, Tensor]]
 
 

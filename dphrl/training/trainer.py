@@ -38,6 +38,7 @@ from dphrl.rl.entropy import adaptive_entropy_coef
 from dphrl.rl.filters import informative_groups, overlong_filter, soft_overlong_penalty
 from dphrl.rl.hybrid import LOSS_STATS, StepBatch, hybrid_loss
 from dphrl.rl.logprobs import autocast, batch_logprobs, live_rows_logprobs
+from dphrl.rl.mismatch import make_correction
 from dphrl.rl.policy_loss import ZERO_ADVANTAGE_INERT, policy_loss_for
 from dphrl.rollout import Rollouts, Scored, render_rows, score_outputs
 from dphrl.tasks import get_task
@@ -91,7 +92,10 @@ class Trainer:
         self.advantage_fn = make_advantage(a.advantage, norm_std=a.norm_std, k=a.passk_k)
         # Clip-Cov's random token picks: reseeded each step (`step`), so a resumed run draws the same
         self.cov_generator = torch.Generator()
-        self.policy_loss = policy_loss_for(a, self.cov_generator)
+        self.policy_loss = policy_loss_for(a, self.cov_generator)  # clip range and options bound
+        self.correction = make_correction(  # engine vs trainer log-probs (rl.mismatch)
+            a.rollout_correction, a.rollout_correction_low, a.rollout_correction_high
+        )
         self.ref_model = None  # under LoRA the reference is the policy with adapters disabled
         if self.policy_term is not None and self.peft is None:
             ref_model = load_policy(model_path, "float32", layout.device).eval()
@@ -419,25 +423,11 @@ class Trainer:
             if mb.store_topk_ids is not None:
                 store_logp, store_topk_logp = store_logp[..., 0], store_logp[..., 1:]
         return hybrid_loss(
-            mb,
-            logp,
-            store_logp,
-            beta=beta,
-            divergence=self.divergence,
-            policy_term=self.policy_term,
-            policy_loss=self.policy_loss,
-            clip_low=a.clip_low,
-            clip_high=a.clip_high,
-            loss_agg=a.loss_agg,
-            denom=denom,
-            store_denom=store_denom,
-            rollout_correction=a.rollout_correction,
-            correction_low=a.rollout_correction_low,
-            correction_high=a.rollout_correction_high,
-            store_topk_logp=store_topk_logp,
-            entropy=entropy,
-            entropy_coef=self.entropy_coef,
-        )
+            mb, logp, store_logp, beta=beta, policy_loss=self.policy_loss,
+            divergence=self.divergence, policy_term=self.policy_term, correction=self.correction,
+            loss_agg=a.loss_agg, denom=denom, store_denom=store_denom,
+            store_topk_logp=store_topk_logp, entropy=entropy, entropy_coef=self.entropy_coef,
+        )  # fmt: skip
 
     def _policy_logprobs(self, mb: StepBatch) -> torch.Tensor:
         """The policy's log-probs `# (n, T)` of a rollout minibatch, forwarded only where they
