@@ -46,6 +46,6 @@ def run(cfg: DphrlConfig, run_dir: Path, *, stop_after_step: int | None = None) 
                 )
                 log.info("train: %s epochs = %d steps", cfg.trainer.epochs, cfg.trainer.max_steps)
             trainer = Trainer(cfg, run_dir, layout, prompts, ref_rows, model_path)
-            return fit(trainer, stop_after_step)  # steps, checkpoints, the final model
+            return fit(trainer, cfg.trainer, cfg.eval, stop_after_step)  # and the final model
     finally:
         dist.shutdown()

@@ -6,7 +6,8 @@ A checkpoint is a folder `run_dir/checkpoints/step_000002/` holding
 - `optimizer.safetensors` + `optimizer.json` (tensors apart, param groups and counters as JSON),
 - `scheduler.safetensors` + `scheduler.json`,
 - `rng_rank00000.safetensors` + `.json`, one pair per rank (python, numpy, torch, CUDA),
-- `trainer_state.json` (step, data position, anything the loop needs),
+- `trainer_state.json` (step, data positions, settings: the trainer's `state_dict()` but its
+  live `HANDLES`, whose states are the files above),
 - `checkpoint.json`, written last: the completion marker.
 
 No pickle and no `torch.save` anywhere, so a checkpoint can be opened without trusting it.
@@ -234,6 +235,26 @@ def load_checkpoint(
         rng_name = "rng_rank00000"
     set_rng_state(_read_tree(path, rng_name))
     return json.loads((path / "trainer_state.json").read_text())
+
+
+# The live objects of a trainer's `state_dict()` whose full states this module gathers and
+# stores as tensors; every other key of it is the loop's JSON state (trainer_state.json).
+HANDLES = ("model", "optimizer", "scheduler")
+
+
+def save_state(run_dir: str | os.PathLike, state: dict, keep: int) -> Path:
+    """`save_checkpoint` of a trainer's `state_dict()` at its `step`: the `HANDLES`' states
+    as safetensors, the rest (step, data positions, settings, ...) as trainer_state.json."""
+    loop = {key: value for key, value in state.items() if key not in HANDLES}
+    handles = [state[key] for key in HANDLES]
+    return save_checkpoint(run_dir, state["step"], *handles, loop, keep)
+
+
+def load_state(path: str | os.PathLike, state: dict) -> dict:
+    """Restore checkpoint `path` into a trainer's `state_dict()`: the `HANDLES` (and the RNG)
+    in place; returns `state` with trainer_state.json's values over it, for the trainer's
+    `load_state_dict` (a key an older checkpoint lacks keeps the trainer's current value)."""
+    return {**state, **load_checkpoint(path, *(state[key] for key in HANDLES))}
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:

@@ -1,10 +1,12 @@
 """The run around the steps: start or resume, step until `trainer.max_steps` with held-out
 evals, metrics, progress and checkpoints, then write the final model.
 
-`fit` drives any object with the `Steps` shape (`dphrl.training.trainer.Trainer` is the one), so the
-step itself stays the trainer's and this module never imports it. A checkpoint holds the
-weights, the optimizer and schedule, both data positions and the run-defining settings
-(`dphrl.training.checkpoint`), which is all a resumed run needs to continue as one uninterrupted run.
+`fit` drives any object with the `Steps` shape (`dphrl.training.trainer.Trainer` is the one)
+through calls, so the step and the trainer's state stay the trainer's and this module never
+imports it. The trainer says what a checkpoint holds (`Steps.state_dict`: its weights, AdamW and
+schedule, both data positions, the entropy coefficient, the run-defining settings);
+`dphrl.training.checkpoint` says how it is stored, which is all a resumed run needs to continue
+as one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -16,52 +18,39 @@ from typing import TYPE_CHECKING, Any, Protocol
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    import torch
-
-    from dphrl.config import DphrlConfig
-    from dphrl.dist import Layout
+    from dphrl.config import EvalConfig, TrainerConfig
     from dphrl.metrics import MetricsLogger, Timer
-    from dphrl.training.sampler import EpochSampler
 
 
 class Steps(Protocol):
-    """What the run loop reads of a trainer: its state, and the calls it makes."""
+    """What the run loop asks of a trainer: five calls, and a few facts it reads."""
 
-    cfg: DphrlConfig
-    run_dir: Path
-    layout: Layout
-    prompts: list[dict]
-    ref_rows: list[dict]
-    policy: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    prompt_sampler: EpochSampler
-    ref_sampler: EpochSampler | None
-    metrics: MetricsLogger
-    timer: Timer
-    step_num: int
-    entropy_coef: float  # algo.entropy_target's coefficient, which follows the entropy
-    peft: Any  # the PeftModel under LoRA, else None
+    run_dir: Path  # checkpoints, metrics.jsonl and the final model go here
+    settings: dict[str, Any]  # run-defining settings and data hashes: a resume with others fails
+    step_num: int  # steps done; only `step` and `load_state_dict` move it
+    metrics: MetricsLogger  # where each step's metrics go
+    timer: Timer  # the step's phases, which the progress line names
 
     def step(self) -> dict[str, float]: ...
     def evaluate(self) -> dict[str, float]: ...
-    def push_weights(self) -> None: ...
-    def save_model(self, out: Path) -> Path: ...
+    def state_dict(self) -> dict[str, Any]: ...  # `checkpoint.save_state`'s shape
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...  # and the engine's weights
+    def save_model(self, out: Path) -> dict[str, Path]: ...  # what it wrote, by name
 
 
-def fit(trainer: Steps, stop_after_step: int | None = None) -> Path:
-    """Steps until `trainer.max_steps`, with checkpoints, exact resume and the final HF model.
+def fit(
+    trainer: Steps, tr: TrainerConfig, ev: EvalConfig, stop_after_step: int | None = None
+) -> Path:
+    """Steps until `tr.max_steps`, with checkpoints, exact resume and the final HF model.
 
     `stop_after_step` (a test hook, not a config key) stops as a killed run would: after that
     step's checkpoint, before the final model.
     """
+    from dphrl import dist
     from dphrl.metrics import reduce_metrics
     from dphrl.progress import track
-    from dphrl.training.checkpoint import data_settings, run_settings
 
-    tr, run_dir = trainer.cfg.trainer, trainer.run_dir
-    settings = {**run_settings(trainer.cfg), **data_settings(trainer.prompts, trainer.ref_rows)}
-    resume(trainer, settings)
+    resume(trainer, tr.resume)
     with track("train", tr.max_steps, "steps") as progress:
         progress.skip(trainer.step_num)
         trainer.timer.on_phase = lambda phase: progress.describe(
@@ -70,7 +59,7 @@ def fit(trainer: Steps, stop_after_step: int | None = None) -> Path:
         metrics: dict[str, float] = {}
         while trainer.step_num < tr.max_steps:
             metrics = reduce_metrics(trainer.step())
-            ev, last = trainer.cfg.eval, trainer.step_num == tr.max_steps
+            last = trainer.step_num == tr.max_steps
             if (
                 ev.every and trainer.step_num % ev.every == 0 and (ev.at_end or not last)
             ):  # every rank: each evaluates its share of the held-out prompts
@@ -78,62 +67,42 @@ def fit(trainer: Steps, stop_after_step: int | None = None) -> Path:
             trainer.metrics.log(trainer.step_num, metrics)
             progress.advance()
             if (tr.save_every and trainer.step_num % tr.save_every == 0) or last:
-                save(trainer, settings)
+                save(trainer, tr.keep)
             if stop_after_step is not None and trainer.step_num >= stop_after_step:
                 log.info("train: stopping after step %d (stop_after_step)", trainer.step_num)
-                return run_dir
-    out = run_dir / "model"
-    trainer.save_model(out)  # collective; rank 0 writes
+                return trainer.run_dir
+    out = trainer.run_dir / "model"
+    folders = trainer.save_model(out)  # collective; rank 0 writes
     trainer.metrics.close()
-    if trainer.layout.is_main:
-        log.info("%s", summary(trainer, metrics, out))
+    if dist.is_main():
+        log.info("%s", summary(trainer, metrics, folders))
     return out
 
 
-def resume(trainer: Steps, settings: dict) -> None:
-    """Continue from the run folder's latest checkpoint (refused on changed `settings`), or
-    start fresh; either way metrics.jsonl keeps one history, cut at the step resumed from."""
-    from dphrl.training.checkpoint import check_resume, load_checkpoint
+def resume(trainer: Steps, allowed: bool) -> None:
+    """Continue from the run folder's latest checkpoint (`trainer.resume`; refused on changed
+    settings), or start fresh; either way metrics.jsonl keeps one history, cut at the step
+    resumed from."""
+    from dphrl.training.checkpoint import check_resume, load_state
 
-    found = check_resume(trainer.run_dir, trainer.cfg.trainer.resume, settings)
+    found = check_resume(trainer.run_dir, allowed, trainer.settings)
     if found is None:
         trainer.metrics.truncate_after(0)  # a killed run's steps before any checkpoint: one history
         return
-    state = load_checkpoint(found, trainer.policy, trainer.optimizer, trainer.scheduler)
-    trainer.step_num = state["step"]
-    trainer.prompt_sampler.load_state_dict(state["prompt_sampler"])
-    if trainer.ref_sampler is not None:
-        trainer.ref_sampler.load_state_dict(state["ref_sampler"])
-    trainer.entropy_coef = state.get("entropy_coef", trainer.entropy_coef)
-    trainer.push_weights()
+    trainer.load_state_dict(load_state(found, trainer.state_dict()))
     trainer.metrics.truncate_after(trainer.step_num)
     log.info("train: resumed from %s at step %d", found, trainer.step_num)
 
 
-def save(trainer: Steps, settings: dict) -> None:
-    """A checkpoint of this step: weights, optimizer, schedule, the data position, settings."""
-    from dphrl.training.checkpoint import save_checkpoint
+def save(trainer: Steps, keep: int) -> None:
+    """A checkpoint of this step (`trainer.keep` of them kept): whatever the trainer's
+    `state_dict` holds."""
+    from dphrl.training.checkpoint import save_state
 
-    state = {
-        "step": trainer.step_num,
-        "prompt_sampler": trainer.prompt_sampler.state_dict(),
-        "ref_sampler": trainer.ref_sampler.state_dict() if trainer.ref_sampler else None,
-        "entropy_coef": trainer.entropy_coef,
-        "settings": settings,
-    }
-    tr = trainer.cfg.trainer
-    save_checkpoint(
-        trainer.run_dir,
-        trainer.step_num,
-        trainer.policy,
-        trainer.optimizer,
-        trainer.scheduler,
-        state,
-        tr.keep,
-    )
+    save_state(trainer.run_dir, trainer.state_dict(), keep)
 
 
-def summary(trainer: Steps, metrics: dict[str, float], out: Path) -> str:
+def summary(trainer: Steps, metrics: dict[str, float], folders: dict[str, Path]) -> str:
     """The closing lines: steps run, the last step's reward and pass rate, where things are."""
     run_dir = trainer.run_dir
     figures = ", ".join(
@@ -141,8 +110,7 @@ def summary(trainer: Steps, metrics: dict[str, float], out: Path) -> str:
         for key, name in (("reward_mean", "reward"), ("pass_rate", "pass rate"))
         if key in metrics
     )
-    return (
-        f"train: done, {trainer.step_num} steps; last step: {figures or 'no metrics'}\n"
-        f"  run folder: {run_dir}\n  metrics:    {run_dir / 'metrics.jsonl'}\n  model:      {out}"
-        + (f"\n  adapter:    {run_dir / 'adapter'}" if trainer.peft is not None else "")
+    places = {"run folder": run_dir, "metrics": run_dir / "metrics.jsonl", **folders}
+    return f"train: done, {trainer.step_num} steps; last step: {figures or 'no metrics'}" + "".join(
+        f"\n  {name + ':':<11} {path}" for name, path in places.items()
     )

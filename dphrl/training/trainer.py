@@ -22,6 +22,7 @@ import logging
 import math
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -43,6 +44,7 @@ from dphrl.rl.policy_loss import ZERO_ADVANTAGE_INERT, policy_loss_for
 from dphrl.rollout import Rollouts, Scored, render_rows, score_outputs
 from dphrl.tasks import get_task
 from dphrl.training import weight_sync
+from dphrl.training.checkpoint import data_settings, run_settings, save_hf_model
 from dphrl.training.heldout import heldout_rows, heldout_sums
 from dphrl.training.lora import add_adapters, save_adapter
 from dphrl.training.optim import clipped_step, make_optimizer, zero_gradients
@@ -129,6 +131,8 @@ class Trainer:
         self.timer = Timer(cuda_sync=layout.device.startswith("cuda"))
         self.max_len = cfg.model.max_new_tokens
         self.step_num = 0
+        # what defines the run, recorded in each checkpoint: a resume with other values fails
+        self.settings = {**run_settings(cfg), **data_settings(prompts, ref_rows)}
         self.eval_rows = heldout_rows(self.task, cfg.task, cfg.eval.limit) if cfg.eval.every else []
         if layout.is_main:
             log.info("train: %s", self.plan_line())
@@ -502,18 +506,44 @@ class Trainer:
         prompts = max(total.pop("prompts"), 1.0)
         return {key: value / prompts for key, value in total.items()}
 
-    def save_model(self, out: Path) -> Path:
+    def save_model(self, out: Path) -> dict[str, Path]:
         """The final HF model in `out` (collective); under LoRA the adapter folder first
-        (`run_dir/adapter`), then the adapters merged into the weights for the HF model."""
-        from dphrl.training.checkpoint import save_hf_model
-
+        (`run_dir/adapter`), then the adapters merged into the weights for the HF model.
+        Returns the folders written, by name."""
+        folders = {}
         if self.peft is not None:
+            folders["adapter"] = self.run_dir / "adapter"
             if self.layout.is_main:
-                save_adapter(
-                    self.peft, self.tokenizer, self.run_dir / "adapter", self.cfg.model.path
-                )
+                save_adapter(self.peft, self.tokenizer, folders["adapter"], self.cfg.model.path)
             self.policy = self.peft.merge_and_unload()  # training is over: merge in place
-        return save_hf_model(self.policy, self.tokenizer, out)
+        return {"model": save_hf_model(self.policy, self.tokenizer, out), **folders}
+
+    # ---- the state a checkpoint holds (`dphrl.training.checkpoint.save_state`) -------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a checkpoint of this step needs: the live weights, AdamW and schedule
+        (the checkpoint gathers their full states, from every rank under FSDP) and, as JSON,
+        the step, both data positions, the entropy coefficient and the run's settings."""
+        return {
+            "model": self.policy,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "step": self.step_num,
+            "prompt_sampler": self.prompt_sampler.state_dict(),
+            "ref_sampler": self.ref_sampler.state_dict() if self.ref_sampler else None,
+            "entropy_coef": self.entropy_coef,
+            "settings": self.settings,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's state (`checkpoint.load_state` has restored the
+        weights, AdamW and the schedule in place): the step, the data positions and the entropy
+        coefficient; then the engine gets the resumed weights, to sample as the run did."""
+        self.step_num = state["step"]
+        self.prompt_sampler.load_state_dict(state["prompt_sampler"])
+        if self.ref_sampler is not None:
+            self.ref_sampler.load_state_dict(state["ref_sampler"])
+        self.entropy_coef = state["entropy_coef"]
+        self.push_weights()
 
     def reference_logprobs(self, rollouts: Packed, temperature: float) -> torch.Tensor:
         """The online reference's log-probs of the rollouts: the initial model's copy, or under
