@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from dphrl import dist, seeds
 from dphrl.config import DphrlConfig
@@ -33,7 +32,7 @@ from dphrl.engine import Sampling, engine_from_config
 from dphrl.metrics import MetricsLogger, Timer, accumulate, step_metrics
 from dphrl.rl.advantages import make_advantage
 from dphrl.rl.aggregation import agg_count
-from dphrl.rl.batching import Packed, micro_slices, pack_topk, pack_with, share
+from dphrl.rl.batching import Packed, pack_topk, pack_with, share
 from dphrl.rl.divergence import TOPK_DIVERGENCES, make_divergence, policy_sample_term
 from dphrl.rl.entropy import adaptive_entropy_coef
 from dphrl.rl.filters import informative_groups, overlong_filter, soft_overlong_penalty
@@ -43,7 +42,7 @@ from dphrl.rl.mismatch import make_correction
 from dphrl.rl.policy_loss import ZERO_ADVANTAGE_INERT, policy_loss_for
 from dphrl.rollout import Rollouts, Scored, render_rows, score_outputs
 from dphrl.tasks import get_task
-from dphrl.training import weight_sync
+from dphrl.training import minibatches, weight_sync
 from dphrl.training.checkpoint import data_settings, run_settings, save_hf_model
 from dphrl.training.heldout import heldout_rows, heldout_sums
 from dphrl.training.lora import add_adapters, save_adapter
@@ -293,44 +292,19 @@ class Trainer:
         return packed.to(dev), ref_logp.to(dev), top_ids.to(dev), top_logp.to(dev)
 
     def updates_per_epoch(self, rollouts: int) -> int:
-        """Adam updates per pass over the step's rollouts: ceil(rollouts on all ranks /
-        `algo.minibatch_size`), so 1 GPU and 8 make the same number for the same global batch;
-        at most the groups of the rank with fewest, so every rank has rows in every minibatch."""
-        size = self.algo.minibatch_size
-        if not size:
-            return 1
-        groups = rollouts // self.algo.group_size
-        total, fewest = (
-            dist.all_reduce_sum([float(rollouts)], self.layout.device)[0],
-            -float(dist.all_reduce_max([-float(groups)], self.layout.device)[0]),
+        """Adam updates per pass over the step's rollouts (`minibatches.updates_per_epoch`)."""
+        a = self.algo
+        return minibatches.updates_per_epoch(
+            rollouts, a.minibatch_size, a.group_size, self.layout.device
         )
-        return int(max(1, min(math.ceil(total / size), fewest)))
-
-    def minibatch_rows(self, batch: StepBatch, n_mb: int) -> list[tuple[Tensor, Tensor | None]]:
-        """This rank's rows of each global minibatch: prompt group g of the step (counted over
-        all ranks) goes to minibatch g mod n_mb, and so does ref-store row j; so a minibatch
-        holds the same rollouts on 1 rank and on 8, and a group's responses stay together
-        (they share their prompt's forward, `model.pack_tokens`)."""
-        G, n = self.algo.group_size, len(batch)
-        n_store = 0 if batch.store is None else len(batch.store)
-        group_start, store_start = dist.offsets([n // G, n_store], self.layout.device)
-        group_of_row = torch.arange(n) // G + group_start
-        store_index = torch.arange(n_store) + store_start
-        return [
-            (
-                (group_of_row % n_mb == k).nonzero()[:, 0],
-                None if batch.store is None else (store_index % n_mb == k).nonzero()[:, 0],
-            )
-            for k in range(n_mb)
-        ]
 
     def update(self, batch: StepBatch) -> dict[str, float]:
         """`algo.ppo_epochs` passes over the step's minibatches; each is forwarded and
         backpropagated in micro-batches (`trainer.micro_batch_tokens`), then AdamW steps once.
-        Every rank takes its rows of each global minibatch (`minibatch_rows`)."""
+        Every rank takes its rows of each global minibatch (`minibatches.minibatch_rows`)."""
         a, n = self.algo, len(batch)
         n_mb = self.updates_per_epoch(n)
-        rows = self.minibatch_rows(batch, n_mb)
+        rows = minibatches.minibatch_rows(batch, n_mb, a.group_size, self.layout.device)
         totals: dict[str, float] = {}
         updates = 0
         for _ in range(a.ppo_epochs):
@@ -388,23 +362,8 @@ class Trainer:
         return {**dict.fromkeys(LOSS_STATS, 0.0), **merged}, stepped
 
     def micro_slices(self, rows: Packed) -> list[tuple[slice, float]]:
-        """Micro-batches of `rows` of at most `trainer.micro_batch_tokens` real tokens each,
-        as many on every rank under FSDP, with each one's share of the rows' tokens. A rank
-        with fewer rows than micro-batches forwards its first row again at weight 0: FSDP's
-        collectives need every rank to forward as often."""
-        tokens = rows.attention_mask.sum(-1).tolist()
-        budget = self.cfg.trainer.micro_batch_tokens
-        parts = len(micro_slices(tokens, budget))
-        if dist.forward_on_every_rank(self.layout):
-            parts = int(dist.all_reduce_max([float(parts)], self.layout.device)[0])
-        total = max(sum(tokens), 1)
-        out = []
-        for s in micro_slices(tokens, budget, parts):
-            if s.stop > s.start:
-                out.append((s, sum(tokens[s]) / total))
-            elif dist.forward_on_every_rank(self.layout) and tokens:
-                out.append((slice(0, 1), 0.0))
-        return out
+        """`rows`' micro-batches of `trainer.micro_batch_tokens` (`minibatches.micro_batches`)."""
+        return minibatches.micro_batches(rows, self.cfg.trainer.micro_batch_tokens, self.layout)
 
     def loss(
         self, mb: StepBatch, denom: float, store_denom: float
