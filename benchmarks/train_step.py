@@ -88,7 +88,6 @@ def compose(overrides: list[str], command: str = "train"):
     """The typed, validated config these overrides give `command` (as the CLI composes it)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
 
     from dphrl import config
     from dphrl.cli import COMMANDS, CONF_DIR
@@ -96,8 +95,7 @@ def compose(overrides: list[str], command: str = "train"):
     config.register()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = hydra_compose(config_name=COMMANDS[command][0], overrides=overrides)
-    config.validate(cfg)
-    return OmegaConf.to_object(cfg)
+    return config.typed(cfg)
 
 
 def overrides(sizes: dict, folder: str, divergence: str) -> list[str]:

