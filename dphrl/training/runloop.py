@@ -40,7 +40,7 @@ class Steps(Protocol):
     metrics: MetricsLogger
     timer: Timer
     step_num: int
-    entropy_coef: float  # algo.entropy_target's coefficient, which follows the entropy
+    entropy_coef: float  # algo.entropy.target's coefficient, which follows the entropy
     peft: Any  # the PeftModel under LoRA, else None
 
     def step(self) -> dict[str, float]: ...
