@@ -5,6 +5,10 @@ declared, checked and composed as `engine.vllm` / `engine.hf` are: a dataclass f
 default factory, its bounds next to each key, its rules in its own `check`. The keys every
 variant reads (group size, sampling, clip range, epochs, aggregation, the loss and advantage
 choices) stay flat.
+
+`RENAMED_KEYS` maps the flat keys of before (`algo.clip_cov_ratio`) to their place in a group
+(`algo.clip_cov.ratio`): `dphrl.config` refuses an old key wherever a user writes it, naming
+the new one, and a checkpoint's recorded settings are read through the same table.
 """
 
 from __future__ import annotations
@@ -180,3 +184,33 @@ class AlgoConfig:
                 f"algo.passk_k={a.passk_k} is out of range: it must be in "
                 f"[1, algo.group_size={a.group_size}]"
             )
+
+
+# The flat keys of before -> their key in a group.
+RENAMED_KEYS = {
+    "algo.clip_cov_ratio": "algo.clip_cov.ratio",
+    "algo.clip_cov_low": "algo.clip_cov.low",
+    "algo.clip_cov_high": "algo.clip_cov.high",
+    "algo.kl_cov_ratio": "algo.kl_cov.ratio",
+    "algo.kl_cov_coef": "algo.kl_cov.coef",
+    "algo.dppo_delta_low": "algo.dppo.delta_low",
+    "algo.dppo_delta_high": "algo.dppo.delta_high",
+    "algo.dppo_ratio_cap": "algo.dppo.ratio_cap",
+    "algo.cispo_low": "algo.cispo.low",
+    "algo.cispo_high": "algo.cispo.high",
+    "algo.entropy_target": "algo.entropy.target",
+    "algo.entropy_coef_init": "algo.entropy.coef_init",
+    "algo.entropy_coef_step": "algo.entropy.coef_step",
+    "algo.entropy_coef_max": "algo.entropy.coef_max",
+    "algo.rollout_correction": "algo.rollout_correction.name",
+    "algo.rollout_correction_low": "algo.rollout_correction.low",
+    "algo.rollout_correction_high": "algo.rollout_correction.high",
+    "algo.overlong_filter": "algo.overlong.filter",
+    "algo.overlong_buffer": "algo.overlong.buffer",
+    "algo.overlong_penalty": "algo.overlong.penalty",
+}
+
+
+def renamed(key: str) -> ConfigError:
+    """The error for an old key: what it is called now."""
+    return ConfigError(f"{key} was renamed: use {RENAMED_KEYS[key]}")

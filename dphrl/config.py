@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, get_type_hints
 
 from dphrl import hfdatasets
-from dphrl.algo_config import AlgoConfig
+from dphrl.algo_config import RENAMED_KEYS, AlgoConfig, renamed
 from dphrl.config_fields import bounded, check_bounds, choices
 from dphrl.engine.names import ENGINES
 from dphrl.errors import ConfigError
@@ -382,12 +382,31 @@ def pick(key: str, table: dict[str, Any]) -> Any:
 
 def register() -> None:
     """Store the schema under the name the YAML defaults lists refer to, and the resolver
-    `dphrl.pick` the presets use."""
+    `dphrl.pick` the presets use.
+
+    The `algo` section is stored open (not struct), its groups closed: a key it lacks, such as
+    a flat key of before (`algo.clip_cov_ratio`) in a user's YAML file, then composes instead of
+    failing inside Hydra with no hint, and `validate` refuses it naming the key to use."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    ConfigStore.instance().store(name="dphrl_schema", node=DphrlConfig)
+    schema = OmegaConf.structured(DphrlConfig)
+    OmegaConf.set_struct(schema.algo, False)
+    for name, kind in get_type_hints(AlgoConfig).items():
+        if is_dataclass(kind):
+            OmegaConf.set_struct(schema.algo[name], True)
+    ConfigStore.instance().store(name="dphrl_schema", node=schema)
     OmegaConf.register_new_resolver("dphrl.pick", pick, replace=True)
+
+
+def check_overrides(args: list[str]) -> None:
+    """Refuse a renamed key on the command line (`algo.clip_cov_ratio=1e-3`, `++algo.x=`,
+    `~algo.x`) before Hydra composes: `algo.rollout_correction=tis` would otherwise fail as a
+    type error of the group now at that key, without naming `algo.rollout_correction.name`."""
+    for arg in args:
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key in RENAMED_KEYS and not value.startswith("{"):  # `{...}`: a whole group
+            raise renamed(key)
 
 
 def validate(cfg: DphrlConfig) -> None:
@@ -403,6 +422,13 @@ def validate(cfg: DphrlConfig) -> None:
 
 def _validate_section(section: Any, schema: type, prefix: str) -> None:
     hints = get_type_hints(schema)
+    names = [f.name for f in fields(schema)]
+    given = section.keys() if hasattr(section, "keys") else names  # a DictConfig as composed
+    for extra in [k for k in given if k not in names]:
+        key = prefix + str(extra)  # only the open `algo` section can hold one (`register`)
+        if key in RENAMED_KEYS:
+            raise renamed(key)
+        raise ConfigError(f"{key} is not a config key; {prefix[:-1]} has: {', '.join(names)}")
     for f in fields(schema):
         value, key = getattr(section, f.name), prefix + f.name
         if is_dataclass(hints[f.name]):

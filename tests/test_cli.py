@@ -135,3 +135,16 @@ def test_nested_algo_key_composes_through_the_cli():
     out = dphrl("train", "--cfg", "job", "algo.loss=cispo", "algo.cispo.high=3")
     assert out.returncode == 0, out.stderr
     assert yaml.safe_load(out.stdout)["algo"]["cispo"] == {"low": 1.0, "high": 3.0}
+
+
+@pytest.mark.parametrize(
+    "arg,new",
+    [
+        ("algo.clip_cov_ratio=1e-3", "algo.clip_cov.ratio"),
+        ("++algo.rollout_correction=tis", "algo.rollout_correction.name"),
+    ],
+)
+def test_renamed_key_on_the_command_line_names_the_new_one(arg, new):
+    out = dphrl("train", "--cfg", "job", arg)  # --cfg job: nothing runs even if it composed
+    assert out.returncode == 2
+    assert f"{arg.lstrip('+').split('=')[0]} was renamed: use {new}" in out.stderr

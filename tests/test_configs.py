@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from dphrl import config as C
-from dphrl.algo_config import AlgoName
+from dphrl.algo_config import RENAMED_KEYS, AlgoName
 from dphrl.cli import COMMANDS, CONF_DIR
 from dphrl.errors import ConfigError
 
@@ -142,3 +142,49 @@ def test_variant_keys_compose_into_their_groups():
     cfg = OmegaConf.to_object(_compose("train", ["algo.clip_cov.ratio=0.01", "algo=dapo_ds"]))
     assert cfg.algo.clip_cov.ratio == 0.01 and cfg.algo.clip_cov.high == 5.0
     assert cfg.algo.overlong.filter is True and cfg.algo.rollout_correction.name == "none"
+
+
+# The group key itself: `algo.rollout_correction=tis` is refused by check_overrides before
+# Hydra, whose type error for it would not name algo.rollout_correction.name.
+_OVERRIDABLE = sorted(set(RENAMED_KEYS) - {"algo.rollout_correction"})
+
+
+@pytest.mark.parametrize("old", _OVERRIDABLE)
+@pytest.mark.parametrize("plus", ["", "++"])
+def test_a_renamed_key_on_the_command_line_names_its_new_key(old, plus):
+    message = f"{old} was renamed: use {RENAMED_KEYS[old]}"
+    with pytest.raises(ConfigError, match=message):
+        C.check_overrides([f"{plus}{old}=1"])
+    cfg = _compose("train", [f"{plus}{old}=1"])  # what Hydra alone lets through
+    with pytest.raises(ConfigError, match=message):
+        C.validate(cfg)
+
+
+@pytest.mark.parametrize("arg", ["algo.rollout_correction=tis", "+algo.rollout_correction=tis"])
+def test_the_old_rollout_correction_key_names_the_groups_name(arg):
+    with pytest.raises(ConfigError, match="use algo.rollout_correction.name"):
+        C.check_overrides([arg])
+
+
+def test_new_keys_and_whole_groups_pass_the_override_check():
+    C.check_overrides(
+        ["algo.rollout_correction.name=tis", "algo.rollout_correction={name: tis}", "seed=1"]
+    )
+
+
+def test_a_renamed_key_in_a_users_yaml_file_names_its_new_key(tmp_path):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "old.yaml").write_text(
+        "# @package _global_\nalgo:\n  loss: clip_cov\n  clip_cov_ratio: 0.001\n"
+    )
+    cfg = _compose("train", [f"hydra.searchpath=[file://{tmp_path}]", "+experiment=old"])
+    with pytest.raises(
+        ConfigError, match="algo.clip_cov_ratio was renamed: use algo.clip_cov.ratio"
+    ):
+        C.validate(cfg)
+
+
+def test_an_unknown_algo_key_is_refused_naming_the_known_ones():
+    cfg = _compose("train", ["algo.clip_cov_rate=1"])
+    with pytest.raises(ConfigError, match="algo.clip_cov_rate is not a config key; algo has: name"):
+        C.validate(cfg)
