@@ -138,6 +138,12 @@ def test_layout_keeps_no_process_counts():
     assert not {"nproc_per_node", "nnodes"} & {f for f in C.LayoutConfig.__dataclass_fields__}
 
 
+def test_lora_under_fsdp_is_refused_by_validation_before_any_model_loads():
+    cfg = _compose("train", ["layout=gpu8", "model.lora.r=8"])
+    with pytest.raises(ConfigError, match="model.lora.r=8 with layout=gpu8"):
+        C.validate(cfg)
+
+
 def test_variant_keys_compose_into_their_groups():
     cfg = OmegaConf.to_object(_compose("train", ["algo.clip_cov.ratio=0.01", "algo=dapo_ds"]))
     assert cfg.algo.clip_cov.ratio == 0.01 and cfg.algo.clip_cov.high == 5.0
