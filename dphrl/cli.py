@@ -102,8 +102,13 @@ def run_command(command: str, args: list[str]) -> None:
     """Run one subcommand as a Hydra app with `args` as its command line."""
     import hydra
 
-    from dphrl.config import register
+    from dphrl.config import check_overrides, register
+    from dphrl.errors import ConfigError
 
+    try:
+        check_overrides(args)
+    except ConfigError as err:
+        _fail(command, err)
     register()
     config_name = COMMANDS[command][0]
     if {"--cfg", "-c"} & set(args) and "--resolve" not in args:

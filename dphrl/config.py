@@ -14,76 +14,34 @@ answer in about a second.
 
 from __future__ import annotations
 
-import operator
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
-from enum import StrEnum
 from typing import Any, get_type_hints
 
 from dphrl import hfdatasets
+from dphrl.algo_config import RENAMED_KEYS, AlgoConfig, renamed
+from dphrl.config_fields import bounded, check_bounds, choices
 from dphrl.engine.names import ENGINES
 from dphrl.errors import ConfigError
 from dphrl.tasks.names import TASKS
 
-
-def _choices(name: str, values: tuple[str, ...]) -> type[StrEnum]:
-    """A closed set of config values. Member names equal their values (`token-mean` too), so a
-    member compares, hashes and prints as its string, and YAML spells it as it reads."""
-    return StrEnum(name, {v: v for v in values})
-
-
-# Closed sets. The registries keyed by these names (`dphrl.rl.divergence.DIVERGENCES`,
-# `dphrl.rl.aggregation.AGGREGATIONS`, `dphrl.rl.policy_loss.POLICY_LOSSES`, ...) import torch, which
+# Closed sets of the sections here (the `algo` section's are in dphrl.algo_config). The
+# registries keyed by these names (`dphrl.rl.divergence.DIVERGENCES`, ...) import torch, which
 # validation must not; tests check that each registry and its set agree.
-DivergenceName = _choices(
+DivergenceName = choices(
     "DivergenceName",
     ("forward_kl", "js", "js_full", "alpha", "forward_kl_topk", "reverse_kl", "none"),
 )
-Estimator = _choices("Estimator", ("k1", "k2", "k3"))
-DType = _choices("DType", ("float32", "bfloat16", "float16"))
+Estimator = choices("Estimator", ("k1", "k2", "k3"))
+DType = choices("DType", ("float32", "bfloat16", "float16"))
 # `auto`: the fast dtype on this machine, settled before any work (dphrl.precision)
-DTypeAuto = _choices("DTypeAuto", ("auto", "float32", "bfloat16", "float16"))
-LayoutName = _choices("LayoutName", ("auto", "cpu", "gpu1", "gpu8", "multinode"))
-Device = _choices("Device", ("auto", "cpu", "cuda"))
-Backend = _choices("Backend", ("auto", "gloo", "nccl"))
-AlgoName = _choices("AlgoName", ("grpo", "dapo", "dapo_ds", "gspo", "dr_grpo"))
-PolicyLossName = _choices(
-    "PolicyLossName", ("ppo_clip", "gspo", "clip_cov", "kl_cov", "dppo_tv", "dppo_kl", "cispo")
-)
-AdvantageName = _choices("AdvantageName", ("grpo", "passk", "maxrl"))
-RolloutCorrection = _choices("RolloutCorrection", ("none", "tis", "mis_token", "mis_seq"))
-LossAgg = _choices(
-    "LossAgg",
-    ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
-)
-Schedule = _choices("Schedule", ("constant", "linear", "cosine"))
-RefKeep = _choices("RefKeep", ("correct", "all"))
-CmpMethod = _choices("CmpMethod", ("bird", "spider"))
-
-POLICY_LOSS_NAMES = tuple(PolicyLossName)
-ADVANTAGE_NAMES = tuple(AdvantageName)
-ROLLOUT_CORRECTION_NAMES = tuple(RolloutCorrection)
-
-_SIGNS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
-_TESTS = {"ge": operator.ge, "gt": operator.gt, "le": operator.le, "lt": operator.lt}
-
-
-def bounded(default: Any = None, *, factory: Any = None, **limits: float) -> Any:
-    """A field whose value (each element, for a list) `validate` keeps within `limits`:
-    `ge`, `gt`, `le`, `lt`; None always passes. `factory` gives a mutable default."""
-    if factory is not None:
-        return field(default_factory=factory, metadata=limits)
-    return field(default=default, metadata=limits)
-
-
-def _check_bounds(key: str, value: Any, limits: dict[str, float]) -> None:
-    many = not isinstance(value, str) and hasattr(value, "__iter__")  # a list (or ListConfig)
-    for v in list(value) if many else [value]:
-        if v is not None and not all(_TESTS[op](v, limit) for op, limit in limits.items()):
-            rule = " and ".join(f"{_SIGNS[op]} {limit}" for op, limit in limits.items())
-            shown = list(value) if many else value
-            subject = "each value" if many else "it"
-            raise ConfigError(f"{key}={shown} is out of range: {subject} must be {rule}")
+DTypeAuto = choices("DTypeAuto", ("auto", "float32", "bfloat16", "float16"))
+LayoutName = choices("LayoutName", ("auto", "cpu", "gpu1", "gpu8", "multinode"))
+Device = choices("Device", ("auto", "cpu", "cuda"))
+Backend = choices("Backend", ("auto", "gloo", "nccl"))
+Schedule = choices("Schedule", ("constant", "linear", "cosine"))
+RefKeep = choices("RefKeep", ("correct", "all"))
+CmpMethod = choices("CmpMethod", ("bird", "spider"))
 
 
 def _exists(key: str, value: str | None) -> None:
@@ -278,93 +236,6 @@ class LayoutConfig:
 
 
 @dataclass
-class AlgoConfig:
-    """The RL part on D_exp: GRPO group advantages with PPO-clip, or its variants."""
-
-    name: AlgoName = AlgoName.grpo
-    group_size: int = bounded(8, ge=2)
-    prompts_per_step: int = bounded(4, ge=1)
-    temperature: float = bounded(1.0, gt=0.0)
-    top_p: float = bounded(1.0, ge=0.0, le=1.0)
-    norm_std: bool = True
-    clip_low: float = bounded(0.2, ge=0.0, le=1.0)
-    clip_high: float = bounded(0.2, ge=0.0)
-    ppo_epochs: int = bounded(1, ge=1)
-    # Rollouts per Adam update, counted over all ranks (each rank takes its 1/world share), so
-    # a step makes ceil(rollouts / minibatch_size) updates on 1 GPU and on 8; 0 = one update.
-    minibatch_size: int = bounded(0, ge=0)
-    loss_agg: LossAgg = LossAgg["token-mean"]  # seq-mean-token-sum-norm: Dr. GRPO's
-    # loss=ppo_clip: dual-clip's c (A < 0 losses capped at -c A) and the |log ratio| clamp
-    # before exp; None is off. The official code uses 3 and 20 (on in the paper presets).
-    dual_clip: float | None = bounded(None, gt=1.0)
-    clamp_log_ratio: float | None = bounded(None, gt=0.0)
-    dynamic_sampling: bool = False
-    max_refill_rounds: int = bounded(4, ge=0)
-    overlong_filter: bool = False
-    # DAPO's soft overlong penalty: the last `overlong_buffer` tokens before model.max_new_tokens
-    # cost up to `overlong_penalty` reward, linearly (dphrl.rl.filters.soft_overlong_penalty); 0 = off.
-    overlong_buffer: int = bounded(0, ge=0)
-    overlong_penalty: float = bounded(1.0, ge=0.0)
-    # The policy loss and the advantage (dphrl.rl.policy_loss.POLICY_LOSSES / ADVANTAGES).
-    loss: PolicyLossName = PolicyLossName.ppo_clip
-    advantage: AdvantageName = AdvantageName.grpo
-    passk_k: int = 4  # advantage=passk: the k of pass@k, in [1, group_size]
-    clip_cov_ratio: float = bounded(2e-4, ge=0.0, le=1.0)  # loss=clip_cov: share of tokens cut
-    clip_cov_low: float = 1.0  # loss=clip_cov: the Cov band [low, high] they are drawn from
-    clip_cov_high: float = 5.0
-    kl_cov_ratio: float = bounded(2e-3, ge=0.0, le=1.0)  # loss=kl_cov: share penalised
-    kl_cov_coef: float = bounded(1.0, ge=0.0)  # loss=kl_cov: weight of |logp - old logp|
-    # loss=dppo_tv / dppo_kl: the divergence thresholds for A <= 0 / A > 0 (None: the paper's,
-    # 0.2 for TV, 0.05 for KL) and the cap C of the importance weight min(rho, C).
-    dppo_delta_low: float | None = bounded(None, gt=0.0)
-    dppo_delta_high: float | None = bounded(None, gt=0.0)
-    dppo_ratio_cap: float = bounded(20.0, gt=0.0)
-    # loss=cispo: the importance weight is clipped to [1 - cispo_low, 1 + cispo_high]
-    cispo_low: float = bounded(1.0, ge=0.0, le=1.0)
-    cispo_high: float = bounded(5.0, ge=0.0)
-    # Adaptive entropy regularisation (dphrl.rl.entropy): - coef * entropy of the rollouts' token
-    # distributions joins the loss; after each step coef moves by entropy_coef_step towards
-    # keeping the entropy at entropy_target (up when below it, down when above), within
-    # [0, entropy_coef_max]. entropy_target null (default) is off.
-    entropy_target: float | None = bounded(None, gt=0.0)
-    entropy_coef_init: float = bounded(0.0, ge=0.0)
-    entropy_coef_step: float = bounded(0.005, ge=0.0)
-    entropy_coef_max: float = bounded(0.05, ge=0.0)
-    # Engine vs trainer log-prob mismatch (dphrl.rl.mismatch.ROLLOUT_CORRECTIONS).
-    rollout_correction: RolloutCorrection = RolloutCorrection.none
-    rollout_correction_low: float = bounded(0.5, ge=0.0)  # mis_*: lowest ratio kept
-    rollout_correction_high: float = 2.0  # tis: the cap C; mis_*: highest ratio kept
-
-    @staticmethod
-    def check(a: AlgoConfig) -> None:
-        if a.advantage == "passk" and not 1 <= a.passk_k <= a.group_size:
-            raise ConfigError(
-                f"algo.passk_k={a.passk_k} is out of range: it must be in "
-                f"[1, algo.group_size={a.group_size}]"
-            )
-        if a.overlong_buffer and a.overlong_filter:
-            raise ConfigError(
-                f"algo.overlong_buffer={a.overlong_buffer} with algo.overlong_filter=true: the "
-                "filter drops the responses the penalty is for; choose one"
-            )
-        if a.clip_cov_low > a.clip_cov_high:
-            raise ConfigError(
-                f"algo.clip_cov_low={a.clip_cov_low} > algo.clip_cov_high={a.clip_cov_high}: "
-                "the Cov band is empty"
-            )
-        if a.entropy_coef_init > a.entropy_coef_max:
-            raise ConfigError(
-                f"algo.entropy_coef_init={a.entropy_coef_init} > algo.entropy_coef_max="
-                f"{a.entropy_coef_max}: the coefficient starts outside its range"
-            )
-        if a.rollout_correction_high <= max(a.rollout_correction_low, 0.0):
-            raise ConfigError(
-                f"algo.rollout_correction_high={a.rollout_correction_high} must be > "
-                f"algo.rollout_correction_low={a.rollout_correction_low} and > 0"
-            )
-
-
-@dataclass
 class TrainerConfig:
     """The optimisation loop, checkpoints and resume."""
 
@@ -522,12 +393,31 @@ def pick(key: str, table: dict[str, Any]) -> Any:
 
 def register() -> None:
     """Store the schema under the name the YAML defaults lists refer to, and the resolver
-    `dphrl.pick` the presets use."""
+    `dphrl.pick` the presets use.
+
+    The `algo` section is stored open (not struct), its groups closed: a key it lacks, such as
+    a flat key of before (`algo.clip_cov_ratio`) in a user's YAML file, then composes instead of
+    failing inside Hydra with no hint, and `validate` refuses it naming the key to use."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    ConfigStore.instance().store(name="dphrl_schema", node=DphrlConfig)
+    schema = OmegaConf.structured(DphrlConfig)
+    OmegaConf.set_struct(schema.algo, False)
+    for name, kind in get_type_hints(AlgoConfig).items():
+        if is_dataclass(kind):
+            OmegaConf.set_struct(schema.algo[name], True)
+    ConfigStore.instance().store(name="dphrl_schema", node=schema)
     OmegaConf.register_new_resolver("dphrl.pick", pick, replace=True)
+
+
+def check_overrides(args: list[str]) -> None:
+    """Refuse a renamed key on the command line (`algo.clip_cov_ratio=1e-3`, `++algo.x=`,
+    `~algo.x`) before Hydra composes: `algo.rollout_correction=tis` would otherwise fail as a
+    type error of the group now at that key, without naming `algo.rollout_correction.name`."""
+    for arg in args:
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key in RENAMED_KEYS and not value.startswith("{"):  # `{...}`: a whole group
+            raise renamed(key)
 
 
 def validate(cfg: DphrlConfig) -> None:
@@ -555,12 +445,19 @@ def typed(cfg: Any) -> DphrlConfig:
 
 def _validate_section(section: Any, schema: type, prefix: str) -> None:
     hints = get_type_hints(schema)
+    names = [f.name for f in fields(schema)]
+    given = section.keys() if hasattr(section, "keys") else names  # a DictConfig as composed
+    for extra in [k for k in given if k not in names]:
+        key = prefix + str(extra)  # only the open `algo` section can hold one (`register`)
+        if key in RENAMED_KEYS:
+            raise renamed(key)
+        raise ConfigError(f"{key} is not a config key; {prefix[:-1]} has: {', '.join(names)}")
     for f in fields(schema):
         value, key = getattr(section, f.name), prefix + f.name
         if is_dataclass(hints[f.name]):
             _validate_section(value, hints[f.name], key + ".")
         elif f.metadata:
-            _check_bounds(key, value, dict(f.metadata))
+            check_bounds(key, value, dict(f.metadata))
     check = getattr(schema, "check", None)
     if check is not None:
         check(section)

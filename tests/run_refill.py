@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import torch.distributed as tdist
 
 from dphrl import dist
-from dphrl.config import AlgoConfig
+from dphrl.algo_config import AlgoConfig
 from dphrl.tasks import Verdict
 from dphrl.training import trainer
 from dphrl.training.sampler import EpochSampler

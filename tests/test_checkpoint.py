@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from dphrl.errors import DphrlError
+from dphrl.errors import ConfigError, DphrlError
 from dphrl.training.checkpoint import (
     MARKER,
+    check_resume,
     checkpoint_dir,
     latest_checkpoint,
     list_checkpoints,
@@ -101,6 +102,17 @@ def test_resumed_training_matches_uninterrupted(tiny_model, tmp_path):
     _train(model, optimizer, scheduler, 2)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
+
+
+def test_a_checkpoint_with_flat_algo_keys_resumes_under_their_grouped_names(tiny_model, tmp_path):
+    """Checkpoints saved before the algo groups record `algo.clip_cov_ratio`; a resume compares
+    it with `algo.clip_cov.ratio`, so an equal value resumes and a changed one is refused."""
+    old = {"algo.clip_cov_ratio": 0.0002, "algo.rollout_correction": "none"}
+    save_checkpoint(tmp_path, 1, tiny_model, None, None, {"step": 1, "settings": old}, keep=1)
+    new = {"algo.clip_cov.ratio": 0.0002, "algo.rollout_correction.name": "none"}
+    assert check_resume(tmp_path, True, new) == checkpoint_dir(tmp_path, 1)
+    with pytest.raises(ConfigError, match="algo.rollout_correction.name: checkpoint has 'none'"):
+        check_resume(tmp_path, True, {**new, "algo.rollout_correction.name": "tis"})
 
 
 def test_keep_last_n(tiny_model, tmp_path):

@@ -53,6 +53,7 @@ def test_cfg_job_prints_the_composed_config():
     cfg = yaml.safe_load(out.stdout)
     assert cfg["divergence"]["name"] == "forward_kl"
     assert cfg["algo"]["clip_high"] == 0.28 and cfg["algo"]["dynamic_sampling"] is True
+    assert cfg["algo"]["overlong"]["filter"] is True
     assert cfg["seed"] == 3
 
 
@@ -128,3 +129,22 @@ def test_torchrun_ranks_share_one_run_folder_and_keep_their_own_logs():
         "hydra.job_logging.handlers.file.filename="
         "${hydra.runtime.output_dir}/${hydra.job.name}_rank3.log"
     ]
+
+
+def test_nested_algo_key_composes_through_the_cli():
+    out = dphrl("train", "--cfg", "job", "algo.loss=cispo", "algo.cispo.high=3")
+    assert out.returncode == 0, out.stderr
+    assert yaml.safe_load(out.stdout)["algo"]["cispo"] == {"low": 1.0, "high": 3.0}
+
+
+@pytest.mark.parametrize(
+    "arg,new",
+    [
+        ("algo.clip_cov_ratio=1e-3", "algo.clip_cov.ratio"),
+        ("++algo.rollout_correction=tis", "algo.rollout_correction.name"),
+    ],
+)
+def test_renamed_key_on_the_command_line_names_the_new_one(arg, new):
+    out = dphrl("train", "--cfg", "job", arg)  # --cfg job: nothing runs even if it composed
+    assert out.returncode == 2
+    assert f"{arg.lstrip('+').split('=')[0]} was renamed: use {new}" in out.stderr

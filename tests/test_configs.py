@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from dphrl import config as C
+from dphrl.algo_config import RENAMED_KEYS, AlgoName
 from dphrl.cli import COMMANDS, CONF_DIR
 from dphrl.errors import ConfigError
 
@@ -53,7 +54,7 @@ def test_names_allowed_by_validation_match_the_config_files():
     assert set(_options("divergence")) == set(C.DivergenceName)
     assert set(_options("task")) <= set(TASKS)  # a registered task may be eval-only
     assert set(_options("layout")) == set(C.LayoutName)
-    assert set(_options("algo")) == set(C.AlgoName)
+    assert set(_options("algo")) == set(AlgoName)
     assert set(_options("engine")) == {"auto", *ENGINES}
 
 
@@ -101,10 +102,10 @@ def test_every_config_key_has_a_reader():
         ("engine.name=sglang", "engine.name='sglang' is not known; allowed: auto, vllm, hf"),
         ("engine.vllm.gpu_memory_utilization=0", "engine.vllm.gpu_memory_utilization=0.0"),
         ("algo.advantage=passk algo.passk_k=16", "algo.passk_k=16 is out of range"),
-        ("algo.rollout_correction_high=0.4", "algo.rollout_correction_high=0.4 must be >"),
+        ("algo.rollout_correction.high=0.4", "algo.rollout_correction.high=0.4 must be >"),
         ("divergence=forward_kl_topk ref.topk=0", "ref.topk=0 stores none; set ref.topk=8"),
-        ("algo.entropy_coef_init=0.1", "algo.entropy_coef_init=0.1 > algo.entropy_coef_max"),
-        ("algo.cispo_low=1.5", "algo.cispo_low=1.5 is out of range"),
+        ("algo.entropy.coef_init=0.1", "algo.entropy.coef_init=0.1 > algo.entropy.coef_max"),
+        ("algo.cispo.low=1.5", "algo.cispo.low=1.5 is out of range"),
     ],
 )
 def test_bad_values_raise_one_clear_error(override, message):
@@ -120,7 +121,7 @@ def test_bad_values_raise_one_clear_error(override, message):
         ("ref.keep=best", "Invalid value 'best', expected one of [correct, all]"),
         ("divergence.name=kl", "Invalid value 'kl'"),
         ("algo.loss=ppo", "Invalid value 'ppo', expected one of [ppo_clip,"),
-        ("algo.rollout_correction=is", "Invalid value 'is'"),
+        ("algo.rollout_correction.name=is", "Invalid value 'is'"),
         ("engine.dtype=fp8", "Invalid value 'fp8'"),
     ],
 )
@@ -135,3 +136,61 @@ def test_closed_sets_are_checked_as_the_config_composes(override, message):
 def test_layout_keeps_no_process_counts():
     """torchrun decides the process count; the layout has no key that nothing would read."""
     assert not {"nproc_per_node", "nnodes"} & {f for f in C.LayoutConfig.__dataclass_fields__}
+
+
+def test_lora_under_fsdp_is_refused_by_validation_before_any_model_loads():
+    cfg = _compose("train", ["layout=gpu8", "model.lora.r=8"])
+    with pytest.raises(ConfigError, match="model.lora.r=8 with layout=gpu8"):
+        C.validate(cfg)
+
+
+def test_variant_keys_compose_into_their_groups():
+    cfg = OmegaConf.to_object(_compose("train", ["algo.clip_cov.ratio=0.01", "algo=dapo_ds"]))
+    assert cfg.algo.clip_cov.ratio == 0.01 and cfg.algo.clip_cov.high == 5.0
+    assert cfg.algo.overlong.filter is True and cfg.algo.rollout_correction.name == "none"
+
+
+# The group key itself: `algo.rollout_correction=tis` is refused by check_overrides before
+# Hydra, whose type error for it would not name algo.rollout_correction.name.
+_OVERRIDABLE = sorted(set(RENAMED_KEYS) - {"algo.rollout_correction"})
+
+
+@pytest.mark.parametrize("old", _OVERRIDABLE)
+@pytest.mark.parametrize("plus", ["", "++"])
+def test_a_renamed_key_on_the_command_line_names_its_new_key(old, plus):
+    message = f"{old} was renamed: use {RENAMED_KEYS[old]}"
+    with pytest.raises(ConfigError, match=message):
+        C.check_overrides([f"{plus}{old}=1"])
+    cfg = _compose("train", [f"{plus}{old}=1"])  # what Hydra alone lets through
+    with pytest.raises(ConfigError, match=message):
+        C.validate(cfg)
+
+
+@pytest.mark.parametrize("arg", ["algo.rollout_correction=tis", "+algo.rollout_correction=tis"])
+def test_the_old_rollout_correction_key_names_the_groups_name(arg):
+    with pytest.raises(ConfigError, match="use algo.rollout_correction.name"):
+        C.check_overrides([arg])
+
+
+def test_new_keys_and_whole_groups_pass_the_override_check():
+    C.check_overrides(
+        ["algo.rollout_correction.name=tis", "algo.rollout_correction={name: tis}", "seed=1"]
+    )
+
+
+def test_a_renamed_key_in_a_users_yaml_file_names_its_new_key(tmp_path):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "old.yaml").write_text(
+        "# @package _global_\nalgo:\n  loss: clip_cov\n  clip_cov_ratio: 0.001\n"
+    )
+    cfg = _compose("train", [f"hydra.searchpath=[file://{tmp_path}]", "+experiment=old"])
+    with pytest.raises(
+        ConfigError, match="algo.clip_cov_ratio was renamed: use algo.clip_cov.ratio"
+    ):
+        C.validate(cfg)
+
+
+def test_an_unknown_algo_key_is_refused_naming_the_known_ones():
+    cfg = _compose("train", ["algo.clip_cov_rate=1"])
+    with pytest.raises(ConfigError, match="algo.clip_cov_rate is not a config key; algo has: name"):
+        C.validate(cfg)

@@ -87,7 +87,7 @@ def test_unknown_correction_names_the_known_ones():
 
 
 def test_config_names_match_the_registry():
-    from dphrl.config import ROLLOUT_CORRECTION_NAMES
+    from dphrl.algo_config import ROLLOUT_CORRECTION_NAMES
 
     assert tuple(mm.ROLLOUT_CORRECTIONS) == ROLLOUT_CORRECTION_NAMES
 

@@ -142,8 +142,23 @@ def test_registries_build_each_loss_and_advantage():
         rl_policy_loss.make_policy_loss("ppo", clip_low=0.2, clip_high=0.2)
 
 
+def test_policy_loss_for_binds_the_options_of_the_chosen_losss_group():
+    from dphrl.algo_config import AlgoConfig, CispoConfig, ClipCovConfig
+
+    fn = rl_policy_loss.policy_loss_for(
+        AlgoConfig(loss="clip_cov", clip_cov=ClipCovConfig(0.1, 0.5, 2.0))
+    )
+    assert (fn.keywords["ratio"], fn.keywords["cov_low"], fn.keywords["cov_high"]) == (
+        0.1,
+        0.5,
+        2.0,
+    )
+    fn = rl_policy_loss.policy_loss_for(AlgoConfig(loss="cispo", cispo=CispoConfig(0.3, 0.4)))
+    assert (fn.keywords["weight_low"], fn.keywords["weight_high"]) == (0.3, 0.4)
+
+
 def test_config_names_match_the_registries():
-    from dphrl.config import ADVANTAGE_NAMES, POLICY_LOSS_NAMES
+    from dphrl.algo_config import ADVANTAGE_NAMES, POLICY_LOSS_NAMES
 
     assert tuple(rl_policy_loss.POLICY_LOSSES) == POLICY_LOSS_NAMES
     assert tuple(rl_advantages.ADVANTAGES) == ADVANTAGE_NAMES

@@ -9,7 +9,7 @@ from functools import partial
 import pytest
 import torch
 
-from dphrl.config import LossAgg
+from dphrl.algo_config import LossAgg
 from dphrl.rl import advantages as rl_advantages
 from dphrl.rl import aggregation as rl_aggregation
 from dphrl.rl import filters as rl_filters

@@ -88,7 +88,7 @@ def _weights(path: Path):
         ["divergence=reverse_kl"],
         ["divergence=none"],
         # every tiny-model response hits max_new_tokens, so overlong filtering would mask them all
-        ["divergence=js", "algo=dapo_ds", "algo.overlong_filter=false"],
+        ["divergence=js", "algo=dapo_ds", "algo.overlong.filter=false"],
         # several PPO passes: old log-probs come from their own forward before the first update
         ["divergence=js", "algo.ppo_epochs=2", "algo.minibatch_size=4"],
     ],
@@ -350,7 +350,7 @@ def test_zero_advantage_rows_skip_the_forward_and_the_update_is_unchanged(
     [
         ["divergence=forward_kl", "algo.loss=dppo_tv"],
         ["divergence=alpha", "algo.loss=dppo_kl", "algo.advantage=maxrl"],
-        ["divergence=js", "algo.loss=cispo", "algo.entropy_target=100", "trainer.max_steps=2"],
+        ["divergence=js", "algo.loss=cispo", "algo.entropy.target=100", "trainer.max_steps=2"],
     ],
     ids=lambda o: "+".join(o),
 )
@@ -368,7 +368,7 @@ def test_the_2026_objectives_train_with_a_divergence(overrides, data_dir, tiny_m
     assert first["ref_logratio_token"] == pytest.approx(0.0, abs=1e-5)
     assert first["ref_logratio_seq"] == pytest.approx(0.0, abs=1e-4)
     assert first["ref_forgot_frac"] == 0.0
-    if "algo.entropy_target=100" in overrides:
+    if "algo.entropy.target=100" in overrides:
         assert [m["entropy_coef"] for m in metrics] == pytest.approx([0.0, 0.005])
         assert first["policy_entropy"] > 0
 

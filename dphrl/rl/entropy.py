@@ -1,5 +1,5 @@
 """Adaptive entropy regularisation: a bonus on the policy's token entropy whose coefficient
-follows a target entropy (`algo.entropy_target`).
+follows a target entropy (`algo.entropy.target`).
 
 RL from verifiable rewards sharpens the policy until its token entropy collapses and
 exploration stops. A fixed entropy bonus is brittle (too small does nothing, too large blows

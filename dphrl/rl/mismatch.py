@@ -96,7 +96,7 @@ def mis_seq(log_w: Tensor, mask: Tensor, low: float, high: float) -> tuple[Tenso
 
 Correction = Callable[[Tensor, Tensor, float, float], tuple[Tensor, Tensor]]
 
-# `algo.rollout_correction` -> (log w `# (N, T)`, mask `# (N, T)`, low, high) -> (weights, mask).
+# `algo.rollout_correction.name` -> (log w `# (N, T)`, mask `# (N, T)`, low, high) -> (weights, mask).
 ROLLOUT_CORRECTIONS: dict[str, Correction] = {
     "none": no_correction,
     "tis": tis,

@@ -19,13 +19,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from dphrl.config import AlgoConfig
+    from dphrl.algo_config import AlgoConfig
 
 
 def ppo_clip_loss(
@@ -79,7 +80,7 @@ PolicyLoss = Callable[..., tuple[Tensor, Tensor]]
 
 
 if TYPE_CHECKING:
-    from dphrl.config import AlgoConfig
+    from dphrl.algo_config import AlgoConfig
 
 
 def gspo_loss(
@@ -362,7 +363,8 @@ def make_policy_loss(
     generator: torch.Generator | None = None,
 ) -> PolicyLoss:
     """The loss registered under `name` with its clip range and its own options bound; the
-    options are named as the `algo.*` keys, and each loss takes only its own."""
+    options are named as the `algo.*` keys (`clip_cov_ratio`: `algo.clip_cov.ratio`), and each
+    loss takes only its own."""
     if name not in POLICY_LOSSES:
         raise KeyError(f"unknown policy loss {name!r}; known: {', '.join(POLICY_LOSSES)}")
     dppo = {"delta_low": dppo_delta_low, "delta_high": dppo_delta_high, "ratio_cap": dppo_ratio_cap}
@@ -384,16 +386,17 @@ def make_policy_loss(
 
 
 def policy_loss_for(algo: AlgoConfig, generator: torch.Generator | None = None) -> PolicyLoss:
-    """`make_policy_loss` for `algo.loss` with its `algo.*` options (the keywords are named as
-    the keys); `generator` draws Clip-Cov's random token picks."""
-    options = {key: getattr(algo, key) for key in _LOSS_OPTIONS}
+    """`make_policy_loss` for `algo.loss` with its `algo.*` options (a keyword is its key with
+    the group's dot as `_`: `clip_cov_ratio` for `algo.clip_cov.ratio`); `generator` draws
+    Clip-Cov's random token picks."""
+    options = {key.replace(".", "_"): attrgetter(key)(algo) for key in _LOSS_OPTIONS}
     return make_policy_loss(algo.loss, generator=generator, **options)
 
 
 _LOSS_OPTIONS = (
-    "clip_low", "clip_high", "clip_cov_ratio", "clip_cov_low", "clip_cov_high",
-    "kl_cov_ratio", "kl_cov_coef", "dual_clip", "clamp_log_ratio",
-    "dppo_delta_low", "dppo_delta_high", "dppo_ratio_cap", "cispo_low", "cispo_high",
+    "clip_low", "clip_high", "dual_clip", "clamp_log_ratio",
+    "clip_cov.ratio", "clip_cov.low", "clip_cov.high", "kl_cov.ratio", "kl_cov.coef",
+    "dppo.delta_low", "dppo.delta_high", "dppo.ratio_cap", "cispo.low", "cispo.high",
 )  # fmt: skip
 
 

@@ -49,6 +49,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from dphrl import dist
+from dphrl.algo_config import RENAMED_KEYS
 from dphrl.config import DphrlConfig
 from dphrl.data import write_json
 from dphrl.errors import ConfigError, DphrlError
@@ -137,6 +138,8 @@ def check_resume(run_dir: str | os.PathLike, resume: bool, settings: dict[str, A
     saved = json.loads((found / "trainer_state.json").read_text()).get("settings")
     if saved is None:
         return found  # a checkpoint from before settings were recorded: nothing to compare
+    # a checkpoint from before the algo groups: its flat keys are compared under their new names
+    saved = {RENAMED_KEYS.get(k, k): v for k, v in saved.items()}
     diff = [  # keys one side lacks come from a schema change, not from the user
         f"{k}: checkpoint has {saved[k]!r}, config has {settings[k]!r}"
         for k in sorted(saved.keys() & settings.keys())

@@ -96,7 +96,7 @@ class Trainer:
         self.cov_generator = torch.Generator()
         self.policy_loss = policy_loss_for(a, self.cov_generator)  # clip range and options bound
         self.correction = make_correction(  # engine vs trainer log-probs (rl.mismatch)
-            a.rollout_correction, a.rollout_correction_low, a.rollout_correction_high
+            a.rollout_correction.name, a.rollout_correction.low, a.rollout_correction.high
         )
         self.ref_model = None  # under LoRA the reference is the policy with adapters disabled
         if self.policy_term is not None and self.peft is None:
@@ -114,7 +114,7 @@ class Trainer:
             else None
         )
         self.topk = self.div.name in TOPK_DIVERGENCES  # the rehearsal reads the stored top-k
-        self.entropy_coef = a.entropy_coef_init  # algo.entropy_target: follows it step by step
+        self.entropy_coef = a.entropy.coef_init  # algo.entropy.target: follows it step by step
         tr = cfg.trainer
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = make_optimizer(trainable, tr, layout.device)
@@ -166,17 +166,17 @@ class Trainer:
         with self.timer("weight_sync"):
             self.push_weights()  # weights woken, streamed in, then the KV cache
         peaks["mem_peak_weight_sync_gib"] = dist.peak_memory_gib(self.layout.device)
-        if self.algo.entropy_target is not None:  # ranks agree: the update reads the global mean
+        if self.algo.entropy.target is not None:  # ranks agree: the update reads the global mean
             stats["entropy_coef"] = self.entropy_coef
             self.entropy_coef = adaptive_entropy_coef(
                 self.entropy_coef,
                 dist.all_reduce_sum(
-                    [stats.get("policy_entropy", self.algo.entropy_target)], self.layout.device
+                    [stats.get("policy_entropy", self.algo.entropy.target)], self.layout.device
                 )[0]
                 / self.layout.world_size,
-                target=self.algo.entropy_target,
-                step=self.algo.entropy_coef_step,
-                max_coef=self.algo.entropy_coef_max,
+                target=self.algo.entropy.target,
+                step=self.algo.entropy.coef_step,
+                max_coef=self.algo.entropy.coef_max,
             )
         self.step_num += 1
         stats.update({k: v for k, v in peaks.items() if v is not None})  # on CUDA
@@ -227,11 +227,11 @@ class Trainer:
         if not r.scored:
             return torch.zeros(0)
         rewards, a = r.rewards, self.algo
-        if a.overlong_buffer:  # DAPO's soft overlong penalty
+        if a.overlong.buffer:  # DAPO's soft overlong penalty
             lengths = torch.tensor([len(s.completion.token_ids) for s in r.scored])
             max_len = self.cfg.model.max_new_tokens
             rewards = rewards + soft_overlong_penalty(
-                lengths, max_len, min(a.overlong_buffer, max_len), a.overlong_penalty
+                lengths, max_len, min(a.overlong.buffer, max_len), a.overlong.penalty
             )
         return self.advantage_fn(rewards, r.group_size)
 
@@ -248,7 +248,7 @@ class Trainer:
             [s.completion.logprobs for s in r.scored],
             self.tokenizer.pad_token_id,
         )
-        if self.algo.overlong_filter:
+        if self.algo.overlong.filter:
             finished = torch.tensor([s.completion.finish_reason != "length" for s in r.scored])
             rollouts.response_mask = overlong_filter(
                 rollouts.response_mask, finished, self.cfg.model.max_new_tokens
@@ -374,7 +374,7 @@ class Trainer:
         rank-average of the accumulated gradients equals the gradient of the global mean."""
         a, beta = self.algo, self.div.beta
         logp = store_logp = store_topk_logp = entropy = None
-        if mb.rollouts is not None and len(mb.rollouts) and a.entropy_target is not None:
+        if mb.rollouts is not None and len(mb.rollouts) and a.entropy.target is not None:
             logp, entropy = self.forward(
                 self.policy, mb.rollouts, a.temperature, grad=True, with_entropy=True
             )  # every row: the entropy bonus acts on zero-advantage rows too
