@@ -33,6 +33,8 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
         ["--prompts", "8", "--n", "4", "--max-new-tokens", "64", "--repeats", "2"],
         ["--prompts", "2", "--n", "2", "--max-new-tokens", "16"],
     ),
+    "roofline": ([], ["--quick"]),
+    "split_ranks": ([], ["--limit", "64"]),
     "pipeline": ([], ["--quick"]),
     "train_step": ([], ["--quick"]),
     "trl_step": ([], ["--quick"]),
