@@ -73,10 +73,12 @@ fi
 # 57 s against 95 s in float32, with the same greedy and pass@16 and pass@1 0.570 vs 0.568
 # (docs/results/bf16_32/RESULTS.md). The PPO ratio and the ref store's log-probs stay the
 # trainer's float32 forwards; the train logs' mismatch_* say how far the two are apart.
-# eval-passk (EVAL) is not given engine.dtype, so the table samples the float32 models in
-# float32, as every recorded table did; ENGINE_DTYPE does not reach it.
+# eval-passk (EVAL) is given engine.dtype=float32, so the table samples the float32 models in
+# float32, as every recorded table did; ENGINE_DTYPE does not reach it. The trainer computes in
+# float32 (model.autocast=null, not the CPU's `auto`), as every recorded row did.
 if grep -qwE 'amx_bf16|avx512_bf16' /proc/cpuinfo 2>/dev/null; then bf=bfloat16; else bf=float32; fi
-SIZE+=(trainer.save_every=4 engine.dtype=${ENGINE_DTYPE:-$bf})
+SIZE+=(trainer.save_every=4 engine.dtype=${ENGINE_DTYPE:-$bf} model.autocast=null)
+EVAL+=(engine.dtype=float32)
 # SMALL=0 drops these sizes, so the overrides given (a preset, trainer.max_steps...) size the run.
 [ "${SMALL:-1}" = 1 ] || { SIZE=(); EVAL=(); CUT=(); }
 
