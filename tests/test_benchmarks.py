@@ -41,3 +41,16 @@ def test_push_share_leaves_out_the_first_step():
         "push_s": 0.5,
         "share": 0.05,
     }
+
+
+def test_roofline_bound_by_hand():
+    from benchmarks.roofline import bound_seconds
+
+    shape = {"matmul_params": 100, "layers": 1, "heads": 1, "kv_heads": 1, "head_dim": 2}
+    # prefill: 2 x 100 x 3 FLOPs at 100 FLOP/s = 6 s (the weights' 400 bytes take 0.4 s);
+    # step 1 at context 4: 2 x 100 + 4 x 1 x 1 x 2 x 4 = 232 FLOPs = 2.32 s (464 bytes: 0.464 s)
+    got = bound_seconds(shape, [3], [[2]], peak=100.0, bandwidth=1000.0, width=4)
+    assert abs(got - 8.32) < 1e-9
+    # memory-bound: a slow bandwidth makes each pass its bytes' time instead
+    got = bound_seconds(shape, [3], [[2]], peak=1e9, bandwidth=100.0, width=4)
+    assert abs(got - (400 / 100 + 464 / 100)) < 1e-9
