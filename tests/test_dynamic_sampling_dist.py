@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.slow
-HERE = Path(__file__).resolve().parent
+HELPERS = Path(__file__).resolve().parent / "helpers"  # the drivers run by path, and toytask
 
 
 def test_ranks_agree_on_refill_rounds_and_counts(tmp_path):
     out = tmp_path / "ranks.json"
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29541", str(HERE / "run_refill.py")]
+    driver = HELPERS / "run_refill.py"
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29541", str(driver)]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     run = subprocess.run([*cmd, str(out)], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

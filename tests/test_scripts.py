@@ -17,9 +17,9 @@ from itertools import product
 from pathlib import Path
 
 import pytest
-from conftest import compose_config
 
 from dphrl.errors import ConfigError
+from tests.conftest import compose_config
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ("split", "precompute-ref", "train", "eval-passk")

@@ -8,10 +8,9 @@ import json
 import re
 from pathlib import Path
 
-import toytask
-from test_trainer import _cfg, _weights
-
 from dphrl.commands import train as trainer
+from tests.helpers import toytask
+from tests.test_trainer import _cfg, _weights
 
 
 def test_two_steps_of_dph_js_make_their_data_and_move_the_weights(

@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import compose_config
 
 from dphrl.commands import precompute_ref as reference
 from dphrl.commands import split
@@ -15,6 +14,7 @@ from dphrl.data import read_jsonl
 from dphrl.errors import ConfigError, DataError
 from dphrl.presample import refstore
 from dphrl.presample import split as partition
+from tests.conftest import compose_config
 
 pytestmark = pytest.mark.slow
 
