@@ -16,7 +16,7 @@ from dphrl.training.trainer import Trainer
 from tests.conftest import compose_config
 from tests.helpers import toytask
 
-# Whole train runs (split, ref store, steps): the slow tier. tests/test_smoke.py keeps one
+# Whole train runs (split, ref store, steps): the slow tier. tests/training/test_smoke.py keeps one
 # two-step run in the fast tier.
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ from dphrl.training.trainer import Trainer
 from dphrl.training.weight_sync import merged_tensors
 from tests.conftest import compose_config
 from tests.helpers import toytask
-from tests.test_trainer import FAST
+from tests.training.test_trainer import FAST
 
 
 @pytest.fixture(autouse=True)

@@ -22,10 +22,10 @@ from dphrl.training.trainer import Trainer
 from dphrl.training.weight_sync import full_tensors
 from tests.conftest import compose_config
 from tests.helpers import toytask
-from tests.test_trainer import _cfg, _weights, data_dir  # noqa: F401 (a fixture)
+from tests.training.test_trainer import _cfg, _weights, data_dir  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slow
-HELPERS = Path(__file__).resolve().parent / "helpers"  # the drivers run by path, and toytask
+HELPERS = Path(__file__).resolve().parents[1] / "helpers"  # the drivers run by path, and toytask
 
 
 @pytest.fixture(autouse=True)

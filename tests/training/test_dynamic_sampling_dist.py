@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.slow
-HELPERS = Path(__file__).resolve().parent / "helpers"  # the drivers run by path, and toytask
+HELPERS = Path(__file__).resolve().parents[1] / "helpers"  # the drivers run by path, and toytask
 
 
 def test_ranks_agree_on_refill_rounds_and_counts(tmp_path):
