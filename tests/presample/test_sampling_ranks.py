@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.slow
-HELPERS = Path(__file__).resolve().parent / "helpers"  # the drivers run by path, and toytask
+HELPERS = Path(__file__).resolve().parents[1] / "helpers"  # the drivers run by path, and toytask
 
 COMMON = [
     "task.name=coin",
