@@ -1,4 +1,4 @@
-"""Nothing silently wrong (issue 17): stale ref stores, changed settings on resume, a second
+"""Nothing silently wrong: stale ref stores, changed settings on resume, a second
 writer, bad starts, corrupt shards, full disks and read-only folders, dtype, file modes.
 
 Tiny random model, the embedded `arith` rows (split / precompute-ref) and the toy `coin`

@@ -1,4 +1,5 @@
-"""`dphrl split` and `dphrl precompute-ref` on the embedded model and task (issue: pre-sampling)."""
+"""`dphrl split` and `dphrl precompute-ref` on the embedded model and task: disjoint halves that
+cover every prompt, resume and refusals, and reference log-probs equal to the training forward."""
 
 from __future__ import annotations
 

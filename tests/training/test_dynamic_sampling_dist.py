@@ -1,6 +1,6 @@
-"""DAPO dynamic sampling under torchrun (issue 13, 9b): ranks that find informative groups at
-different rates must still run the same refill rounds (their prompt samplers stay in step) and
-keep the same number of rollouts (the same minibatches, so FSDP's collectives match)."""
+"""DAPO dynamic sampling under torchrun: ranks that find informative groups at different rates
+must still run the same refill rounds (their prompt samplers stay in step) and keep the same
+number of rollouts (the same minibatches, so FSDP's collectives match)."""
 
 from __future__ import annotations
 
