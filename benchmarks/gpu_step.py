@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "helpers"))
 
 
 def main(model_dir: str, out: str) -> None:
@@ -102,7 +102,7 @@ def record(result_json: str) -> None:
     body = f"""
 One `dphrl train` step of the SmolLM2-135M architecture (random weights) in bf16, FSDP2
 (`fully_shard`, 1 rank under torchrun, NCCL), hf engine on the same GPU, task `coin`
-(tests/toytask.py), 16 prompts x 8 rollouts x up to 256 tokens, ref batch 16, divergence js.
+(tests/helpers/toytask.py), 16 prompts x 8 rollouts x up to 256 tokens, ref batch 16, divergence js.
 Means over steps 2-{r["steps"]} (step 1 warms up).
 
 | figure | value |

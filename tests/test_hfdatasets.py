@@ -13,12 +13,12 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from conftest import compose_config
 
 from dphrl.config import TaskConfig
 from dphrl.errors import ConfigError, DataError
 from dphrl.hfdatasets import DatasetSpec, parse_spec
 from dphrl.tasks import get_task
+from tests.conftest import compose_config
 
 datasets = pytest.importorskip("datasets")
 

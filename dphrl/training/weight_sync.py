@@ -16,7 +16,8 @@ The sequence on a GPU colocating FSDP and vLLM (as verl's and TRL's colocate mod
 `stream` yields each full tensor and drops it before the next, so the sync holds at most two
 full parameters beyond the shards (the one vLLM loads, and the one its loader's
 `itertools.groupby` reads ahead); the engine must consume it lazily (`VLLMEngine.load_weights`
-passes the generator through to vLLM's `reload_weights`; tests/test_gpu_path.py counts them).
+passes the generator through to vLLM's `reload_weights`; tests/training/test_gpu_path.py counts
+them).
 """
 
 from __future__ import annotations

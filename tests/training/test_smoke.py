@@ -1,6 +1,6 @@
 """The fast tier's one whole run: `dphrl train` with DPH-JS on the tiny model, two steps,
 making its split and ref store first; the weights move and both steps are logged (TRL's key
-test). Every other whole-pipeline run is in the slow tier (tests/test_trainer.py, ...)."""
+test). Every other whole-pipeline run is in the slow tier (tests/training/test_trainer.py, ...)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import json
 import re
 from pathlib import Path
 
-import toytask
-from test_trainer import _cfg, _weights
-
 from dphrl.commands import train as trainer
+from tests.helpers import toytask
+from tests.training.test_trainer import _cfg, _weights
 
 
 def test_two_steps_of_dph_js_make_their_data_and_move_the_weights(

@@ -1,6 +1,6 @@
-"""DAPO dynamic sampling under torchrun (issue 13, 9b): ranks that find informative groups at
-different rates must still run the same refill rounds (their prompt samplers stay in step) and
-keep the same number of rollouts (the same minibatches, so FSDP's collectives match)."""
+"""DAPO dynamic sampling under torchrun: ranks that find informative groups at different rates
+must still run the same refill rounds (their prompt samplers stay in step) and keep the same
+number of rollouts (the same minibatches, so FSDP's collectives match)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.slow
-HERE = Path(__file__).resolve().parent
+HELPERS = Path(__file__).resolve().parents[1] / "helpers"  # the drivers run by path, and toytask
 
 
 def test_ranks_agree_on_refill_rounds_and_counts(tmp_path):
     out = tmp_path / "ranks.json"
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29541", str(HERE / "run_refill.py")]
+    driver = HELPERS / "run_refill.py"
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29541", str(driver)]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     run = subprocess.run([*cmd, str(out)], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

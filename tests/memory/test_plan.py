@@ -8,13 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import compose_config
 
 from dphrl.memory.formulas import GIB, head_bytes
 from dphrl.memory.plan import PlanExceedsMemory, build_plan, plan_before_launch
 from dphrl.memory.shape import KNOWN, find_shape
+from tests.conftest import compose_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # hidden 64, 2 layers, vocab 1000, 4 heads of 16 (2 KV heads), MLP 128, tied embeddings
 SMALL = {

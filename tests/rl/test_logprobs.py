@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama_config
 from transformers import LlamaForCausalLM
 
 from dphrl.rl.logprobs import hidden_logprobs, response_logprobs, token_logprobs
+from tests.conftest import tiny_llama_config
 
 V = 96
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.slow
-HERE = Path(__file__).resolve().parent
+HELPERS = Path(__file__).resolve().parents[1] / "helpers"  # the drivers run by path, and toytask
 
 COMMON = [
     "task.name=coin",
@@ -47,11 +47,11 @@ def _train(nproc: int, run: Path, data: Path, model: str, *extra: str) -> list[d
     ]
     env = {
         **os.environ,
-        "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "PYTHONPATH": f"{HELPERS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         "CUDA_VISIBLE_DEVICES": "",
     }
     if nproc == 1:
-        cmd = [sys.executable, str(HERE / "run_train.py"), *args]
+        cmd = [sys.executable, str(HELPERS / "run_train.py"), *args]
     else:
         torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
         cmd = [
@@ -60,7 +60,7 @@ def _train(nproc: int, run: Path, data: Path, model: str, *extra: str) -> list[d
             str(nproc),
             "--master_port",
             "29533",
-            str(HERE / "run_train.py"),
+            str(HELPERS / "run_train.py"),
             *args,
         ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)

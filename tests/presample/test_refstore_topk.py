@@ -4,8 +4,9 @@ precompute-ref writes with them. Fast: a tiny random model, no engine."""
 from __future__ import annotations
 
 import torch
-from conftest import tiny_llama_config
 from transformers import LlamaForCausalLM
+
+from tests.conftest import tiny_llama_config
 
 
 def test_ref_topk_zero_keeps_the_store_identity_and_columns(tmp_path):

@@ -7,16 +7,16 @@ import json
 from pathlib import Path
 
 import pytest
-import toytask
-from conftest import compose_config
 
 from dphrl.commands import train as trainer
 from dphrl.data import read_jsonl
 from dphrl.errors import ConfigError
 from dphrl.presample.inputs import training_data
 from dphrl.training.trainer import Trainer
+from tests.conftest import compose_config
+from tests.helpers import toytask
 
-# Whole train runs (split, ref store, steps): the slow tier. tests/test_smoke.py keeps one
+# Whole train runs (split, ref store, steps): the slow tier. tests/training/test_smoke.py keeps one
 # two-step run in the fast tier.
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,5 @@
-"""One Hydra sweep trains every objective against every divergence (issue 14): the comparison a
-researcher runs, at tiny sizes, through the real CLI."""
+"""One Hydra sweep trains every objective against every divergence: the comparison a researcher
+runs, at tiny sizes, through the real CLI."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Nothing silently wrong (issue 17): stale ref stores, changed settings on resume, a second
+"""Nothing silently wrong: stale ref stores, changed settings on resume, a second
 writer, bad starts, corrupt shards, full disks and read-only folders, dtype, file modes.
 
 Tiny random model, the embedded `arith` rows (split / precompute-ref) and the toy `coin`
@@ -17,8 +17,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import toytask
-from conftest import compose_config
 
 from dphrl.commands import eval_passk as passk
 from dphrl.commands import precompute_ref as reference
@@ -28,6 +26,8 @@ from dphrl.data import write_json, write_jsonl
 from dphrl.errors import ConfigError, DataError, DphrlError, FolderLocked, OutputError
 from dphrl.lock import folder_lock
 from dphrl.presample import refstore
+from tests.conftest import compose_config
+from tests.helpers import toytask
 
 SAMPLING = [
     "engine=hf",

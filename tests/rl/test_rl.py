@@ -46,7 +46,7 @@ def test_all_equal_group_has_zero_advantage(norm_std):
 @pytest.mark.parametrize("value", [0.3, 0.7, 0.1, 1 / 3])
 def test_equal_partial_credit_rewards_give_exactly_zero_advantage(norm_std, value):
     # Sixteen rewards of 0.3: the float32 mean is 0.3 + 1 ulp, the std ~1e-8, so the plain
-    # formula gave each response +0.0289 (issue 13, 9a). Equal rewards carry no signal.
+    # formula would give each response +0.0289. Equal rewards carry no signal.
     rewards = torch.cat([torch.full((16,), value), torch.tensor([0.0, 1.0] * 8)])
     adv = rl_advantages.group_advantages(rewards, 16, norm_std=norm_std)
     assert torch.equal(adv[:16], torch.zeros(16))

@@ -4,7 +4,7 @@ Each script runs with DRY_RUN=1 (it prints its `+ command` lines and runs none o
 stand-in data folders; every dphrl line it prints (a `--multirun` line: every job of its sweep)
 must compose, validate, resolve its layout and load its data. On this CPU the only error
 allowed is a GPU layout's "needs CUDA". scripts/reproduce_small.sh is not here: its lines read
-what earlier lines wrote, and tests/test_reproduce.py runs it for real.
+what earlier lines wrote, and tests/commands/test_reproduce.py runs it for real.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from itertools import product
 from pathlib import Path
 
 import pytest
-from conftest import compose_config
 
 from dphrl.errors import ConfigError
+from tests.conftest import compose_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = ("split", "precompute-ref", "train", "eval-passk")
 
 

@@ -38,7 +38,11 @@ def register(monkeypatch=None) -> None:
     """Make `task=coin` known: the task registry is the one list config validation reads."""
     from dphrl import tasks
 
+    # This module under the name it was imported as (`tests.helpers.toytask` in pytest, `toytask`
+    # in the drivers run by path), so `get_task` loads this very module and a test's patch of
+    # PROMPTS reaches the task.
+    factory = f"{__name__}:CoinTask"
     if monkeypatch is not None:
-        monkeypatch.setitem(tasks.TASKS, "coin", "toytask:CoinTask")
+        monkeypatch.setitem(tasks.TASKS, "coin", factory)
     else:
-        tasks.TASKS["coin"] = "toytask:CoinTask"
+        tasks.TASKS["coin"] = factory

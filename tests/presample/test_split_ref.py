@@ -1,4 +1,5 @@
-"""`dphrl split` and `dphrl precompute-ref` on the embedded model and task (issue: pre-sampling)."""
+"""`dphrl split` and `dphrl precompute-ref` on the embedded model and task: disjoint halves that
+cover every prompt, resume and refusals, and reference log-probs equal to the training forward."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import compose_config
 
 from dphrl.commands import precompute_ref as reference
 from dphrl.commands import split
@@ -15,6 +15,7 @@ from dphrl.data import read_jsonl
 from dphrl.errors import ConfigError, DataError
 from dphrl.presample import refstore
 from dphrl.presample import split as partition
+from tests.conftest import compose_config
 
 pytestmark = pytest.mark.slow
 

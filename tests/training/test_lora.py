@@ -8,9 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import toytask
-from conftest import compose_config
-from test_trainer import FAST
 
 from dphrl import dist
 from dphrl.commands import train as trainer
@@ -19,6 +16,9 @@ from dphrl.presample.inputs import training_data
 from dphrl.training.lora import add_adapters, base_of, merged_model_dir
 from dphrl.training.trainer import Trainer
 from dphrl.training.weight_sync import merged_tensors
+from tests.conftest import compose_config
+from tests.helpers import toytask
+from tests.training.test_trainer import FAST
 
 
 @pytest.fixture(autouse=True)

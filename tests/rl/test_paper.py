@@ -20,7 +20,7 @@ from dphrl.rl.batching import Packed
 from dphrl.rl.divergence import make_divergence
 from dphrl.rl.policy_loss import make_policy_loss
 
-PAPER = Path(__file__).resolve().parents[1] / "docs" / "PAPER.md"
+PAPER = Path(__file__).resolve().parents[2] / "docs" / "PAPER.md"
 METHODS = {  # docs/PAPER.md's first table: method -> the overrides next to the preset
     "js": ["divergence=js"],
     "forward_kl": ["divergence=forward_kl"],

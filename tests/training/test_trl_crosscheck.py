@@ -38,7 +38,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compose_config
+
+from tests.conftest import compose_config
 
 pytestmark = pytest.mark.slow
 

@@ -15,17 +15,17 @@ import weakref
 from pathlib import Path
 
 import pytest
-import toytask
-from conftest import compose_config
-from test_trainer import _cfg, _weights, data_dir  # noqa: F401 (a fixture)
 
 from dphrl import dist
 from dphrl.presample.inputs import training_data
 from dphrl.training.trainer import Trainer
 from dphrl.training.weight_sync import full_tensors
+from tests.conftest import compose_config
+from tests.helpers import toytask
+from tests.training.test_trainer import _cfg, _weights, data_dir  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slow
-HERE = Path(__file__).resolve().parent
+HELPERS = Path(__file__).resolve().parents[1] / "helpers"  # the drivers run by path, and toytask
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +38,7 @@ def _torchrun(script: Path, *args: str, port: int) -> subprocess.CompletedProces
     two cores slow each other badly with more)."""
     env = {
         **os.environ,
-        "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "PYTHONPATH": f"{HELPERS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         "CUDA_VISIBLE_DEVICES": "",
         "OMP_NUM_THREADS": "1",
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -53,7 +53,7 @@ def _torchrun(script: Path, *args: str, port: int) -> subprocess.CompletedProces
 def test_vllm_engines_under_torchrun_keep_the_trainers_group(tiny_vllm_model_dir, tmp_path):
     """Each rank's engine starts under external_launcher, samples, closes; a second starts the
     same way and draws the same seeded samples; the default group still all-reduces."""
-    _torchrun(HERE / "run_vllm_group.py", tiny_vllm_model_dir, str(tmp_path), port=29541)
+    _torchrun(HELPERS / "run_vllm_group.py", tiny_vllm_model_dir, str(tmp_path), port=29541)
     ranks = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("rank*.json"))]
     assert sorted(r["rank"] for r in ranks) == [0, 1]
     for r in ranks:
@@ -91,12 +91,15 @@ def _vllm_train(nproc: int, run: Path, data: Path, model: str, *extra: str) -> l
         *extra,
     ]
     if nproc == 1:
-        env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-        cmd = [sys.executable, str(HERE / "run_train.py"), *args]
+        env = {
+            **os.environ,
+            "PYTHONPATH": f"{HELPERS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        }
+        cmd = [sys.executable, str(HELPERS / "run_train.py"), *args]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     else:
-        _torchrun(HERE / "run_train.py", *args, port=29543)
+        _torchrun(HELPERS / "run_train.py", *args, port=29543)
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -166,7 +169,7 @@ def test_a_bfloat16_model_trains_float32_masters_on_two_fsdp_ranks(tmp_path, tin
         "algo.group_size=4", "algo.prompts_per_step=4", "trainer.max_steps=2", "trainer.lr=1e-6",
         "trainer.tensorboard=false", f"model.path={tiny_model_dir}", f"hydra.run.dir={run}",
     ]  # fmt: skip
-    _torchrun(HERE / "run_train.py", *args, port=29545)
+    _torchrun(HELPERS / "run_train.py", *args, port=29545)
     before, after = _weights(Path(tiny_model_dir)), _weights(run / "model")
     assert {v.dtype for v in after.values()} == {torch.float32}
     assert _moved(before, after) > 0.99

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import toytask
-from conftest import compose_config
 
 from dphrl.commands import train as trainer
 from dphrl.engine import Sampling
@@ -18,6 +16,8 @@ from dphrl.engine.hf import HFEngine
 from dphrl.rl import mismatch
 from dphrl.rl.batching import pack, repad
 from dphrl.rl.logprobs import batch_logprobs
+from tests.conftest import compose_config
+from tests.helpers import toytask
 
 PROMPTS = [[1, 9, 4, 7], [1, 3, 3]]
 

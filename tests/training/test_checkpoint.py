@@ -226,7 +226,7 @@ def test_resume_on_cuda_restores_device_state_and_cuda_rng(tiny_model, tmp_path)
 def _pythonpath() -> str:
     """This checkout first, so the torchrun script imports this dphrl, installed or not, and
     the tests' conftest (the tiny model's shape)."""
-    tests = Path(__file__).resolve().parent
+    tests = Path(__file__).resolve().parents[1]
     return os.pathsep.join(
         filter(None, [str(tests.parent), str(tests), os.environ.get("PYTHONPATH")])
     )
