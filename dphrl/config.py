@@ -142,8 +142,9 @@ class ModelConfig:
     # The compute dtype of training's forwards and backwards, and on GPUs the engine's dtype
     # (unless engine.dtype; on a CPU engine.dtype=auto follows the CPU, dphrl.precision).
     # Weights and AdamW state are float32 whatever it is: a step of lr 1e-6 on a weight near
-    # 0.02 is ~100x below bfloat16's spacing there and would round away. bfloat16 computes through FSDP2's MixedPrecisionPolicy on FSDP layouts and torch.autocast on one
-    # process; the lm_head and the log-softmax stay float32 either way (dphrl.rl.logprobs).
+    # 0.02 is ~100x below bfloat16's spacing there and would round away. bfloat16 computes
+    # through FSDP2's MixedPrecisionPolicy on FSDP layouts and torch.autocast on one process;
+    # the lm_head and the log-softmax stay float32 either way (dphrl.rl.logprobs).
     dtype: DType = DType.float32
     max_prompt_len: int = bounded(512, ge=1)  # longer prompts are dropped (counted)
     max_new_tokens: int = bounded(128, ge=1)
