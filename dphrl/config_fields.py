@@ -9,6 +9,7 @@ nothing heavy.
 from __future__ import annotations
 
 import operator
+import sys
 from dataclasses import field
 from enum import StrEnum
 from typing import Any
@@ -18,8 +19,12 @@ from dphrl.errors import ConfigError
 
 def choices(name: str, values: tuple[str, ...]) -> type[StrEnum]:
     """A closed set of config values. Member names equal their values (`token-mean` too), so a
-    member compares, hashes and prints as its string, and YAML spells it as it reads."""
-    return StrEnum(name, {v: v for v in values})
+    member compares, hashes and prints as its string, and YAML spells it as it reads.
+
+    The enum belongs to the module that defines it (the caller's), where pickle looks it up:
+    configs cross ranks pickled (`dist.broadcast_object`)."""
+    module = sys._getframe(1).f_globals["__name__"]
+    return StrEnum(name, {v: v for v in values}, module=module)
 
 
 _SIGNS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}

@@ -194,3 +194,14 @@ def test_an_unknown_algo_key_is_refused_naming_the_known_ones():
     cfg = _compose("train", ["algo.clip_cov_rate=1"])
     with pytest.raises(ConfigError, match="algo.clip_cov_rate is not a config key; algo has: name"):
         C.validate(cfg)
+
+
+def test_config_choices_pickle_across_ranks():
+    """Configs cross torchrun ranks pickled (dist.broadcast_object): every closed set of values
+    must be found again by pickle in the module that defines it."""
+    import pickle
+
+    from dphrl import algo_config, config
+
+    for value in (config.RefKeep.all, config.DTypeAuto.auto, algo_config.LossAgg["token-mean"]):
+        assert pickle.loads(pickle.dumps(value)) == value
