@@ -83,16 +83,9 @@ def layout_counts(sp) -> dict[str, int]:
 
 def matmul_peak(n: int, repeats: int = 5) -> float:
     """FLOP/s of the fastest of `repeats` n x n float32 matmuls (after one untimed)."""
-    import torch
+    from dphrl.precision import matmul_seconds
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * n**3 / best
+    return 2.0 * n**3 / matmul_seconds(n, n, n, "float32", repeats)
 
 
 def fixed_rollouts(trainer, rows: list[dict], group: int, length: int, seed: int = 0):

@@ -52,20 +52,10 @@ MODEL = "embedded:smollm2-135m"
 
 def matmul_peak(dtype: str, repeats: int = 5) -> float:
     """FLOP/s of the fastest of the two shapes' best-of-`repeats` matmuls in `dtype`."""
-    import torch
+    from dphrl.precision import matmul_seconds
 
-    best = 0.0
-    for m, k, n in ((256, 576, 1536), (2048, 2048, 2048)):
-        a = torch.randn(m, k, dtype=getattr(torch, dtype))
-        b = torch.randn(k, n, dtype=getattr(torch, dtype))
-        a @ b
-        seconds = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            a @ b
-            seconds = min(seconds, time.perf_counter() - start)
-        best = max(best, 2.0 * m * k * n / seconds)
-    return best
+    shapes = ((256, 576, 1536), (2048, 2048, 2048))
+    return max(2.0 * m * k * n / matmul_seconds(m, k, n, dtype, repeats) for m, k, n in shapes)
 
 
 def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:

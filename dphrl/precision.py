@@ -112,16 +112,21 @@ def settle(cfg: Any) -> None:
 def bf16_slowdown(repeats: int = 3) -> float:
     """bfloat16 / float32 seconds of a decoder-shaped matmul (256x576 @ 576x1536), best of
     `repeats` each: how much an emulated bfloat16 costs on this CPU."""
+    shape = (256, 576, 1536)
+    return matmul_seconds(*shape, "bfloat16", repeats) / matmul_seconds(*shape, "float32", repeats)
+
+
+def matmul_seconds(m: int, k: int, n: int, dtype: str = "float32", repeats: int = 5) -> float:
+    """Seconds of the fastest of `repeats` (m x k) @ (k x n) matmuls in `dtype`, after one
+    untimed (the benchmarks' peaks come from here too)."""
     import torch
 
-    best = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(256, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
+    a = torch.randn(m, k, dtype=getattr(torch, dtype))
+    b = torch.randn(k, n, dtype=getattr(torch, dtype))
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
         a @ b
-        seconds = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            a @ b
-            seconds = min(seconds, time.perf_counter() - start)
-        best[dtype] = seconds
-    return best[torch.bfloat16] / best[torch.float32]
+        best = min(best, time.perf_counter() - start)
+    return best
