@@ -319,6 +319,9 @@ class EvalConfig:
     # final model anyway (scripts/reproduce_small.sh), which saves one eval per run
     at_end: bool = True
     limit: int | None = None  # prompts per dataset
+    # train: eval.every also evaluates the first N prompts of the split's D_pef (split.out's
+    # pef.jsonl, logged as eval_pef_*): the forgetting curve DPH-RL is about; 0 = not
+    pef_limit: int = bounded(0, ge=0)
     out: str | None = None  # default: the run folder
 
     @staticmethod

@@ -9,10 +9,15 @@ set), `arms/<arm>/seed<s>/metrics.jsonl` (the training curves, with `eval_*` eve
   mean ± std over seeds) and the training settings; the reading of the result is written by a
   person into the committed RESULTS.md, not generated;
 - `passk_curves.png`: pass@k vs k, one panel per set, one line per arm (mean over seeds);
-- `passk_over_steps.png`: held-out pass@k and greedy during training, one line per arm (step 0
-  is the base model's eval-passk, the last step the final model's where training skipped it),
-  and the rehearsal's forgetting for the arms with a ref store: the share of ref responses whose
-  log-prob fell more than 1 nat below the initial policy's (`ref_forgot_frac`, every step).
+- `passk_over_steps.png`: the forgetting curves: held-out and D_pef greedy, pass@1 and the
+  largest pass@k during training (`eval.every`, D_pef with `eval.pef_limit`), a row of panels
+  per set and a line per arm (step 0 is the base model's eval-passk, the last step the final
+  model's where training skipped it), and the rehearsal's forgetting for the arms with a ref
+  store: the share of ref responses whose log-prob fell more than 1 nat below the initial
+  policy's (`ref_forgot_frac`, every step).
+
+`--export DIR` copies the raw record (eval-passk's samples gzipped, the training metrics, the
+split's stats) into DIR; run on DIR, this script recomputes every figure from those samples.
 
     .venv/bin/python scripts/reproduce_report.py runs/reproduce_small --arms "grpo dph_js" --seeds "0 1"
 
@@ -24,6 +29,7 @@ arms x seeds from its folder layout, the three sets, and means over seeds.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 from collections import defaultdict
@@ -33,6 +39,8 @@ from dphrl.data import write_json, write_text
 from dphrl.report import passk_cells, read_metrics, read_passk, save_figure
 
 SETS = ("held-out", "D_pef", "OOD")
+# the sets training evaluates (eval.every; D_pef with eval.pef_limit), by metric prefix
+CURVE_SETS = {"held-out": "eval_", "D_pef": "eval_pef_"}
 LABELS = {
     "base": "base (no training)",
     "grpo": "GRPO",
@@ -58,12 +66,43 @@ def arm_of(model: str, out: Path) -> tuple[str, str]:
     return "base", "-"
 
 
+SAMPLES_GZ = "samples.jsonl.gz"  # a committed table's raw eval: every sample with its verdict
+
+
+@functools.cache
+def eval_results(out: Path) -> list[dict]:
+    """eval-passk's results (passk.json's) in `out/eval`; where only the compressed samples
+    were kept (a table committed under docs/results/), recomputed from them with eval-passk's
+    own summary: every figure of the table comes from the samples and their verdicts."""
+    folder = out / "eval"
+    if (folder / "passk.json").is_file() or not (folder / SAMPLES_GZ).is_file():
+        return read_passk(folder)
+    import gzip
+
+    from dphrl.commands.eval_passk import summarize
+
+    with gzip.open(folder / SAMPLES_GZ, "rt") as f:
+        samples = [json.loads(line) for line in f]
+    settings = json.loads((folder / "passk_settings.json").read_text())
+    ids: dict = defaultdict(dict)  # (model, dataset) -> prompt ids, in order, as a set
+    for row in samples:
+        ids[row["model"], row["dataset"]][row["id"]] = None
+    datasets = [
+        {"model": m, "dataset": d, "ids": list(pids), "dropped": 0} for (m, d), pids in ids.items()
+    ]
+    return summarize(samples, datasets, settings["k"], settings["greedy"])
+
+
+def set_order(out: Path) -> list[str]:
+    """eval-passk's dataset labels in eval.datasets' order: held-out, D_pef, OOD
+    (reproduce_small.sh's SETS), so `SETS` names them."""
+    return list(dict.fromkeys(r["dataset"] for r in eval_results(out)))
+
+
 def collect(out: Path) -> dict:
     """results[arm][set] = {"greedy": [per seed], "pass@k": {k: [per seed]}}."""
-    results = read_passk(out / "eval")
-    # eval.datasets lists held-out, D_pef, OOD in that order (reproduce_small.sh's SETS)
-    order = list(dict.fromkeys(r["dataset"] for r in results))
-    set_of = dict(zip(order, SETS, strict=False))
+    results = eval_results(out)
+    set_of = dict(zip(set_order(out), SETS, strict=False))
     table: dict = defaultdict(
         lambda: defaultdict(lambda: {"greedy": [], "pass@k": defaultdict(list)})
     )
@@ -148,9 +187,9 @@ def training_curves(out: Path, arms: list[str], seeds: list[str]) -> dict:
     and `FORGETTING` where the arm logs it (every step).
 
     A seed evaluated during training (`eval.every`) but not at its last step (`eval.at_end=false`:
-    eval-passk evaluates the final model on the same held-out prompts and n anyway) gets its
-    last point from `eval/passk.json`, the held-out set's figures of its final model."""
-    final = final_heldout(out)
+    eval-passk evaluates the final model on the same prompts and n anyway) gets its last point
+    from `eval/passk.json`, the figures of its final model on the same sets (`final_points`)."""
+    final = final_points(out)
     curves: dict = {}
     for arm in arms:
         per_step: dict = defaultdict(lambda: defaultdict(list))
@@ -180,26 +219,32 @@ def training_curves(out: Path, arms: list[str], seeds: list[str]) -> dict:
     return curves
 
 
-def final_heldout(out: Path) -> dict:
-    """{(arm, seed): {"eval_greedy": ..., "eval_pass@k": ...}}: eval-passk's held-out figures
-    (the first of eval.datasets) of each trained arm's final model, named as training logs them."""
-    results = read_passk(out / "eval")
-    heldout = results[0]["dataset"] if results else None
-    final = {}
-    for r in results:
+def final_points(out: Path) -> dict:
+    """{(arm, seed): {"eval_greedy": ..., "eval_pass@k": ..., "eval_pef_greedy": ...}}:
+    eval-passk's figures of each trained arm's final model on the sets training evaluates
+    (`CURVE_SETS`), named as training logs them."""
+    prefix = dict(zip(set_order(out), CURVE_SETS.values(), strict=False))
+    final: dict = defaultdict(dict)
+    for r in eval_results(out):
         arm, seed = arm_of(r["model"], out)
-        if arm != "base" and r["dataset"] == heldout:
-            final[(arm, seed)] = {f"eval_{name}": v for name, v in passk_cells(r).items()}
+        if arm != "base" and r["dataset"] in prefix:
+            final[(arm, seed)].update(
+                {f"{prefix[r['dataset']]}{name}": v for name, v in passk_cells(r).items()}
+            )
     return final
 
 
 def with_base(curves: dict, table: dict) -> dict:
-    """Each arm's curve starts at step 0 from the base model's held-out figures (eval-passk on
-    the same prompts and n; its own samples)."""
-    base = table["base"]["held-out"]
-    start = {f"eval_pass@{k}": statistics.fmean(v) for k, v in base["pass@k"].items()}
-    if base["greedy"]:
-        start["eval_greedy"] = statistics.fmean(base["greedy"])
+    """Each arm's curves start at step 0 from the base model's figures on the same set
+    (eval-passk on the same prompts and n; its own samples)."""
+    start = {}
+    for s, prefix in CURVE_SETS.items():
+        base = table["base"][s]
+        start.update(
+            {f"{prefix}pass@{k}": statistics.fmean(v) for k, v in base["pass@k"].items() if v}
+        )
+        if base["greedy"]:
+            start[f"{prefix}greedy"] = statistics.fmean(base["greedy"])
     return {
         arm: {
             key: ([(0, start[key])] if key in start else []) + points for key, points in c.items()
@@ -209,40 +254,38 @@ def with_base(curves: dict, table: dict) -> dict:
 
 
 def plot_over_steps(curves: dict, arms: list[str], path: Path) -> None:
-    """Held-out pass@k (largest k) and greedy during training, one line per arm, and a panel of
-    the rehearsal's forgetting (`FORGETTING`) when some arm logged it."""
+    """During training, one row of panels per set training evaluated (`CURVE_SETS`: held-out,
+    D_pef), one panel per figure (greedy, pass@1, the largest pass@k), one line per arm; and a
+    panel of the rehearsal's forgetting (`FORGETTING`) when some arm logged it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted({k for c in curves.values() for k in c})
-    passk = [k for k in keys if k.startswith("eval_pass@")]
-    shown = [
-        k
-        for k in [
-            max(passk, key=lambda k: int(k.split("@")[1]), default=None),
-            "eval_greedy",
-            FORGETTING,
-        ]
-        if k in keys
-    ]
+    keys = {k for c in curves.values() for k in c}
+    rows = [(s, p) for s, p in CURVE_SETS.items() if any(k.startswith(f"{p}pass@") for k in keys)]
+    ks = sorted({int(k.split("@")[1]) for k in keys if k.startswith("eval_pass@")})
+    figures = ["greedy", *(f"pass@{k}" for k in dict.fromkeys([1, ks[-1]] if ks else []))]
+    extra = FORGETTING in keys
+    ncols = len(figures) + extra
     fig, axes = plt.subplots(
-        1, max(len(shown), 1), figsize=(5 * max(len(shown), 1), 4), squeeze=False
+        max(len(rows), 1), ncols, figsize=(4.5 * ncols, 3.6 * max(len(rows), 1)), squeeze=False
     )
-    for ax, key in zip(axes[0], shown, strict=False):
+    panels = [(axes[i][j], f"{p}{f}", f"{s} {f}") for i, (s, p) in enumerate(rows)
+              for j, f in enumerate(figures)]  # fmt: skip
+    if extra:
+        panels.append((axes[0][-1], FORGETTING, "ref responses > 1 nat below the initial policy"))
+        for row in axes[1:]:
+            row[-1].axis("off")
+    for ax, key, title in panels:
         for arm in arms:
             points = curves.get(arm, {}).get(key, [])
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", label=LABELS.get(arm, arm))
-        ax.set_title(
-            "ref responses > 1 nat below the initial policy"
-            if key == FORGETTING
-            else f"held-out {key.removeprefix('eval_')} during training"
-        )
+        ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8)
+    axes[0][0].legend(fontsize=8)  # a panel every arm has a line in
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -250,29 +293,29 @@ def plot_over_steps(curves: dict, arms: list[str], path: Path) -> None:
 def sweep(out: Path) -> None:
     """The sweeps' tables -> `OUT/sweep.md` and `sweep.json`: per run of `OUT/sweep/`
     (`grpo_<steps>x<prompts>_lr<lr>`: GRPO; `js_x<m>`: DPH-JS at m x its default beta) the
-    held-out figures of eval.every, and the D_pef figures of `OUT/sweep/eval` (eval-passk of
-    the last step) where it exists."""
+    held-out and D_pef figures of each eval.every point (D_pef: `eval.pef_limit`), and its
+    minutes (what the budget rule weighs)."""
     rows = {}
     for run in sorted((out / "sweep").glob("*/metrics.jsonl")):
-        points = [r for r in read_metrics(run.parent) if "eval_greedy" in r]
-        rows[run.parent.name] = {"held-out": points}
-    for r in read_passk(out / "sweep" / "eval"):
-        name = Path(r["model"]).parent.name
-        rows.setdefault(name, {"held-out": []})["D_pef"] = passk_cells(r)
+        metrics = read_metrics(run.parent)
+        rows[run.parent.name] = {
+            "held-out": [r for r in metrics if "eval_greedy" in r],
+            "minutes": sum(v for r in metrics for k, v in r.items() if k.startswith("time_")) / 60,
+        }
     lines = [
-        "| run | step | held-out greedy | held-out pass@1 | held-out pass@16 "
+        "| run | minutes | step | held-out greedy | held-out pass@1 | held-out pass@16 "
         "| D_pef greedy | D_pef pass@1 | D_pef pass@16 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
     for name, run in rows.items():
-        points = run["held-out"] or [{"step": "-"}]
-        for i, p in enumerate(points):
-            pef = run.get("D_pef", {}) if i == len(points) - 1 else {}
+        for p in run["held-out"] or [{"step": "-"}]:
+            cells = [p.get(f"{prefix}{f}") for prefix in CURVE_SETS.values()
+                     for f in ("greedy", "pass@1", "pass@16")]  # fmt: skip
             lines.append(
-                f"| {name} | {p['step']} | {pct(p.get('eval_greedy'))} "
-                f"| {pct(p.get('eval_pass@1'))} | {pct(p.get('eval_pass@16'))} "
-                f"| {pct(pef.get('greedy'))} | {pct(pef.get('pass@1'))} | {pct(pef.get('pass@16'))} |"
+                f"| {name} | {run['minutes']:.1f} | {p['step']} | "
+                + " | ".join(pct(c) for c in cells)
+                + " |"
             )
     write_json(out / "sweep.json", rows)
     write_text(out / "sweep.md", "\n".join(lines) + "\n")
@@ -297,6 +340,12 @@ def main() -> None:
     parser.add_argument("--seeds", help="space-separated seeds, as trained")
     parser.add_argument("--seconds", type=int, default=None, help="wall time of the whole run")
     parser.add_argument("--sweep", action="store_true", help="only the sweeps' table")
+    parser.add_argument(
+        "--export",
+        type=Path,
+        help="also copy the table's raw record (compressed eval samples, training metrics, "
+        "split stats, the report) into this folder, from which this script recomputes the table",
+    )
     args = parser.parse_args()
     out: Path = args.out
     if args.sweep:
@@ -352,6 +401,43 @@ def main() -> None:
         ),
     )
     print(f"reproduce_report: wrote {out}/RESULTS.md, results.json and the two plots")
+    if args.export:
+        export(out, args.export)
+
+
+# What a committed table keeps of OUT: small files, and eval-passk's samples compressed
+RECORD = (
+    "eval/passk_settings.json",
+    "split/split_stats.json",
+    "arms/*/seed*/metrics.jsonl",
+    "sweep/*/metrics.jsonl",
+    "sweep.json",
+    "sweep.md",
+    "results.json",
+    "RESULTS.md",
+    "passk_curves.png",
+    "passk_over_steps.png",
+)
+
+
+def export(out: Path, dest: Path) -> None:
+    """Copy the table's raw record into `dest` (OUT's layout, no models): every file of
+    `RECORD` and `eval/samples.jsonl` gzipped, so that `reproduce_report.py dest --arms ...
+    --seeds ...` recomputes every figure from the samples' verdicts (`eval_results`)."""
+    import gzip
+    import shutil
+
+    for pattern in RECORD:
+        for src in sorted(out.glob(pattern)):
+            target = dest / src.relative_to(out)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, target)
+    samples = out / "eval" / "samples.jsonl"
+    tmp = dest / "eval" / (SAMPLES_GZ + ".tmp")
+    with samples.open("rb") as f, gzip.GzipFile(tmp, "wb", compresslevel=9, mtime=0) as g:
+        shutil.copyfileobj(f, g)
+    tmp.replace(dest / "eval" / SAMPLES_GZ)
+    print(f"reproduce_report: the raw record is in {dest}")
 
 
 if __name__ == "__main__":

