@@ -127,6 +127,34 @@ def passk_cells(result: dict) -> dict[str, float | None]:
     }
 
 
+def before_after(results: list[dict], before: str, after: str, names: tuple[str, ...]) -> str:
+    """What an eval of two models says in words, one clause per eval set (passk.json's
+    `results`; the sets in order of appearance, named by `names`): pass@1 and greedy of model
+    `before` -> model `after`. A set named `D_pef` (the prompts the initial policy solved in
+    every sample) is called kept when pass@1 falls by at most 2 points and greedy not at all:
+    `held-out (32 prompts) pass@1 0.56 -> 0.58, greedy 0.69 -> 0.69; D_pef (19 prompts)
+    pass@1 0.96 -> 0.97, greedy 1.00 -> 1.00: kept`."""
+    sets = list(dict.fromkeys(r["dataset"] for r in results))
+    by = {(r["model"], r["dataset"]): r for r in results}
+    clauses = []
+    for name, dataset in zip(names, sets, strict=False):
+        a, b = by.get((before, dataset)), by.get((after, dataset))
+        if a is None or b is None:
+            continue
+        p1 = [(r.get("pass_at_k") or {}).get("1") for r in (a, b)]
+        greedy = [r.get("greedy") for r in (a, b)]
+        text = f"{name} ({a['prompts']} prompts)"
+        if None not in p1:
+            text += f" pass@1 {p1[0]:.2f} -> {p1[1]:.2f}"
+        if None not in greedy:
+            text += f", greedy {greedy[0]:.2f} -> {greedy[1]:.2f}"
+        if name == "D_pef" and None not in p1 + greedy:
+            kept = p1[1] >= p1[0] - 0.02 and greedy[1] >= greedy[0]
+            text += ": kept" if kept else ": not kept"
+        clauses.append(text)
+    return "; ".join(clauses)
+
+
 def run_name(folder: Path, root: Path) -> str:
     """The run's folder relative to `root`; a sweep job's `<num>_<overrides>` shortened to its
     number, since the overrides are columns of their own."""

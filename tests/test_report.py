@@ -138,3 +138,27 @@ def test_report_of_a_real_two_job_sweep(tiny_model_dir, tmp_path):
     ]
     assert all(0.0 <= r["best eval_pass@2"] <= 1.0 for r in rows)
     assert "eval_pass@2" in md.splitlines()[2]
+
+
+def test_before_after_says_each_sets_change_and_whether_d_pef_was_kept():
+    """The quickstart's last line: pass@1 and greedy of base -> trained per set; D_pef kept
+    when pass@1 falls at most 2 points and greedy not at all."""
+    from dphrl.report import before_after
+
+    def result(model, dataset, p1, greedy):
+        return {"model": model, "dataset": dataset, "prompts": 4, "greedy": greedy,
+                "pass_at_k": {"1": p1, "8": 1.0}}  # fmt: skip
+
+    results = [
+        result("base", "arith", 0.5625, 0.75),
+        result("base", "arith=pef.jsonl", 0.97, 1.0),
+        result("run/model", "arith", 0.58, 0.75),
+        result("run/model", "arith=pef.jsonl", 0.955, 1.0),
+    ]
+    line = before_after(results, "base", "run/model", ("held-out", "D_pef"))
+    assert line == (
+        "held-out (4 prompts) pass@1 0.56 -> 0.58, greedy 0.75 -> 0.75; "
+        "D_pef (4 prompts) pass@1 0.97 -> 0.95, greedy 1.00 -> 1.00: kept"
+    )
+    results[3]["greedy"] = 0.75  # one D_pef prompt's greedy answer lost
+    assert before_after(results, "base", "run/model", ("held-out", "D_pef")).endswith("not kept")

@@ -3,8 +3,9 @@
 Each script runs with DRY_RUN=1 (it prints its `+ command` lines and runs none of them) on
 stand-in data folders; every dphrl line it prints (a `--multirun` line: every job of its sweep)
 must compose, validate, resolve its layout and load its data. On this CPU the only error
-allowed is a GPU layout's "needs CUDA". scripts/reproduce_small.sh is not here: its lines read
-what earlier lines wrote, and tests/commands/test_reproduce.py runs it for real.
+allowed is a GPU layout's "needs CUDA". A line that reads what an earlier one writes (the
+quickstart's D_pef set) gets a stand-in of it. scripts/reproduce_small.sh is not here: most of
+its lines read what earlier lines wrote, and tests/commands/test_reproduce.py runs it for real.
 """
 
 from __future__ import annotations
@@ -124,7 +125,14 @@ def test_every_line_of_the_paper_script_composes(stand_ins, tmp_path):
 
 @pytest.mark.parametrize("script", ["quickstart.sh", "sweep_divergences.sh"])
 def test_every_line_of_the_cpu_scripts_composes(script, tmp_path):
-    lines = _printed_lines(script, {"RUN": str(tmp_path), "OUT": str(tmp_path)})
+    # the quickstart evaluates the D_pef file its split line writes: a stand-in of it, in a
+    # split.out given to every line as the script's overrides are
+    from dphrl.data import write_jsonl
+    from dphrl.tasks import arith
+
+    write_jsonl(tmp_path / "split" / "pef.jsonl", arith.generate("train")[:1])
+    args = [f"split.out={tmp_path}/split"] if script == "quickstart.sh" else []
+    lines = _printed_lines(script, {"RUN": str(tmp_path), "OUT": str(tmp_path)}, *args)
     assert lines
     for argv in lines:
         command, overrides, nproc = _dphrl_call(argv)
