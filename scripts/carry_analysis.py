@@ -3,8 +3,8 @@
 Reads `OUT/eval/samples.jsonl` and `OUT/sets/{heldout,pef}.jsonl` of a finished
 `scripts/reproduce_small.sh` run and prints, per set, kind of sum and arm, pass@1 over the
 sampled answers (not the greedy one) and how often the answer is the true sum + 10: the
-"spurious carry", a tens digit one too high. RESULTS.md reads this table; it is a script so that
-anyone can recompute it from a run folder.
+"spurious carry", a tens digit one too high. docs/results/table64/RESULTS.md reads this
+table; it is a script so that anyone can recompute it from a run folder.
 
     .venv/bin/python scripts/carry_analysis.py runs/reproduce_small
 """

@@ -149,6 +149,12 @@ def table_md(table: dict, arms: list[str], ks: list[int]) -> str:
     return "\n".join(lines)
 
 
+def arm_color(arms: list[str], arm: str) -> str:
+    """One colour an arm in every panel, by its place in `arms`: a panel only some arms have a
+    line in (the forgetting one) would otherwise give them the first arms' colours."""
+    return f"C{arms.index(arm) % 10}"
+
+
 def plot_curves(table: dict, arms: list[str], ks: list[int], path: Path) -> None:
     """pass@k vs k, one panel per set, one line per arm (mean over seeds)."""
     import matplotlib
@@ -166,6 +172,7 @@ def plot_curves(table: dict, arms: list[str], ks: list[int], path: Path) -> None
                     [statistics.fmean(pk[k]) for k in ks],
                     marker="o",
                     label=LABELS.get(arm, arm),
+                    color=arm_color(arms, arm),
                 )
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks, [str(k) for k in ks])
@@ -274,14 +281,19 @@ def plot_over_steps(curves: dict, arms: list[str], path: Path) -> None:
     panels = [(axes[i][j], f"{p}{f}", f"{s} {f}") for i, (s, p) in enumerate(rows)
               for j, f in enumerate(figures)]  # fmt: skip
     if extra:
-        panels.append((axes[0][-1], FORGETTING, "ref responses > 1 nat below the initial policy"))
+        panels.append((axes[0][-1], FORGETTING, "ref responses > 1 nat below start, seed mean"))
         for row in axes[1:]:
             row[-1].axis("off")
     for ax, key, title in panels:
         for arm in arms:
             points = curves.get(arm, {}).get(key, [])
             if points:
-                ax.plot(*zip(*points, strict=True), marker="o", label=LABELS.get(arm, arm))
+                ax.plot(
+                    *zip(*points, strict=True),
+                    marker="o",
+                    label=LABELS.get(arm, arm),
+                    color=arm_color(arms, arm),
+                )
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -383,7 +395,7 @@ def main() -> None:
         },
     )
     plot_curves(table, arms, ks, out / "passk_curves.png")
-    plot_over_steps(curves, args.arms.split(), out / "passk_over_steps.png")
+    plot_over_steps(curves, arms, out / "passk_over_steps.png")  # base: no curve, a colour
     minutes = f"{args.seconds / 60:.0f} min" if args.seconds else "not measured"
     write_text(
         out / "RESULTS.md",

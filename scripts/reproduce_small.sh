@@ -60,9 +60,10 @@ else
   SEEDS=${SEEDS:-"0 1"}
   ARMS=${ARMS:-"grpo dapo grpo_rkl dph_f dph_js"}
   # Every arm trains on all of arith's 254 training prompts, at 256+ rollouts a step (below
-  # that GRPO does not learn here: RESULTS.md, "Bigger batches"), with two Adam updates a step
-  # (algo.minibatch_size = half the step's rollouts, as the paper's runs make several), so the
-  # PPO ratio moves off 1 and clipping, clip-higher and the KL terms act.
+  # that GRPO does not learn here: docs/results/table64/RESULTS.md, "Bigger batches"), with
+  # two Adam updates a step (algo.minibatch_size = half the step's rollouts, as the paper's
+  # runs make several), so the PPO ratio moves off 1 and clipping, clip-higher and the KL
+  # terms act.
   # eval.every's held-out prompts are the table's: the first 64 of arith's eval stream (the
   # base model's greedy accuracy on the first 16 alone is 87.5 %, leaving training no room to
   # show a gain; at 32 one prompt moved greedy by 3.1 points); its D_pef prompts the table's
@@ -82,8 +83,8 @@ fi
 # the table's eval) and the trainer computes in bfloat16 autocast over float32 weights; on one
 # without, everything runs in float32. The PPO ratio and the ref store's log-probs are the
 # trainer's forwards; the train logs' mismatch_* say how far sampler and trainer are apart.
-# Until 2026-12-05 the tables sampled eval-passk and trained in float32 (RESULTS.md's earlier
-# runs); ENGINE_DTYPE / AUTOCAST pin one (e.g. float32 / null) to compare.
+# Until 2026-12-05 the tables sampled eval-passk and trained in float32 (the earlier runs in
+# docs/results/); ENGINE_DTYPE / AUTOCAST pin one (e.g. float32 / null) to compare.
 SIZE+=(trainer.save_every=4 engine.dtype=${ENGINE_DTYPE:-auto} model.autocast=${AUTOCAST:-auto})
 EVAL+=(engine.dtype=${ENGINE_DTYPE:-auto})
 # SMALL=0 drops these sizes, so the overrides given (a preset, trainer.max_steps...) size the run.
@@ -106,7 +107,7 @@ declare -A ARM=(
   [dph_f]="divergence=forward_kl $(beta_of forward_kl)"
   [dph_js]="divergence=js $(beta_of js)"
   [dph_alpha]="divergence=alpha $(beta_of alpha)"
-  # the divergence arms at their default beta whatever BETA_SCALE is (RESULTS.md's first run)
+  # the divergence arms at their default beta whatever BETA_SCALE is (docs/results/fp32/)
   [dph_f_default]="divergence=forward_kl"
   [dph_js_default]="divergence=js"
 )
@@ -164,9 +165,10 @@ if [ "$SWEEP" = 1 ]; then
   # 1. GRPO alone, one run per setting STEPSxPROMPTSxLR (steps, prompts per step of 8
   # rollouts, lr), two Adam updates a step each: 256 or 512 rollouts a step. The rule: the
   # highest held-out pass@1 at the last step (the figure RL moves here; greedy barely moves,
-  # RESULTS.md) among the settings whose held-out greedy there is at most 3.1 points (two of
-  # 64 prompts) below the base's; within 1 point of it, the cheaper; and only a setting whose
-  # six-arm table fits the 120-minute budget (its runs' measured minutes x 10 + the evals).
+  # docs/results/table64/RESULTS.md) among the settings whose held-out greedy there is at
+  # most 3.1 points (two of 64 prompts) below the base's; within 1 point of it, the cheaper;
+  # and only a setting whose six-arm table fits the 120-minute budget (its runs' measured
+  # minutes x 10 + the evals).
   # The choice becomes the defaults STEPS, PROMPTS and LR above. (BETA_SCALES=" " runs this
   # stage alone.)
   for setting in ${SETTINGS:-8x32@1e-5 8x32@2e-5 8x64@2e-5}; do
