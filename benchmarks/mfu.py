@@ -21,6 +21,10 @@ The peak is the best of several n x n float32 matmuls timed in the same process 
 threads. MFU = model FLOPs / train-phase seconds / peak. A torch.profiler table of the train
 phase at G = 16 (or the largest G run) shows where the rest goes.
 
+Then the same count at the reproduction's step (`REPRO`: 256 rollouts in two Adam updates, an
+old-log-prob forward first, the CPU's `auto` precision) against the matmul peak in the dtype
+it computes in: `train_fraction_of_peak` in results.json (issue 30's target: 60 %).
+
 Usage: python benchmarks/mfu.py [--quick]
 """
 
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -195,6 +200,64 @@ def measure(sizes: dict, folder: str, threads: int) -> dict:
     return {"peak": peak, "per_g": per_g, "profile_g": profile_g, "profile": profile}
 
 
+# The reproduction's step (scripts/reproduce_small.sh): 32 arith prompts x 8 responses, two
+# Adam updates (minibatch = half), the CPU's `auto` precision; responses of the mean length
+# its rollouts have (24 tokens, 2026-12-05 sweep).
+REPRO = {"prompts": 32, "group": 8, "length": 24, "minibatch": 128, "warmup": 1, "steps": 2}
+REPRO_QUICK = {"prompts": 8, "group": 8, "length": 24, "minibatch": 32, "warmup": 1, "steps": 1}
+REPRO_TARGET = 0.6  # issue 30
+
+
+def measure_repro(sizes: dict, folder: str) -> dict:
+    """The train phase at the reproduction's batch and precision, against the same process's
+    matmul peak in the dtype it computes in (bfloat16 under autocast): model FLOPs as
+    `model_flops` (forward + backward), plus the forward of the old log-probs that a step of
+    several updates makes first (2 N per token, 2 x head per scored position)."""
+    import torch
+
+    from benchmarks.trl_step import _rows, grpo_trainer
+    from dphrl.precision import matmul_seconds
+    from dphrl.rl.batching import share_prefixes
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    rows = _rows(sizes["prompts"])
+    extra = [
+        f"algo.prompts_per_step={sizes['prompts']}",
+        f"algo.group_size={sizes['group']}",
+        f"algo.minibatch_size={sizes['minibatch']}",
+    ]
+    trainer = grpo_trainer(Path(folder) / "repro", rows, extra)
+    dtype = trainer.compute_dtype or "float32"
+    n = 2048
+    peak = 2.0 * n**3 / matmul_seconds(n, n, n, dtype)
+    model, c = trainer.policy, trainer.policy.config
+    head, embed = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    body = sum(p.numel() for p in model.parameters() if id(p) not in {id(head), id(embed)})
+    attn_dim = c.num_attention_heads * (
+        getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    )
+    rollouts = fixed_rollouts(trainer, rows, sizes["group"], sizes["length"])
+    times = [train_phase(trainer, rollouts) for _ in range(sizes["warmup"] + sizes["steps"])]
+    times = times[sizes["warmup"] :]
+    counts = layout_counts(share_prefixes(times[0][2].rollouts, trainer.cfg.model.pack_tokens))
+    flops = model_flops(body, head.numel(), c.num_hidden_layers, attn_dim, **counts)
+    flops["old_logprobs"] = 2.0 * body * counts["tokens"] + 2.0 * head.numel() * counts["scored"]
+    flops["total"] += flops["old_logprobs"]
+    seconds = statistics.median(p + u for p, u, _ in times)
+    profile = profile_table(trainer, rollouts)
+    trainer.engine.close()
+    return {
+        **counts,
+        "dtype": dtype,
+        "threads": torch.get_num_threads(),
+        "peak": peak,
+        "flops": flops,
+        "train_s": seconds,
+        "fraction": flops["total"] / seconds / peak,
+        "profile": profile,
+    }
+
+
 def main(quick: bool = False) -> dict[str, float]:
     """Measure, write BENCHMARKS.md's section and the `mfu_*` keys of results.json."""
     import torch
@@ -203,10 +266,35 @@ def main(quick: bool = False) -> dict[str, float]:
     from benchmarks.trl_step import MODEL, THREADS
 
     sizes = QUICK if quick else FULL
+    repro_sizes = REPRO_QUICK if quick else REPRO
     with tempfile.TemporaryDirectory() as folder:
         m = measure(sizes, folder, THREADS)
+        rp = measure_repro(repro_sizes, folder)
     peak, per_g = m["peak"], m["per_g"]
     results = {f"mfu_train_phase_g{g}": r["mfu"] for g, r in per_g.items()}
+    results["train_fraction_of_peak"] = rp["fraction"]
+    f = rp["flops"]
+    updates = repro_sizes["prompts"] * repro_sizes["group"] // repro_sizes["minibatch"]
+    repro_verdict = "meets" if rp["fraction"] >= REPRO_TARGET else "misses"
+    repro = f"""
+### At the reproduction's step (`train_fraction_of_peak`)
+
+scripts/reproduce_small.sh's train phase: {repro_sizes["prompts"]} arith prompts x
+{repro_sizes["group"]} responses of {repro_sizes["length"]} tokens,
+algo.minibatch_size={repro_sizes["minibatch"]} ({updates} Adam updates, so an old-log-prob
+forward first), computing in **{rp["dtype"]}** (the CPU's `auto` precision) on
+{rp["threads"]} torch thread(s). Peak: the fastest 2048^3 matmul in {rp["dtype"]} in the same
+process, **{rp["peak"] / 1e9:.0f} GFLOP/s**. {rp["tokens"]} tokens forwarded, {rp["scored"]}
+scored; model FLOPs {f["total"] / 1e9:.0f} G (body {f["body"] / 1e9:.0f}, lm_head
+{f["head"] / 1e9:.0f}, attention {f["attention"] / 1e9:.0f}, old log-probs
+{f["old_logprobs"] / 1e9:.0f}). Train phase, median of {repro_sizes["steps"]}:
+{rp["train_s"]:.1f} s, {f["total"] / rp["train_s"] / 1e9:.0f} GFLOP/s:
+**{100 * rp["fraction"]:.0f} % of the peak** (target >= {100 * REPRO_TARGET:.0f} %: {repro_verdict} it).
+
+Where that train phase's time goes (torch.profiler, top 10 ops by self CPU time):
+
+{rp["profile"]}
+"""
     rows = "\n".join(
         f"| {g} | {r['tokens']} | {r['scored']} | {r['pairs'] / 1e6:.2f} "
         f"| {r['flops']['total'] / 1e9:.0f} | {100 * r['flops']['attention'] / r['flops']['total']:.1f} % "
@@ -241,7 +329,7 @@ Where the train phase's time goes at G = {m["profile_g"]} (torch.profiler, one t
 10 ops by self CPU time; profiling adds overhead of its own):
 
 {m["profile"]}
-"""
+{repro}"""
     return publish(
         "mfu", "Train phase MFU: model FLOP/s over a float32 matmul's", body, results, quick
     )
