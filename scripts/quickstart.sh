@@ -19,7 +19,8 @@ step .venv/bin/dphrl train "hydra.run.dir=$RUN/train" "$@"
 base=$(setting model path "$@")
 pef="$(setting split out "$@")/pef.jsonl"
 step .venv/bin/dphrl eval-passk "hydra.run.dir=$RUN/eval" \
-  "eval.models=[$base,$RUN/train/model]" "eval.datasets=[arith,'arith=$pef']" task.limit=32 "$@"
+  "eval.models=[$base,$RUN/train/model]" "eval.datasets=[arith,'arith=$pef']" task.limit=32 \
+  eval.n=8 "eval.k=[1,2,4,8]" "$@"
 echo "quickstart: done; pass@k of base vs trained is in $RUN/eval/passk.md"
 [ -n "${DRY_RUN:-}" ] || .venv/bin/python - "$RUN/eval" "$base" "$RUN/train/model" \
   "$(setting trainer max_steps "$@")" "$(setting divergence name "$@")" <<'PY'
