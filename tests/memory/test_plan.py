@@ -199,7 +199,7 @@ def test_plan_of_the_measured_h200_step():
     cfg = compose_config(
         ["model=smollm2-135m", "model.dtype=bfloat16", "engine=hf", "layout=gpu1"]
         + ["layout.fsdp=true", "algo.prompts_per_step=16", "algo.group_size=8"]
-        + ["algo.minibatch_size=0"]  # one update over all 128, as the run did (not arith's 64)
+        + ["algo.minibatch_size=0"]  # one update over all 128, as the run did (not arith's default)
         + ["model.max_new_tokens=256", "model.max_prompt_len=38", "trainer.ref_batch_size=16"]
     )
     shape = KNOWN["embedded:smollm2-135m"]
