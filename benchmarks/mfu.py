@@ -86,11 +86,28 @@ def layout_counts(sp) -> dict[str, int]:
     return {"tokens": int(real.sum()), "scored": len(sp.target), "pairs": int(allowed.sum())}
 
 
-def matmul_peak(n: int, repeats: int = 5) -> float:
-    """FLOP/s of the fastest of `repeats` n x n float32 matmuls (after one untimed)."""
+def matmul_peak(n: int, repeats: int = 5, dtype: str = "float32") -> float:
+    """FLOP/s of the fastest of `repeats` n x n matmuls in `dtype` (after one untimed)."""
     from dphrl.precision import matmul_seconds
 
-    return 2.0 * n**3 / matmul_seconds(n, n, n, "float32", repeats)
+    return 2.0 * n**3 / matmul_seconds(n, n, n, dtype, repeats)
+
+
+def model_terms(model) -> dict:
+    """What `model_flops` needs of a model besides the layout's counts: body parameters (no
+    embeddings, no lm_head), the lm_head's size, layers and attention width."""
+    c = model.config
+    head = model.get_output_embeddings().weight
+    shared = {id(head), id(model.get_input_embeddings().weight)}
+    attn_dim = c.num_attention_heads * (
+        getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    )
+    return {
+        "body_params": sum(p.numel() for p in model.parameters() if id(p) not in shared),
+        "head_params": head.numel(),
+        "layers": c.num_hidden_layers,
+        "attn_dim": attn_dim,
+    }
 
 
 def fixed_rollouts(trainer, rows: list[dict], group: int, length: int, seed: int = 0):
@@ -165,15 +182,7 @@ def measure(sizes: dict, folder: str, threads: int) -> dict:
 
     trainer, rows = build_trainer(folder, threads)
     peak = matmul_peak(sizes["n"])
-    model = trainer.policy
-    head = model.get_output_embeddings().weight
-    embed = model.get_input_embeddings().weight
-    shared = {id(head), id(embed)}
-    body = sum(p.numel() for p in model.parameters() if id(p) not in shared)
-    c = model.config
-    attn_dim = c.num_attention_heads * (
-        getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    )
+    terms = model_terms(trainer.policy)
     per_g = {}
     for g in sizes["groups"]:
         rollouts = fixed_rollouts(trainer, rows[: sizes["prompts"]], g, sizes["length"])
@@ -181,7 +190,7 @@ def measure(sizes: dict, folder: str, threads: int) -> dict:
         times = times[sizes["warmup"] :]
         sp = share_prefixes(times[0][2].rollouts, trainer.cfg.model.pack_tokens)
         counts = layout_counts(sp)
-        flops = model_flops(body, head.numel(), c.num_hidden_layers, attn_dim, **counts)
+        flops = model_flops(**terms, **counts)
         seconds = statistics.median(p + u for p, u, _ in times)
         per_g[g] = {
             **counts,
@@ -216,7 +225,6 @@ def measure_repro(sizes: dict, folder: str) -> dict:
     import torch
 
     from benchmarks.trl_step import _rows, grpo_trainer
-    from dphrl.precision import matmul_seconds
     from dphrl.rl.batching import share_prefixes
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -228,20 +236,17 @@ def measure_repro(sizes: dict, folder: str) -> dict:
     ]
     trainer = grpo_trainer(Path(folder) / "repro", rows, extra)
     dtype = trainer.compute_dtype or "float32"
-    n = 2048
-    peak = 2.0 * n**3 / matmul_seconds(n, n, n, dtype)
-    model, c = trainer.policy, trainer.policy.config
-    head, embed = model.get_output_embeddings().weight, model.get_input_embeddings().weight
-    body = sum(p.numel() for p in model.parameters() if id(p) not in {id(head), id(embed)})
-    attn_dim = c.num_attention_heads * (
-        getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    )
+    peak = matmul_peak(2048, dtype=dtype)
+    terms = model_terms(trainer.policy)
     rollouts = fixed_rollouts(trainer, rows, sizes["group"], sizes["length"])
     times = [train_phase(trainer, rollouts) for _ in range(sizes["warmup"] + sizes["steps"])]
     times = times[sizes["warmup"] :]
     counts = layout_counts(share_prefixes(times[0][2].rollouts, trainer.cfg.model.pack_tokens))
-    flops = model_flops(body, head.numel(), c.num_hidden_layers, attn_dim, **counts)
-    flops["old_logprobs"] = 2.0 * body * counts["tokens"] + 2.0 * head.numel() * counts["scored"]
+    flops = model_flops(**terms, **counts)
+    flops["old_logprobs"] = (
+        2.0 * terms["body_params"] * counts["tokens"]
+        + 2.0 * terms["head_params"] * counts["scored"]
+    )
     flops["total"] += flops["old_logprobs"]
     seconds = statistics.median(p + u for p, u, _ in times)
     profile = profile_table(trainer, rollouts)
