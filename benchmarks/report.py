@@ -23,7 +23,8 @@ HEADER = "# Benchmarks\n\nFigures are ratios measured side by side in one run. R
 
 
 def machine() -> str:
-    """One line naming the machine the figures came from."""
+    """One line naming the machine the figures came from, its CPU's bf16 units included: the
+    sessions' CPUs differ (AMX, AVX512-BF16, neither), and with them every bfloat16 figure."""
     try:
         import torch
 
@@ -31,7 +32,26 @@ def machine() -> str:
         tv = torch.__version__
     except ImportError:
         dev, tv = "no torch", "-"
-    return f"{platform.machine()}, {os.cpu_count()} cores, {dev}, Python {platform.python_version()}, torch {tv}"
+    return (
+        f"{platform.machine()}, {cpu_name()}, {os.cpu_count()} cores, {dev}, "
+        f"Python {platform.python_version()}, torch {tv}"
+    )
+
+
+def cpu_name() -> str:
+    """The CPU's model name and its bfloat16 flags, e.g. `AMD EPYC (bf16 units: avx512_bf16)`."""
+    from dphrl.precision import BF16_FLAGS, cpu_flags
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    units = sorted(BF16_FLAGS & cpu_flags())
+    return f"{name} (bf16 units: {', '.join(units) or 'none'})"
 
 
 def update_section(name: str, title: str, body: str, measured_on: str | None = None) -> None:

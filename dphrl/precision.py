@@ -36,11 +36,13 @@ def cpu_has_fast_bf16() -> bool:
     forced = os.environ.get(ENV, "").strip()
     if forced in ("0", "1"):
         return forced == "1"
-    return bool(BF16_FLAGS & _cpu_flags())
+    return bool(BF16_FLAGS & cpu_flags())
 
 
 @functools.cache
-def _cpu_flags() -> frozenset[str]:
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them, read once (off Linux, only the bf16
+    one PyTorch can detect); `cpu_has_fast_bf16` and the benchmarks' machine line read them."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:  # not Linux: ask PyTorch

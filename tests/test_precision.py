@@ -47,9 +47,9 @@ def test_explicit_values_are_kept(bf16_units):
 
 def test_the_flag_check_reads_cpuinfo(monkeypatch):
     monkeypatch.delenv(precision.ENV, raising=False)
-    monkeypatch.setattr(precision, "_cpu_flags", lambda: frozenset({"fpu", "amx_bf16"}))
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"fpu", "amx_bf16"}))
     assert precision.cpu_has_fast_bf16()
-    monkeypatch.setattr(precision, "_cpu_flags", lambda: frozenset({"fpu", "avx2"}))
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"fpu", "avx2"}))
     assert not precision.cpu_has_fast_bf16()
 
 
