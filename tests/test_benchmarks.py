@@ -54,3 +54,16 @@ def test_roofline_bound_by_hand():
     # memory-bound: a slow bandwidth makes each pass its bytes' time instead
     got = bound_seconds(shape, [3], [[2]], peak=1e9, bandwidth=100.0, width=4)
     assert abs(got - (400 / 100 + 464 / 100)) < 1e-9
+
+
+def test_roofline_variants_are_registered_engines_with_their_options():
+    import importlib
+    import inspect
+
+    from benchmarks.roofline import VARIANTS
+    from dphrl.engine import ENGINES
+
+    for name, (engine, options) in VARIANTS.items():
+        module, cls = ENGINES[engine].split(":")  # the engine modules import vLLM lazily
+        accepts = inspect.signature(getattr(importlib.import_module(module), cls)).parameters
+        assert set(options) <= set(accepts), (name, options)
