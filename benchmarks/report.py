@@ -40,16 +40,9 @@ def machine() -> str:
 
 def cpu_name() -> str:
     """The CPU's model name and its bfloat16 flags, e.g. `AMD EPYC (bf16 units: avx512_bf16)`."""
-    from dphrl.precision import BF16_FLAGS, cpu_flags
+    from dphrl.precision import BF16_FLAGS, cpu_flags, cpu_info
 
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.partition(":")[2].strip()
-                break
-    except OSError:
-        pass
+    name = (cpu_info() or {}).get("model name") or platform.processor() or platform.machine()
     units = sorted(BF16_FLAGS & cpu_flags())
     return f"{name} (bf16 units: {', '.join(units) or 'none'})"
 

@@ -40,20 +40,33 @@ def cpu_has_fast_bf16() -> bool:
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as /proc/cpuinfo lists them, read once (off Linux, only the bf16
-    one PyTorch can detect); `cpu_has_fast_bf16` and the benchmarks' machine line read them."""
+def cpu_info() -> dict[str, str] | None:
+    """The first processor's fields in /proc/cpuinfo (`flags`, `model name`...), read once; None
+    where there is no such file (not Linux)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: ask PyTorch
+    except OSError:
+        return None
+    fields = {}
+    for line in text.splitlines():
+        if not line.strip():
+            break  # the first processor's block ends at the first blank line
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    return fields
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (off Linux, only the bf16 one PyTorch
+    can detect); `cpu_has_fast_bf16` and the benchmarks' machine line read them."""
+    info = cpu_info()
+    if info is None:  # not Linux: ask PyTorch
         import torch
 
         fast = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
         return frozenset({"avx512_bf16"}) if fast else frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.partition(":")[2].split())
-    return frozenset()
+    return frozenset(info.get("flags", "").split())
 
 
 def on_cpu(device: str, layout: str = "auto") -> bool:
