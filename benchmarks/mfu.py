@@ -22,8 +22,8 @@ threads. MFU = model FLOPs / train-phase seconds / peak. A torch.profiler table 
 phase at G = 16 (or the largest G run) shows where the rest goes.
 
 Then the same count at the reproduction's step (`REPRO`: 256 rollouts in two Adam updates, an
-old-log-prob forward first, the CPU's `auto` precision) against the matmul peak in the dtype
-it computes in: `train_fraction_of_peak` in results.json (issue 30's target: 60 %).
+old-log-prob forward of the second update's rows first, the CPU's `auto` precision) against
+the matmul peak in the dtype it computes in: `train_fraction_of_peak` in results.json (issue 30's target: 60 %).
 
 Usage: python benchmarks/mfu.py [--quick]
 """
@@ -221,7 +221,8 @@ def measure_repro(sizes: dict, folder: str) -> dict:
     """The train phase at the reproduction's batch and precision, against the same process's
     matmul peak in the dtype it computes in (bfloat16 under autocast): model FLOPs as
     `model_flops` (forward + backward), plus the forward of the old log-probs that a step of
-    several updates makes first (2 N per token, 2 x head per scored position)."""
+    several updates makes first (2 N per token, 2 x head per scored position), counted on the
+    rows it forwards (`Trainer.old_logprobs`: those of the minibatches after the first)."""
     import torch
 
     from benchmarks.trl_step import _rows, grpo_trainer
@@ -239,13 +240,23 @@ def measure_repro(sizes: dict, folder: str) -> dict:
     peak = matmul_peak(2048, dtype=dtype)
     terms = model_terms(trainer.policy)
     rollouts = fixed_rollouts(trainer, rows, sizes["group"], sizes["length"])
-    times = [train_phase(trainer, rollouts) for _ in range(sizes["warmup"] + sizes["steps"])]
+    old_rows = []  # the batches the old-log-prob forward covers, in the last phase
+    in_parts = trainer.logprobs_in_parts
+    trainer.logprobs_in_parts = lambda model, batch, t: (
+        old_rows.append(batch) or in_parts(model, batch, t)
+    )
+    times = []
+    for _ in range(sizes["warmup"] + sizes["steps"]):
+        old_rows.clear()
+        times.append(train_phase(trainer, rollouts))
     times = times[sizes["warmup"] :]
-    counts = layout_counts(share_prefixes(times[0][2].rollouts, trainer.cfg.model.pack_tokens))
+    pack = trainer.cfg.model.pack_tokens
+    counts = layout_counts(share_prefixes(times[0][2].rollouts, pack))
     flops = model_flops(**terms, **counts)
-    flops["old_logprobs"] = (
-        2.0 * terms["body_params"] * counts["tokens"]
-        + 2.0 * terms["head_params"] * counts["scored"]
+    old = [layout_counts(share_prefixes(b, pack)) for b in old_rows]
+    flops["old_logprobs"] = sum(
+        2.0 * terms["body_params"] * c["tokens"] + 2.0 * terms["head_params"] * c["scored"]
+        for c in old
     )
     flops["total"] += flops["old_logprobs"]
     seconds = statistics.median(p + u for p, u, _ in times)
@@ -253,6 +264,7 @@ def measure_repro(sizes: dict, folder: str) -> dict:
     trainer.engine.close()
     return {
         **counts,
+        "old_tokens": sum(c["tokens"] for c in old),
         "dtype": dtype,
         "threads": torch.get_num_threads(),
         "peak": peak,
@@ -287,7 +299,7 @@ def main(quick: bool = False) -> dict[str, float]:
 scripts/reproduce_small.sh's train phase: {repro_sizes["prompts"]} arith prompts x
 {repro_sizes["group"]} responses of {repro_sizes["length"]} tokens,
 algo.minibatch_size={repro_sizes["minibatch"]} ({updates} Adam updates, so an old-log-prob
-forward first), computing in **{rp["dtype"]}** (the CPU's `auto` precision) on
+forward of the later minibatches' rows first: {rp["old_tokens"]} tokens), computing in **{rp["dtype"]}** (the CPU's `auto` precision) on
 {rp["threads"]} torch thread(s). Peak: the fastest 2048^3 matmul in {rp["dtype"]} in the same
 process, **{rp["peak"] / 1e9:.0f} GFLOP/s**. {rp["tokens"]} tokens forwarded, {rp["scored"]}
 scored; model FLOPs {f["total"] / 1e9:.0f} G (body {f["body"] / 1e9:.0f}, lm_head

@@ -258,22 +258,47 @@ class Trainer:
                 rollouts.response_mask, finished, self.cfg.model.max_new_tokens
             )
         rollouts = rollouts.to(self.layout.device)
-        a, t = self.algo, self.algo.temperature
-        # One epoch over one minibatch: the loss's forward runs before any update, so its
-        # detached log-probs are the old ones (ratio 1); a separate forward would repeat it.
-        single_pass = a.ppo_epochs == 1 and self.updates_per_epoch(len(rollouts)) == 1
+        t = self.algo.temperature
+        advantages = advantages.to(self.layout.device)
         with torch.no_grad():
-            old = None if single_pass else self.logprobs_in_parts(self.policy, rollouts, t)
+            old = self.old_logprobs(rollouts, advantages)
             online = None if self.policy_term is None else self.reference_logprobs(rollouts, t)
         return StepBatch(
             rollouts,
-            advantages.to(self.layout.device),
+            advantages,
             old,
             online,
             store,
             store_ref_logp,
             engine_logp.to(self.layout.device),
             **topk,
+        )
+
+    def old_logprobs(self, rollouts: Packed, advantages: torch.Tensor) -> torch.Tensor | None:
+        """pi_old's log-probs `# (N, T)` of the rollouts: a forward before the step's updates,
+        of the rows whose loss forward comes after one.
+
+        The step's first minibatch is forwarded before any update, so its loss forward's own
+        detached log-probs are its old ones (ratio 1: `update` hands it `old_logp=None`); a
+        separate forward of its rows would only repeat that one. With one epoch, only the
+        later minibatches' rows are forwarded here, and none with one minibatch (None). With
+        several epochs every row is forwarded: each minibatch comes back after updates.
+        The first minibatch's rows hold 0, never read. Under FSDP a rank holding none of the
+        rows forwarded still forwards one (`live_rows_logprobs`), so the collectives match.
+        """
+        a = self.algo
+        forward = lambda b: self.logprobs_in_parts(self.policy, b, a.temperature)  # noqa: E731
+        n_mb = self.updates_per_epoch(len(rollouts))
+        if a.ppo_epochs > 1:
+            return forward(rollouts)
+        if n_mb == 1:
+            return None
+        step = StepBatch(rollouts, advantages)
+        first, _ = minibatches.minibatch_rows(step, n_mb, a.group_size, self.layout.device)[0]
+        later = torch.ones(len(rollouts), dtype=torch.bool, device=advantages.device)
+        later[first] = False
+        return live_rows_logprobs(
+            forward, rollouts, later, None, dist.forward_on_every_rank(self.layout)
         )
 
     def ref_batch(self) -> tuple:
@@ -312,9 +337,11 @@ class Trainer:
         rows = minibatches.minibatch_rows(batch, n_mb, a.group_size, self.layout.device)
         totals: dict[str, float] = {}
         updates = 0
-        for _ in range(a.ppo_epochs):
+        for epoch in range(a.ppo_epochs):
             for k in range(n_mb):
                 mb = batch.minibatch(*rows[k])
+                if epoch == 0 and k == 0 and a.ppo_epochs == 1:
+                    mb = replace(mb, old_logp=None)  # before any update: its own (old_logprobs)
                 self.optimizer.zero_grad(set_to_none=True)
                 stats, has_grad = self.backward(mb)
                 if not has_grad:

@@ -378,6 +378,68 @@ def test_zero_advantage_rows_skip_the_forward_and_the_update_is_unchanged(
     assert stats[0]["grad_norm"] == 0.0
 
 
+def test_the_first_minibatch_takes_its_old_log_probs_from_its_own_forward(
+    data_dir, tiny_model_dir, tmp_path
+):
+    """One epoch of three minibatches: the old-log-prob forward before the updates covers the
+    last two minibatches' rows only (the first one's loss forward comes before any update, so
+    its detached log-probs are the old ones), and the step's statistics and AdamW update are
+    those of a separate forward of every row first, as before."""
+    import dataclasses
+
+    import torch
+
+    from dphrl import dist
+
+    cfg = _cfg(
+        tmp_path, tiny_model_dir, "divergence=none", "algo.minibatch_size=4",
+        "algo.prompts_per_step=3", data=data_dir,
+    )  # fmt: skip
+    layout = dist.resolve_layout(cfg.layout)
+    prompts, _ = training_data(cfg, layout.is_main, tiny_model_dir)
+    new, full = (Trainer(cfg, tmp_path / k, layout, prompts, [], tiny_model_dir) for k in "ab")
+    T = new.algo.temperature
+    forwarded, olds = [], []
+    in_parts = new.logprobs_in_parts
+    new.logprobs_in_parts = lambda model, batch, t: (
+        forwarded.append(len(batch)) or in_parts(model, batch, t)
+    )
+    backward = new.backward
+    new.backward = lambda mb: olds.append(mb.old_logp) or backward(mb)
+    # the reference: every row's old log-probs from a forward before the first update
+    full.old_logprobs = lambda rollouts, _: full.logprobs_in_parts(full.policy, rollouts, T)
+    full_backward = full.backward
+    first_old = []
+
+    def backward_with_old(mb):
+        if mb.old_logp is None:  # minibatch 0, before any update: forward its rows apart
+            first_old.append(full.logprobs_in_parts(full.policy, mb.rollouts, T))
+            mb = dataclasses.replace(mb, old_logp=first_old[-1])
+        return full_backward(mb)
+
+    full.backward = backward_with_old
+    r = new.rollout()
+    scored = [
+        dataclasses.replace(s, verdict=dataclasses.replace(s.verdict, reward=float(i % 2)))
+        for i, s in enumerate(r.scored)
+    ]  # every group informative: each minibatch carries a gradient
+    r = dataclasses.replace(r, scored=scored)
+    batch = new.batch(r, new.advantages(r))
+    assert forwarded == [8]  # groups 1 and 2 (minibatches 1 and 2), not group 0
+    reference = full.logprobs_in_parts(full.policy, batch.rollouts, T)
+    assert float(batch.old_logp[:4].abs().max()) == 0.0  # never read
+    torch.testing.assert_close(batch.old_logp[4:], reference[4:], atol=1e-6, rtol=1e-5)
+    stats = [new.update(batch), full.update(full.batch(r, full.advantages(r)))]
+    assert olds[0] is None and all(o is not None for o in olds[1:]) and len(olds) == 3
+    assert len(first_old) == 1
+    for key in ("pg_loss", "clip_frac", "grad_norm"):
+        assert stats[0][key] == pytest.approx(stats[1][key], rel=1e-5, abs=1e-7), key
+    a, b = dict(new.policy.named_parameters()), dict(full.policy.named_parameters())
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
+    assert stats[0]["adam_updates"] == 3
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
