@@ -23,7 +23,8 @@ phase at G = 16 (or the largest G run) shows where the rest goes.
 
 Then the same count at the reproduction's step (`REPRO`: 256 rollouts in two Adam updates, an
 old-log-prob forward of the second update's rows first, the CPU's `auto` precision) against
-the matmul peak in the dtype it computes in: `train_fraction_of_peak` in results.json (issue 30's target: 60 %).
+the matmul peak in the dtype it computes in: `train_fraction_of_peak` in results.json (issue
+30's target: 60 %).
 
 Usage: python benchmarks/mfu.py [--quick]
 """
@@ -299,8 +300,8 @@ def main(quick: bool = False) -> dict[str, float]:
 scripts/reproduce_small.sh's train phase: {repro_sizes["prompts"]} arith prompts x
 {repro_sizes["group"]} responses of {repro_sizes["length"]} tokens,
 algo.minibatch_size={repro_sizes["minibatch"]} ({updates} Adam updates, so an old-log-prob
-forward of the later minibatches' rows first: {rp["old_tokens"]} tokens), computing in **{rp["dtype"]}** (the CPU's `auto` precision) on
-{rp["threads"]} torch thread(s). Peak: the fastest 2048^3 matmul in {rp["dtype"]} in the same
+forward of the later minibatches' rows first: {rp["old_tokens"]} tokens), computing in
+**{rp["dtype"]}** (the CPU's `auto` precision) on {rp["threads"]} torch thread(s). Peak: the fastest 2048^3 matmul in {rp["dtype"]} in the same
 process, **{rp["peak"] / 1e9:.0f} GFLOP/s**. {rp["tokens"]} tokens forwarded, {rp["scored"]}
 scored; model FLOPs {f["total"] / 1e9:.0f} G (body {f["body"] / 1e9:.0f}, lm_head
 {f["head"] / 1e9:.0f}, attention {f["attention"] / 1e9:.0f}, old log-probs

@@ -287,7 +287,10 @@ class Trainer:
         rows forwarded still forwards one (`live_rows_logprobs`), so the collectives match.
         """
         a = self.algo
-        forward = lambda b: self.logprobs_in_parts(self.policy, b, a.temperature)  # noqa: E731
+
+        def forward(rows: Packed) -> torch.Tensor:
+            return self.logprobs_in_parts(self.policy, rows, a.temperature)
+
         n_mb = self.updates_per_epoch(len(rollouts))
         if a.ppo_epochs > 1:
             return forward(rollouts)
