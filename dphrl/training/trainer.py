@@ -240,8 +240,9 @@ class Trainer:
         return self.advantage_fn(rewards, r.group_size)
 
     def batch(self, r: Rollouts, advantages: torch.Tensor) -> StepBatch:
-        """Pack the rollouts with the engine's log-probs of their tokens, their old and
-        online-reference log-probs (trainer forwards), and draw this rank's share of the ref store."""
+        """Pack the rollouts with the engine's log-probs of their tokens and their online
+        reference's log-probs (a trainer forward), and draw this rank's share of the ref store.
+        pi_old's log-probs come in `update`, which knows the minibatches (`old_logprobs`)."""
         store, store_ref_logp, *topk = self.ref_batch()
         topk = dict(zip(("store_topk_ids", "store_topk_ref_logp"), topk))
         if not r.scored:
@@ -259,49 +260,17 @@ class Trainer:
             )
         rollouts = rollouts.to(self.layout.device)
         t = self.algo.temperature
-        advantages = advantages.to(self.layout.device)
         with torch.no_grad():
-            old = self.old_logprobs(rollouts, advantages)
             online = None if self.policy_term is None else self.reference_logprobs(rollouts, t)
         return StepBatch(
             rollouts,
-            advantages,
-            old,
+            advantages.to(self.layout.device),
+            None,  # old_logp: `update`
             online,
             store,
             store_ref_logp,
             engine_logp.to(self.layout.device),
             **topk,
-        )
-
-    def old_logprobs(self, rollouts: Packed, advantages: torch.Tensor) -> torch.Tensor | None:
-        """pi_old's log-probs `# (N, T)` of the rollouts: a forward before the step's updates,
-        of the rows whose loss forward comes after one.
-
-        The step's first minibatch is forwarded before any update, so its loss forward's own
-        detached log-probs are its old ones (ratio 1: `update` hands it `old_logp=None`); a
-        separate forward of its rows would only repeat that one. With one epoch, only the
-        later minibatches' rows are forwarded here, and none with one minibatch (None). With
-        several epochs every row is forwarded: each minibatch comes back after updates.
-        The first minibatch's rows hold 0, never read. Under FSDP a rank holding none of the
-        rows forwarded still forwards one (`live_rows_logprobs`), so the collectives match.
-        """
-        a = self.algo
-
-        def forward(rows: Packed) -> torch.Tensor:
-            return self.logprobs_in_parts(self.policy, rows, a.temperature)
-
-        n_mb = self.updates_per_epoch(len(rollouts))
-        if a.ppo_epochs > 1:
-            return forward(rollouts)
-        if n_mb == 1:
-            return None
-        step = StepBatch(rollouts, advantages)
-        first, _ = minibatches.minibatch_rows(step, n_mb, a.group_size, self.layout.device)[0]
-        later = torch.ones(len(rollouts), dtype=torch.bool, device=advantages.device)
-        later[first] = False
-        return live_rows_logprobs(
-            forward, rollouts, later, None, dist.forward_on_every_rank(self.layout)
         )
 
     def ref_batch(self) -> tuple:
@@ -338,6 +307,7 @@ class Trainer:
         a, n = self.algo, len(batch)
         n_mb = self.updates_per_epoch(n)
         rows = minibatches.minibatch_rows(batch, n_mb, a.group_size, self.layout.device)
+        batch = replace(batch, old_logp=self.old_logprobs(batch, n_mb, rows[0][0]))
         totals: dict[str, float] = {}
         updates = 0
         for epoch in range(a.ppo_epochs):
@@ -361,6 +331,35 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)  # no gradients held while sampling
         return totals
+
+    @torch.no_grad()
+    def old_logprobs(self, batch: StepBatch, n_mb: int, first: torch.Tensor) -> torch.Tensor | None:
+        """pi_old's log-probs `# (N, T)` of the rollouts, forwarded before the step's first
+        update, for the rows whose loss forward comes after one (`first`: this rank's rows of
+        the first minibatch).
+
+        The first minibatch is forwarded before any update, so its loss forward's own detached
+        log-probs are its old ones (ratio 1: `update` hands it `old_logp=None`); a separate
+        forward of its rows would only repeat that one. With one epoch, only the later
+        minibatches' rows are forwarded here, and none with one minibatch (None). With several
+        epochs every row is forwarded: each minibatch comes back after updates. The first
+        minibatch's rows hold 0, never read. Under FSDP a rank holding none of the rows
+        forwarded still forwards one (`live_rows_logprobs`), so the collectives match.
+        """
+        a, rollouts = self.algo, batch.rollouts
+
+        def forward(rows: Packed) -> torch.Tensor:
+            return self.logprobs_in_parts(self.policy, rows, a.temperature)
+
+        if rollouts is None or (a.ppo_epochs == 1 and n_mb == 1):
+            return None
+        if a.ppo_epochs > 1:
+            return forward(rollouts)
+        later = torch.ones(len(rollouts), dtype=torch.bool, device=batch.advantages.device)
+        later[first] = False
+        return live_rows_logprobs(
+            forward, rollouts, later, None, dist.forward_on_every_rank(self.layout)
+        )
 
     def backward(self, mb: StepBatch) -> tuple[dict[str, float], bool]:
         """The hybrid loss's gradient on one minibatch, accumulated over its micro-batches:

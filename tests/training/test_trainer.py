@@ -406,8 +406,11 @@ def test_the_first_minibatch_takes_its_old_log_probs_from_its_own_forward(
     )
     backward = new.backward
     new.backward = lambda mb: olds.append(mb.old_logp) or backward(mb)
+    made = []  # what old_logprobs returned
+    old_logprobs = new.old_logprobs
+    new.old_logprobs = lambda *args: made.append(old_logprobs(*args)) or made[-1]
     # the reference: every row's old log-probs from a forward before the first update
-    full.old_logprobs = lambda rollouts, _: full.logprobs_in_parts(full.policy, rollouts, T)
+    full.old_logprobs = lambda b, *_: full.logprobs_in_parts(full.policy, b.rollouts, T)
     full_backward = full.backward
     first_old = []
 
@@ -425,11 +428,13 @@ def test_the_first_minibatch_takes_its_old_log_probs_from_its_own_forward(
     ]  # every group informative: each minibatch carries a gradient
     r = dataclasses.replace(r, scored=scored)
     batch = new.batch(r, new.advantages(r))
-    assert forwarded == [8]  # groups 1 and 2 (minibatches 1 and 2), not group 0
-    reference = full.logprobs_in_parts(full.policy, batch.rollouts, T)
-    assert float(batch.old_logp[:4].abs().max()) == 0.0  # never read
-    torch.testing.assert_close(batch.old_logp[4:], reference[4:], atol=1e-6, rtol=1e-5)
+    assert forwarded == [] and batch.old_logp is None  # pi_old comes in update
+    reference = full.logprobs_in_parts(full.policy, batch.rollouts, T)  # before any update
     stats = [new.update(batch), full.update(full.batch(r, full.advantages(r)))]
+    assert forwarded == [8]  # groups 1 and 2 (minibatches 1 and 2), not group 0
+    (old,) = made
+    assert float(old[:4].abs().max()) == 0.0  # never read
+    torch.testing.assert_close(old[4:], reference[4:], atol=1e-6, rtol=1e-5)
     assert olds[0] is None and all(o is not None for o in olds[1:]) and len(olds) == 3
     assert len(first_old) == 1
     for key in ("pg_loss", "clip_frac", "grad_norm"):
